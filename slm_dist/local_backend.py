@@ -1,0 +1,103 @@
+"""The in-process backend: the same StageWorkers, chained by plain function calls.
+
+Used by tests, by CPU runs of small models, and as the reference the Ray backend must equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from slm_dist import planner
+from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
+from slm_dist.workers.stats_reducer import StatsReducer
+
+log = logging.getLogger(__name__)
+
+
+def _progress(items, show: bool, desc: str, unit: str = "batch"):
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
+def stage_holding(specs: Sequence[StageSpec], layer: int) -> int:
+    for k, s in enumerate(specs):
+        if s.start <= layer < s.stop:
+            return k
+    raise ValueError(f"no stage holds layer {layer}")
+
+
+class LocalBackend:
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self.stages: list[StageWorker] = []
+        self._batch_ids: list[int] = []
+
+    def _workers(self, specs: Sequence[StageSpec], stats: StatsSpec | None = None) -> list[StageWorker]:
+        key = (tuple(specs), stats)
+        if self._key != key:
+            self.stages = []  # drop the previous model's stages before loading the next
+            self.stages = [StageWorker(s, stats or StatsSpec()) for s in specs]
+            self._key = key
+        return self.stages
+
+    def calibrate(self, specs: Sequence[StageSpec], stats: StatsSpec, batches: Sequence[tuple[int, torch.Tensor]],
+                  run_dir: Path | None = None, show_progress: bool = False,
+                  keep_for_output_criterion: bool = False) -> StatsReducer:
+        stages = self._workers(specs, stats)
+        reducer = StatsReducer(specs[0].num_layers)
+        for batch_id, ids in _progress(batches, show_progress, "calibrate"):
+            x = ids
+            for stage in stages:
+                x, stage_stats = stage.calibrate(batch_id, x, cache_inputs=keep_for_output_criterion)
+                reducer.add(stage_stats)
+        self._batch_ids = [b for b, _ in batches]
+        return reducer
+
+    def score_candidate(self, committed: Sequence[tuple[int, int]], trial: tuple[int, int], rule: str) -> float:
+        """Mean cosine (final-norm hidden, candidate vs original) over the calibration samples."""
+        specs = [s.spec for s in self.stages]
+        lo, hi = trial
+        windows = list(committed) + ([trial] if hi > lo else [])
+        first = stage_holding(specs, lo)
+        total, count = 0.0, 0
+        for batch_id in self._batch_ids:
+            x = None
+            for stage in self.stages[first:]:
+                x = stage.run_candidate(batch_id, x, windows, rule, from_layer=lo)
+            total += float(x.double().sum())
+            count += x.numel()
+        return total / count
+
+    def plan_output(self, threshold: float, rule: str, protect_first: int, protect_last: int, num_layers: int):
+        if not self.stages or not self._batch_ids:
+            raise RuntimeError("plan_output needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        windows, trace = planner.plan_windows_output(
+            num_layers, lambda committed, trial: self.score_candidate(committed, trial, rule), threshold,
+            protect_first, protect_last)
+        for stage in self.stages:
+            stage.clear_candidates()
+        return windows, trace
+
+    def nll(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
+            show_progress: bool = False) -> tuple[float, int]:
+        stages = self._workers(specs)
+        total, count = 0.0, 0
+        for _, ids in _progress(batches, show_progress, "perplexity"):
+            x = ids
+            for stage in stages[:-1]:
+                x = stage.forward(x)
+            logp = stages[-1].token_logprobs(x, ids)
+            total -= float(logp.double().sum())
+            count += logp.numel()
+        return total, count
+
+    def close(self) -> None:
+        self.stages = []
+        self._key = None

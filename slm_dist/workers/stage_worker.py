@@ -1,0 +1,305 @@
+"""A contiguous slice of decoder layers, loaded straight from the safetensors shards.
+
+A plain class: the local backend calls it directly, the Ray backend wraps it in an actor
+(``slm_dist.distributed``). The model skeleton is built on the meta device and only this stage's
+tensors are read, so a stage of a 70B model holds its layers and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from slm_dist import similarity
+from slm_dist.arch import ArchSpec, get_arch
+from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_index
+from slm_dist.checkpoint.reader import LazyReader
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What each stage measures on a calibration batch (mirrors the `similarity` config section)."""
+
+    kernel: str = "linear"
+    unit: str = "token"
+    tokens_per_batch: int = 512
+    skip_first_token: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Where a stage's layers come from and how it runs them; picklable, sent to actors."""
+
+    model_dir: str
+    start: int                 # first layer held (inclusive)
+    stop: int                  # first layer not held (half-open)
+    num_layers: int            # layers in the whole model
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    allow_pickle: bool = False
+    with_lm_head: bool = True  # the last stage also scores tokens (perplexity)
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stop == self.num_layers
+
+
+@dataclass
+class StageStats:
+    """One stage's statistics for one batch: small, whatever the hidden size."""
+
+    batch_id: int
+    rows: list[int]                 # CKA matrix rows: 0 = embedding output, i+1 = output of layer i
+    grams: Tensor                   # [len(rows), n, n] float32
+    cos_sums: dict[int, float] = field(default_factory=dict)      # layer -> sum of cos(in, out) over token rows
+    angular_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum of arccos(cos)/pi
+    counts: dict[int, int] = field(default_factory=dict)          # layer -> token rows summed
+
+
+def _get_module(root: nn.Module, path: str) -> nn.Module:
+    node = root
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class StageWorker:
+    def __init__(self, spec: StageSpec, stats: StatsSpec = StatsSpec()):
+        if not (0 <= spec.start < spec.stop <= spec.num_layers):
+            raise ValueError(f"stage layers [{spec.start}, {spec.stop}) do not fit a model of {spec.num_layers} layers")
+        self.spec = spec
+        self.stats_spec = stats
+        self.device = torch.device(spec.device)
+        self.dtype = DTYPES[spec.dtype]
+        self.index: CheckpointIndex = open_index(Path(spec.model_dir), allow_pickle=spec.allow_pickle)
+        self.arch: ArchSpec = get_arch(self.index.model_type)
+        self.reader = LazyReader(self.index)
+        self._build()
+        self._cached_inputs: dict[int, Tensor] = {}    # batch_id -> this stage's original input
+        self._reference_final: dict[int, Tensor] = {}  # batch_id -> original final-norm hidden (last stage)
+        self._merged_layers: dict[tuple, nn.Module] = {}
+
+    # ----------------------------------------------------------------------------------- loading
+    def _build(self) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.spec.model_dir)
+        if getattr(config, "num_hidden_layers", None) != self.spec.num_layers:
+            raise CheckpointError(f"{self.spec.model_dir}/config.json has num_hidden_layers="
+                                  f"{config.num_hidden_layers}, the stage plan assumed {self.spec.num_layers}")
+        # A config loaded on its own has no attention implementation; a bare decoder layer then
+        # attends in both directions without any error. Set it explicitly.
+        config._attn_implementation = self.spec.attn_implementation
+        self.config = config
+        # Buffers (rotary inv_freq) are materialised for real; parameters stay on meta until loaded.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=self.spec.attn_implementation,
+                                                     dtype=self.dtype)
+        layers = _get_module(model, self.arch.layers_module)
+        self.layer_ids = list(range(self.spec.start, self.spec.stop))
+        self.layers = nn.ModuleList([layers[i] for i in self.layer_ids])
+        self.rotary = _get_module(model, self.arch.rotary_module).to(self.device)
+        self.embed = _get_module(model, self.arch.embed_module) if self.spec.is_first else None
+        self.norm = _get_module(model, self.arch.final_norm_module) if self.spec.is_last else None
+        self.lm_head = (_get_module(model, self.arch.lm_head_module)
+                        if self.spec.is_last and self.spec.with_lm_head else None)
+        self._layer_class = type(layers[0])
+        del model, layers  # the rest of the skeleton is meta tensors: dropping it frees nothing real but names
+
+        for layer_id, layer in zip(self.layer_ids, self.layers):
+            self._load_module(layer, f"{self.arch.layers_module}.{layer_id}")
+        if self.embed is not None:
+            self._load_module(self.embed, self.arch.embed_module)
+        if self.norm is not None:
+            self._load_module(self.norm, self.arch.final_norm_module)
+        if self.lm_head is not None:
+            tied = getattr(self.config, "tie_word_embeddings", False)
+            source = self.arch.lm_head_module
+            if f"{source}.weight" not in self.index and tied:
+                source = self.arch.embed_module  # tied weights are stored once, under the embedding
+            self._load_module(self.lm_head, self.arch.lm_head_module, source_prefix=source)
+        for module in self._held_modules():
+            module.eval()
+            module.requires_grad_(False)
+        log.debug("stage [%d, %d) loaded %d tensors from %s", self.spec.start, self.spec.stop,
+                  len(self.reader.read_keys), sorted(self.reader.opened_files))
+
+    def _held_modules(self) -> list[nn.Module]:
+        return [m for m in (self.embed, *self.layers, self.norm, self.lm_head) if m is not None]
+
+    def _load_module(self, module: nn.Module, prefix: str, source_prefix: str | None = None) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        source_prefix = source_prefix or prefix
+        for name, _ in list(module.named_parameters()):
+            key = f"{source_prefix}.{name}"
+            if key not in self.index:
+                raise CheckpointError(f"{self.spec.model_dir} lacks tensor {key!r} needed by layers "
+                                      f"[{self.spec.start}, {self.spec.stop}); the checkpoint is incomplete")
+            value = self.reader.get(key)
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=self.dtype)
+
+    def loaded_keys(self) -> list[str]:
+        return list(self.reader.read_keys)
+
+    def held_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self._held_modules() for p in m.parameters())
+
+    # ----------------------------------------------------------------------------------- forward
+    def _inputs(self, x: Tensor) -> Tensor:
+        x = x.to(self.device)
+        if self.spec.is_first:
+            if x.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"the first stage takes token ids, got a {x.dtype} tensor")
+            return self.embed(x.long())
+        return x.to(self.dtype)
+
+    def _context(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], dict[str, object]]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        position_embeddings = self.rotary(h, position_ids)
+        kwargs = dict(config=self.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return position_ids, position_embeddings, masks
+
+    def _layer_type(self, layer_id: int) -> str:
+        types = getattr(self.config, "layer_types", None)
+        return types[layer_id] if types else "full_attention"
+
+    def _run_layer(self, layer: nn.Module, layer_id: int, h: Tensor, ctx) -> Tensor:
+        position_ids, position_embeddings, masks = ctx
+        out = layer(h, attention_mask=masks[self._layer_type(layer_id)], position_embeddings=position_embeddings,
+                    position_ids=position_ids)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor) -> Tensor:
+        """Token ids (first stage) or hidden states [batch, seq, hidden] -> this stage's output hidden."""
+        h = self._inputs(x)
+        ctx = self._context(h)
+        for layer_id, layer in zip(self.layer_ids, self.layers):
+            h = self._run_layer(layer, layer_id, h, ctx)
+        return h
+
+    @torch.inference_mode()
+    def calibrate(self, batch_id: int, x: Tensor, cache_inputs: bool = False) -> tuple[Tensor, StageStats]:
+        """One calibration batch: the next stage's input plus this stage's Gram statistics."""
+        spec = self.stats_spec
+        h = self._inputs(x)
+        if cache_inputs:
+            self._cached_inputs[batch_id] = h.detach().to("cpu", copy=True)
+        b, s, _ = h.shape
+        token_index = None
+        if spec.unit == "token":
+            token_index = similarity.sample_token_index(b, s, spec.tokens_per_batch, spec.seed, batch_id,
+                                                        skip_first=spec.skip_first_token)
+        rows, grams = [], []
+        stats = StageStats(batch_id=batch_id, rows=rows, grams=torch.empty(0))
+
+        def record(row: int, hidden: Tensor) -> None:
+            rep = similarity.layer_representation(hidden.float().cpu(), spec.unit, token_index)
+            rows.append(row)
+            grams.append(similarity.gram(rep, spec.kernel).float())
+
+        if self.spec.is_first:
+            record(0, h)
+        ctx = self._context(h)
+        for layer_id, layer in zip(self.layer_ids, self.layers):
+            h_in = h
+            h = self._run_layer(layer, layer_id, h, ctx)
+            record(layer_id + 1, h)
+            cos_sum, count = similarity.block_influence(h_in.float(), h.float(), skip_first=spec.skip_first_token)
+            ang_sum, _ = similarity.angular_distance(h_in.float(), h.float(), skip_first=spec.skip_first_token)
+            stats.cos_sums[layer_id], stats.angular_sums[layer_id], stats.counts[layer_id] = cos_sum, ang_sum, count
+        if cache_inputs and self.spec.is_last:
+            self._reference_final[batch_id] = self.norm(h).detach().to("cpu", copy=True)
+        stats.grams = torch.stack(grams)
+        return h, stats
+
+    @torch.inference_mode()
+    def token_logprobs(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        """Last stage: log p(input_ids[:, t+1] | prefix) for every position, [batch, seq-1] float32."""
+        if not (self.spec.is_last and self.lm_head is not None):
+            raise RuntimeError("token_logprobs runs on the last stage, built with with_lm_head=True")
+        h = self.forward(x) if self.layers else self._inputs(x)
+        logits = self.lm_head(self.norm(h)).float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        return logp.gather(-1, input_ids[:, 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+
+    # ------------------------------------------------------- the published-code criterion (output)
+    def _merged_layer(self, window: tuple[int, int], rule: str) -> nn.Module:
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
+
+        from slm_dist.merge import merge_window
+
+        key = (window, rule)
+        if key not in self._merged_layers:
+            lo, hi = window
+            with init_empty_weights(include_buffers=False):
+                layer = self._layer_class(self.config, layer_idx=lo)
+            suffixes = [name for name, _ in layer.named_parameters()]
+            # Window members above this stage live on other stages: read them from the checkpoint
+            # (a separate reader, so `loaded_keys` still shows only this stage's own slice).
+            window_reader = LazyReader(self.index)
+            per_layer = [{s: window_reader.get(self.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
+            merged = merge_window(per_layer, rule, self.arch.role)
+            for name, value in merged.items():
+                set_module_tensor_to_device(layer, name, self.device, value=value, dtype=self.dtype)
+            layer.eval().requires_grad_(False)
+            self._merged_layers[key] = layer
+        return self._merged_layers[key]
+
+    def clear_candidates(self) -> None:
+        self._merged_layers.clear()
+
+    @torch.inference_mode()
+    def run_candidate(self, batch_id: int, x: Tensor | None, windows: Sequence[tuple[int, int]], rule: str,
+                      from_layer: int) -> Tensor:
+        """Run the candidate model (original layers with `windows` merged) through this stage.
+
+        Layers below ``from_layer`` are unchanged by every window, so their cached original output
+        stands in for them: ``x`` is None on the stage holding ``from_layer``, which starts from its
+        cached input; later stages get the previous stage's candidate output. On the last stage the
+        result is the per-sample cosine with the original model's final-norm hidden [batch].
+        """
+        if x is None:
+            if batch_id not in self._cached_inputs:
+                raise RuntimeError(f"stage [{self.spec.start}, {self.spec.stop}) has no cached input for batch "
+                                   f"{batch_id}: run calibrate(..., cache_inputs=True) first")
+            h = self._cached_inputs[batch_id].to(self.device)
+        else:
+            h = self._inputs(x)
+        ctx = self._context(h)
+        starts = {lo: hi for lo, hi in windows}
+        skipped = {i for lo, hi in windows for i in range(lo + 1, hi + 1)}
+        for layer_id, layer in zip(self.layer_ids, self.layers):
+            if layer_id in skipped:
+                continue
+            if layer_id in starts:
+                layer = self._merged_layer((layer_id, starts[layer_id]), rule)
+            h = self._run_layer(layer, layer_id, h, ctx)
+        if not self.spec.is_last:
+            return h
+        final = self.norm(h).float().flatten(1).cpu()
+        ref = self._reference_final[batch_id].float().flatten(1)
+        return torch.nn.functional.cosine_similarity(final, ref, dim=1)
