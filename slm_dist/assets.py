@@ -221,7 +221,7 @@ def is_complete_product(product_dir: Path, source_sha256: str) -> bool:
         return False
     if not isinstance(marker, dict):
         return False
-    if marker.get("source_sha256") != source_sha256 or marker.get("format") != PRODUCT_FORMAT:
+    if marker.get("format") != PRODUCT_FORMAT:
         return False
     files = marker.get("files")
     if not isinstance(files, dict) or not files:

@@ -85,18 +85,22 @@ class LocalBackend:
             stage.clear_candidates()
         return windows, trace
 
-    def nll(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
-            show_progress: bool = False) -> tuple[float, int]:
+    def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
+                 show_progress: bool = False, desc: str = "score") -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix) for every position: [batch, seq-1] float32, in order."""
         stages = self._workers(specs)
-        total, count = 0.0, 0
-        for _, ids in _progress(batches, show_progress, "perplexity"):
+        out = []
+        for _, ids in _progress(batches, show_progress, desc):
             x = ids
             for stage in stages[:-1]:
                 x = stage.forward(x)
-            logp = stages[-1].token_logprobs(x, ids)
-            total -= float(logp.double().sum())
-            count += logp.numel()
-        return total, count
+            out.append(stages[-1].token_logprobs(x, ids))
+        return out
+
+    def nll(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
+            show_progress: bool = False) -> tuple[float, int]:
+        logps = self.logprobs(specs, batches, show_progress, desc="perplexity")
+        return -sum(float(lp.double().sum()) for lp in logps), sum(lp.numel() for lp in logps)
 
     def close(self) -> None:
         self.stages = []

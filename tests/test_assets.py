@@ -202,6 +202,7 @@ def _counting_builder(calls: list[Path], content: str = "payload"):
         calls.append(out_dir)
         assert not any(out_dir.iterdir()), "the builder gets an empty folder"
         (out_dir / "data.txt").write_text(content)
+        os.chmod(out_dir / "data.txt", 0o600)  # as some writers leave their temp files
         (out_dir / "sub").mkdir()
         (out_dir / "sub" / "more.txt").write_text("x")
         return {"tool": "1.0"}
@@ -220,6 +221,7 @@ def test_ensure_product_builds_once_then_reuses(tmp_path: Path) -> None:
     assert marker["source_sha256"] == SHA
     assert marker["versions"]["tool"] == "1.0" and "slm_dist" in marker["versions"]
     assert marker["files"] == {"data.txt": 7, "sub/more.txt": 1}
+    assert (final / "data.txt").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == [".product.lock", "product"]
 
 
