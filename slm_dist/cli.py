@@ -135,8 +135,10 @@ class _JsonFormatter(logging.Formatter):
 def setup_logging(verbose: bool, quiet: bool, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._slm_dist = True  # type: ignore[attr-defined]
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only our own handler (a re-run in one process, tests): keep handlers others installed.
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_slm_dist", False)] + [handler]
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root.setLevel(logging.WARNING)
     logging.getLogger("slm_dist").setLevel(level)

@@ -204,7 +204,8 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         tree = loaded
     for item in overrides:
         key, value = parse_override(item)
-        if key[0] == "plan" and key[-1] in ("threshold", "target_layers_removed", "target_ratio"):
+        if key[0] == "plan" and key[-1] in ("threshold", "target_layers_removed", "target_ratio") \
+                and isinstance(tree.get("plan", {}), dict):
             # The three plan targets are alternatives: setting one on the command line replaces the file's.
             for other in ("threshold", "target_layers_removed", "target_ratio"):
                 tree.setdefault("plan", {}).pop(other, None)

