@@ -21,12 +21,15 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from slm_dist.checkpoint.index import CheckpointError
     from slm_dist.config import ConfigError
     from slm_dist.export import ExportError
+    from slm_dist.heal import HealError
     from slm_dist.merge import MergeError
     from slm_dist.partition import PartitionError
     from slm_dist.planner import PlanError
+    from slm_dist.report import ReportError
+    from slm_dist.evaluation import EvalDataError
 
     return (ConfigError, CheckpointError, CalibrationDataError, UnsupportedArchitectureError, PlanError, ExportError,
-            MergeError, PartitionError, FileNotFoundError)
+            MergeError, PartitionError, FileNotFoundError, HealError, ReportError, EvalDataError)
 
 
 def _split_args(items: list[str]) -> tuple[Path | None, list[str]]:
@@ -55,7 +58,7 @@ def cmd_run(args) -> int:
     if path is None and not overrides:
         log.info("no config given: pruning the SmolLM2-135M demo (configs/default.yaml defaults)")
     config = load_config(path, overrides)
-    report = pipeline.run(config, cache_dir=_cache_dir(), show_progress=not args.quiet)
+    report = pipeline.run(config, cache_dir=_cache_dir(), show_progress=_show_progress(args), force=args.force)
     log.info("done: %d -> %d layers, perplexity %s -> %s; checkpoint in %s", report["layers_before"],
              report["layers_after"], _fmt(report["perplexity_before"]), _fmt(report["perplexity_after"]),
              report["output"])
@@ -66,6 +69,157 @@ def cmd_run(args) -> int:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
+
+
+def _show_progress(args) -> bool:
+    """Bars on a terminal-like stderr only: --quiet and --log-json (one JSON object per line) turn them off."""
+    return not (args.quiet or args.log_json)
+
+
+def cmd_plan(args) -> int:
+    from slm_dist.config import load_config
+
+    path, overrides = _split_args(args.items)
+    config = load_config(path, overrides)
+    if args.dry_run:
+        from slm_dist import dryrun
+
+        model_dir = config.model.path
+        if model_dir is None:
+            from slm_dist import assets
+
+            model_dir = assets.prepare_demo_model(config.run.cache_dir or _cache_dir() or assets.default_cache_dir())
+        result = dryrun.dry_run(config, Path(model_dir))
+        sys.stdout.write((json.dumps(result.to_json()) if args.json else dryrun.format_dry_run(result)) + "\n")
+        if not result.fits:
+            log.error("%s", result.refusal)
+            return EXIT_BAD_INPUT
+        return EXIT_OK
+    from slm_dist import pipeline
+
+    out = pipeline.run(config, cache_dir=_cache_dir(), show_progress=_show_progress(args), force=args.force,
+                       stop_after="plan")
+    plan = out["plan"]
+    log.info("plan: %d -> %d layers, windows %s (threshold %s); %s", plan["num_layers_before"],
+             plan["num_layers_after"], plan["windows"], plan["threshold"], config.run.dir / "plan.json")
+    if args.json:
+        sys.stdout.write(json.dumps(plan) + "\n")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from slm_dist import report
+
+    result = report.write_report(Path(args.run))
+    log.info("wrote %s/report.md, report.json, %s, %s", args.run, result["figures"]["similarity"],
+             result["figures"]["block_influence"])
+    return EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    from slm_dist.config import load_config
+    from slm_dist.export import merge_from_plan
+
+    path, overrides = _split_args(args.items)
+    config = load_config(path, overrides)
+    model_dir = config.model.path
+    if model_dir is None:  # the demo model: fetched (once) like `run` does
+        from slm_dist import pipeline
+
+        model_dir = pipeline.resolve_inputs(config, _cache_dir(), not args.quiet).model_dir
+    summary = merge_from_plan(config, Path(model_dir), show_progress=not args.quiet)
+    log.info("merge done: %d shards written, %d already finished; checkpoint in %s",
+             len(summary["shards_written"]), len(summary["shards_skipped"]), summary["out_dir"])
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    return EXIT_OK
+
+
+def cmd_heal(args) -> int:
+    from slm_dist import heal
+    from slm_dist.config import load_config
+
+    path, overrides = _split_args(args.items)
+    if path is not None and path.is_dir():
+        # A run folder: heal what that run pruned, with the settings it ran with (plus overrides).
+        if not (path / "config.resolved.yaml").is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.resolved.yaml: give a run folder written by "
+                                    "`slm-dist run`, or a config file")
+        path = path / "config.resolved.yaml"
+    config = load_config(path, overrides)
+    summary = heal.run_heal(config, cache_dir=_cache_dir(), ray_address=os.environ.get("RAY_ADDRESS"),
+                            show_progress=not args.quiet)
+    log.info("heal done: loss %s -> %s over %d steps; perplexity %s -> %s; checkpoint in %s, adapter in %s",
+             _fmt(summary["first_loss"]), _fmt(summary["last_loss"]), summary["total_steps"],
+             _fmt(summary["perplexity_before_heal"]), _fmt(summary["perplexity_healed"]), summary["output_dir"],
+             summary["adapter_dir"])
+    if args.json:
+        sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
+    return EXIT_OK
+
+
+def _task_args(items: list[str]) -> dict[str, Path]:
+    tasks = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"slm-dist: --task takes NAME=FILE (e.g. piqa=data/piqa/valid.jsonl), got {item!r}")
+        tasks[name] = Path(path)
+    return tasks
+
+
+def _eval_spec(args, config):
+    from slm_dist.evaluation import EvalSpec
+
+    return EvalSpec.from_config(config.eval, [Path(p) for p in args.ppl or []], _task_args(args.task), args.limit,
+                                args.seq_len)
+
+
+def cmd_eval(args) -> int:
+    from slm_dist import evaluation
+    from slm_dist.config import load_config
+
+    path, overrides = _split_args(args.items)
+    target = Path(args.target)
+    if path is None and (target / "config.resolved.yaml").is_file():
+        path = target / "config.resolved.yaml"  # a run folder: evaluate with the run's own settings
+    config = load_config(path, overrides)
+    result = evaluation.run_eval(target, config, _eval_spec(args, config), _show_progress(args))
+    for name, value in result["ppl"].items():
+        log.info("perplexity %s: %.3f", name, value)
+    for name, scores in result["tasks"].items():
+        log.info("%s: acc %.4f, acc_norm %.4f (n=%d)", name, scores["acc"], scores["acc_norm"], scores["n"])
+    if result["average"] is not None:
+        log.info("average (acc or acc_norm as reported per task): %.4f", result["average"])
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from slm_dist import compare, pipeline
+    from slm_dist.checkpoint.index import open_index
+    from slm_dist.config import load_config
+
+    path, overrides = _split_args(args.items)
+    config = load_config(path, overrides)
+    removed = args.removed
+    if not removed:
+        p = config.plan
+        if p.target_layers_removed is not None:
+            removed = [p.target_layers_removed]
+        elif p.target_ratio is not None:
+            ctx = pipeline.resolve_inputs(config, _cache_dir(), _show_progress(args))
+            index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
+            removed = [pipeline.layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last,
+                                                 p.max_window)]
+        else:
+            raise SystemExit("slm-dist compare: the config plans by threshold; give the layer counts with --removed N")
+    methods = args.methods.split(",") if args.methods else compare.METHODS
+    result = compare.compare(config, removed, _eval_spec(args, config), methods, _cache_dir(), args.keep_models,
+                             _show_progress(args))
+    sys.stdout.write((json.dumps(result) if args.json else compare.format_table(result)) + "\n")
+    return EXIT_OK
 
 
 def cmd_inspect(args) -> int:
@@ -113,7 +267,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="calibrate -> plan -> merge -> verify -> eval (no arguments: the demo)")
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    p.add_argument("--force", action="store_true", help="ignore the run folder's state.json and redo every stage")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="calibrate (or reuse the cached statistics) and write plan.json; with "
+                                    "--dry-run: partition, memory, GPUs, bytes, disk and time from config.json alone")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--dry-run", action="store_true", help="estimate only: read config.json and the index, no weights")
+    p.add_argument("--json", action="store_true", help="print the plan (or the dry-run estimate) as one JSON line")
+    p.add_argument("--force", action="store_true", help="ignore the run folder's state.json and recalibrate")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="rebuild report.md, report.json and the figures from a run folder")
+    p.add_argument("run", help="the run folder (run.dir)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("merge", help="the merge stage alone: write the pruned checkpoint from <run.dir>/plan.json "
+                                     "(resumes after a kill)")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--json", action="store_true", help="print the merge summary as one JSON line")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("heal", help="LoRA recovery training of a pruned checkpoint (DeepSpeed on Ray Train), "
+                                    "then merge and save; resumes after a kill")
+    p.add_argument("items", nargs="*", metavar="CONFIG|RUN|key=value")
+    p.add_argument("--json", action="store_true", help="print the heal summary as one JSON line")
+    p.set_defaults(func=cmd_heal)
+
+    def eval_flags(p) -> None:
+        p.add_argument("--ppl", action="append", metavar="FILE", help="perplexity text (repeatable)")
+        p.add_argument("--task", action="append", metavar="NAME=FILE", help="zero-shot task file (repeatable)")
+        p.add_argument("--limit", type=int, help="first N items of each task")
+        p.add_argument("--seq-len", type=int, help="perplexity window length (tokens)")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model folder or a run's pruned model")
+    p.add_argument("target", metavar="MODEL|RUN")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    eval_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="prune with every baseline and SLM variant at the same layer count; one table")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--removed", action="append", type=int, metavar="N", help="layers to remove (repeatable)")
+    p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(
+        ("shortgpt", "angular", "laco", "last_layers", "slm_cka_reference", "slm_cka_sum", "slm_cka_mean",
+         "slm_cka_drop", "slm_output")))
+    p.add_argument("--keep-models", action="store_true", help="keep every pruned checkpoint under <run.dir>/compare")
+    eval_flags(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="layers, parameters, shards and architecture of a model folder")
     p.add_argument("model")

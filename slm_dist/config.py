@@ -56,7 +56,7 @@ class CalibrationSection(_Section):
 class SimilaritySection(_Section):
     criterion: Literal["cka", "output"] = Field(
         "cka", description="cka: the paper's CKA sliding window; output: the published code's final-hidden cosine loop")
-    kernel: Literal["linear", "rbf"] = "linear"
+    kernel: Literal["linear", "rbf"] = Field("linear", description="linear: K = X X^T; rbf: Gaussian kernel, bandwidth by the median heuristic per batch")
     unit: Literal["sample", "token"] = Field("token", description="sample: one flattened vector per sequence; token: sampled token rows")
     tokens_per_batch: int = Field(512, ge=4, description="token rows sampled per batch in token unit (Gram is m x m)")
     skip_first_token: bool = Field(True, description="leave position 0 out (its massive activations swamp linear CKA)")
@@ -69,6 +69,21 @@ class PlanSection(_Section):
     protect_first: int = Field(1, ge=0, description="layers at the bottom that never merge")
     protect_last: int = Field(1, ge=0, description="layers at the top that never merge")
     max_window: int | None = Field(None, ge=2, description="most layers in one window")
+    search: Literal["sliding", "global"] = Field(
+        "sliding", description="sliding: the paper's top-down window rule (threshold or target); global: the "
+                               "least-cost disjoint windows anywhere removing exactly the target (exact DP)")
+    cost: Literal["cka_drop", "cka_window", "block_influence", "angular", "measured"] = Field(
+        "cka_drop", description="search=global: window cost (global_planner.py): from the statistics, or "
+                                "measured = each layer's own calibration-loss damage (one forward pass per layer); "
+                                "with candidates > 1 every cost proposes plans, this one first")
+    candidates: int = Field(1, ge=1, description="search=global: plans the output-verified refinement ranks by "
+                                                 "forward passes on the calibration samples; 1 = no refinement")
+    local_search: int = Field(0, ge=0, description="search=global: after ranking, measure up to this many plans "
+                                                    "one move from the best (a window shifted, a layer moved "
+                                                    "between windows) and keep improvements; 0 = off")
+    refine_metric: Literal["nll", "cosine"] = Field(
+        "nll", description="how the refinement ranks plans: calibration next-token NLL, or the published "
+                           "final-hidden cosine to the original model")
 
     @model_validator(mode="after")
     def _one_target(self) -> "PlanSection":
@@ -78,40 +93,109 @@ class PlanSection(_Section):
                              f"(got {given or 'none'})")
         if self.threshold is not None and not (0.0 < self.threshold <= 1.0):
             raise ValueError(f"plan.threshold must be in (0, 1], got {self.threshold}")
+        if self.search == "global" and self.threshold is not None:
+            raise ValueError("plan.search=global removes a number of layers: set plan.target_layers_removed or "
+                             "plan.target_ratio instead of plan.threshold")
         return self
 
 
 class MergeSection(_Section):
-    rule: Literal["reference", "sum", "mean", "drop"] = Field(
-        "reference", description="how a window's projections fold into one layer (DESIGN.md, Merge rules)")
+    rule: Literal["reference", "sum", "mean", "drop", "scaled"] = Field(
+        "reference", description="how a window's projections fold into one layer (DESIGN.md, Merge rules); "
+                                 "scaled: theta_lo + alpha * sum(theta_k - theta_lo), alpha fitted per window")
+    alpha_batches: int = Field(2, ge=1, description="rule scaled: calibration batches each window's alpha is "
+                                                    "fitted on (the window's stage runs only that window)")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024, description="size cap of one output safetensors shard")
     output_dir: Path | None = Field(None, description="where the pruned checkpoint goes; null = <run.dir>/model")
+    max_parallel: int = Field(2, ge=1, description="output shards written at once (threads locally, Ray tasks on ray)")
+    memory_budget_bytes: int = Field(
+        512 * 1024**2, ge=8 * 1024**2,
+        description="working memory all parallel merge jobs together may hold; each job reads and merges in row "
+                    "chunks sized to its share, whatever the shard or model size")
 
 
 class EvalSection(_Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="measure the source and pruned models after the merge")
     heldout: Path | None = Field(None, description="held-out text for perplexity; null = demo held-out text")
-    seq_len: int = Field(256, ge=8)
-    max_windows: int = Field(32, ge=1, description="perplexity windows (contiguous, no overlap)")
+    seq_len: int = Field(256, ge=8, description="tokens per perplexity window")
+    max_windows: int | None = Field(32, ge=1, description="perplexity windows (contiguous, no overlap); null = all")
+    ppl_files: tuple[Path, ...] = Field((), description="extra perplexity texts (.jsonl rows joined by blank lines "
+                                        "as for WikiText-2; .txt lines stripped and joined by spaces as for PTB)")
+    tasks: dict[str, Path] = Field({}, description="zero-shot tasks NAME: FILE (piqa, arc_easy, arc_challenge, "
+                                   "openbookqa, winogrande, hellaswag, boolq)")
+    limit: int | None = Field(None, ge=1, description="score the first N items of each task; null = all")
+    add_bos: bool = Field(False, description="prepend the BOS token to every perplexity window and task context")
+    batch_tokens: int = Field(4096, ge=64, description="padded tokens per scoring batch (caps logits memory)")
+    max_length: int = Field(2048, ge=8, description="task requests longer than this are cut from the left")
 
 
 class ClusterSection(_Section):
     backend: Literal["local", "ray"] = Field("local", description="local: all stages in this process; ray: stage actors")
     address: str | None = Field(None, description="Ray address; null = the job's cluster or a private local one")
     num_stages: int = Field(1, ge=1, description="pipeline stages (contiguous layer slices)")
-    device: Literal["cpu", "cuda"] = "cpu"
-    gpus_per_stage: float = Field(0.0, ge=0)
-    cpus_per_stage: float = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when the stages get GPUs (ray: gpus_per_stage > 0; local: a visible GPU), else cpu")
+    gpus_per_stage: float = Field(0.0, ge=0, description="GPUs reserved per stage actor (fractions share a GPU)")
+    cpus_per_stage: float = Field(1.0, gt=0, description="CPUs reserved per stage actor; also its torch threads")
     memory_per_stage_bytes: int | None = Field(None, ge=1, description="memory budget of one stage for the partition")
-    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the stage bundles (STRICT_SPREAD: one stage per node)")
     max_inflight: int = Field(2, ge=1, description="calibration batches in flight at once")
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0, description="times a crashed stage actor is restarted (its batches are resent)")
     checkpoint_every: int = Field(8, ge=1, description="reducer writes stats.parquet every N batches")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers for `heal` (one per GPU with device=cuda, "
+                             "else one CPU process each)")
+    placement_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the cluster to place the stage bundles")
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> "ClusterSection":
         if self.device == "cuda" and self.backend == "ray" and self.gpus_per_stage <= 0:
             raise ValueError("cluster.device=cuda on the ray backend needs cluster.gpus_per_stage > 0")
+        return self
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class HealSection(_Section):
+    """LoRA recovery training of the pruned model (issue 7); the defaults are the paper's recipe."""
+
+    enabled: bool = Field(False, description="`slm-dist run` heals the pruned checkpoint after merge and eval")
+    model: Path | None = Field(None, description="checkpoint to heal; null = the run's pruned checkpoint")
+    data: Path | None = Field(None, description=".jsonl of instruction/output pairs or of 'text', or .txt; "
+                              "null = calibration.source")
+    output_dir: Path | None = Field(None, description="merged healed checkpoint; null = <run.dir>/healed")
+    storage_path: str | None = Field(None, description="Ray Train checkpoints (shared storage or s3:// on multi-node "
+                                     "clusters); null = <run.dir>/heal")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale is lora_alpha / lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(LORA_TARGETS, min_length=1, description="projection names given LoRA")
+    epochs: int = Field(2, ge=1, description="passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps of the run, instead of epochs "
+                                  "(null = epochs decide)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (linear warmup, then linear decay to 0)")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps (capped at the run's total)")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1, description="examples per optimizer step, over all workers")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward pass on one worker")
+    cutoff_len: int = Field(256, ge=8, description="tokens per example (longer ones are cut)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    offload: bool = Field(False, description="ZeRO optimizer states (and parameters at stage 3) in CPU memory")
+    optimizer: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: torch.optim.AdamW (runs everywhere); deepspeed: DeepSpeed's fused/CPU Adam "
+        "(needs its compiled ops; faster with offload)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (big models)")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between Ray Train checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker")
+    seed: int = Field(0, description="data order and dropout seed")
+
+    @model_validator(mode="after")
+    def _batch_split(self) -> "HealSection":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"heal.batch_size={self.batch_size} is not a multiple of heal.micro_batch_size="
+                             f"{self.micro_batch_size}; pick sizes that divide")
         return self
 
 
@@ -124,9 +208,13 @@ class SlmConfig(_Section):
     merge: MergeSection = MergeSection()
     eval: EvalSection = EvalSection()
     cluster: ClusterSection = ClusterSection()
+    heal: HealSection = HealSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "SlmConfig":
+        if self.similarity.criterion == "output" and self.merge.rule == "scaled":
+            raise ValueError("merge.rule=scaled fits alphas for finished windows; the published output loop "
+                             "scores windows as it grows them: use similarity.criterion=cka or another rule")
         if self.similarity.criterion == "output" and self.plan.threshold is None:
             raise ValueError("similarity.criterion=output needs plan.threshold: the published loop runs forward "
                              "passes per threshold, so target search is only offered for criterion=cka")

@@ -1,26 +1,43 @@
 """The merge stage: plan every output shard from the plan and the source index, check it without
-reading weights, then write the pruned checkpoint shard by shard.
+reading weights, then write the pruned checkpoint shard by shard, resumably.
 
-Plan, validate, execute: `plan_export` reads only headers and fails on the first problem before a
-byte is written; `write_export` runs one job per output shard (in-process here; the Ray backend
-maps the same `MergeWorker.write_shard` over tasks) and writes config, index and manifest last.
+Plan, validate, execute:
+- `plan_export` reads only headers. It fixes every output shard up front (final name, the output
+  keys it holds, and for each the source keys, files, byte offsets and merge rule) and fails on
+  the first problem before a byte is written.
+- `write_export` runs one job per output shard (`run_jobs_local`: threads in this process;
+  `distributed_merge`: Ray tasks), each within its share of the memory budget, and records every
+  finished shard's sha256 in `manifest.json` as it lands. A rerun of the same plan skips shards
+  whose manifest entry, size and hash match and redoes the rest; `.partial` files are never taken
+  for finished ones. Side files, model card, `config.json` and the index go last, then the final
+  manifest: a folder without index and config is visibly unfinished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
 import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from slm_dist.arch import ArchSpec, get_arch, prune_config
-from slm_dist.checkpoint.index import CheckpointIndex
-from slm_dist.checkpoint.writer import (FileRecord, plan_shards, shard_name, write_index, write_json,
-                                        write_manifest)
-from slm_dist.merge import TensorJob, plan_tensor_jobs
-from slm_dist.planner import MergePlan
+from slm_dist.checkpoint.index import DTYPE_BYTES, CheckpointIndex, TensorInfo
+from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, TensorEntry, partial_name,
+                                        plan_shards, safetensors_header, sha256_file, shard_name, write_index,
+                                        write_json, write_manifest)
+from slm_dist.config import SlmConfig
+from slm_dist.merge import COPY, TensorJob, plan_tensor_jobs
+from slm_dist.planner import MergePlan, PlanError
+from slm_dist.workers.merge_worker import MergeWorker, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +46,12 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
               "chat_template.json")
 OUTPUT_MARKER = ".slm-dist-output"
+MODEL_CARD = "README.md"
+CONFIG_NAME = "config.json"
+MANIFEST_FORMAT = "slm-dist-manifest/1"
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024**2
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 class ExportError(ValueError):
@@ -37,9 +60,22 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class ShardJob:
+    """One output shard: its final name, the tensors it holds, and every source tensor it reads."""
+
     name: str
-    tensors: tuple[TensorJob, ...]
-    nbytes: int
+    tensors: tuple[TensorJob, ...]     # in file order
+    sources: tuple[TensorInfo, ...]    # source tensors read (file, dtype, shape, byte offset)
+    nbytes: int                        # tensor data bytes
+    file_bytes: int                    # exact size of the finished file (header included)
+
+    @property
+    def source_files(self) -> tuple[str, ...]:
+        return tuple(sorted({info.file for info in self.sources}))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "bytes": self.file_bytes, "source_files": list(self.source_files),
+                "tensors": [{"key": t.out_key, "sources": list(t.source_keys), "rule": t.rule,
+                             "window": list(t.window) if t.window else None} for t in self.tensors]}
 
 
 @dataclass(frozen=True)
@@ -49,23 +85,76 @@ class ExportPlan:
     plan: MergePlan
     shards: tuple[ShardJob, ...]
     config: dict          # the rewritten config.json
-    total_bytes: int
+    total_bytes: int      # tensor data bytes of the output
+    fingerprint: str      # sha256 of the shard plan and the source files' sizes and mtimes
 
     @property
     def weight_map(self) -> dict[str, str]:
         return {t.out_key: s.name for s in self.shards for t in s.tensors}
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every shard job of one export shares (small and picklable: it travels to Ray tasks)."""
+
+    source_dir: str
+    out_dir: str
+    allow_pickle: bool
+    memory_bytes: int     # working memory of one job: the budget split over the parallel jobs
+
+
+OnDone = Callable[[ShardJob, ShardResult], None]
+# run_jobs(jobs, settings, max_parallel, on_done): run every job, call on_done in the caller's thread
+# as each finishes, raise the first failure after the jobs already running have finished.
+ShardRunner = Callable[[Sequence[ShardJob], WorkerSettings, int, OnDone], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    records: tuple[FileRecord, ...]
+    shards_written: tuple[str, ...]
+    shards_skipped: tuple[str, ...]      # finished by an earlier run, verified by hash
+    bytes_read: int                      # source bytes read by the shard jobs of this run
+    bytes_written: int                   # shard bytes written by this run
+    peak_worker_rss_bytes: int           # highest peak RSS any process reported after a shard job
+
+    def to_json(self) -> dict:
+        return {"out_dir": str(self.out_dir), "shards_written": list(self.shards_written),
+                "shards_skipped": list(self.shards_skipped), "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "peak_worker_rss_bytes": self.peak_worker_rss_bytes}
+
+
+# ------------------------------------------------------------------------------------ checks
 def check_output_dir(source: Path, out_dir: Path) -> None:
     src, out = Path(source).resolve(), Path(out_dir).resolve()
     if out == src or src in out.parents:
         raise ExportError(f"output folder {out_dir} is the model folder {source} or inside it; slm-dist never "
                           "writes into its input. Set merge.output_dir (or run.dir) elsewhere.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output folder {out_dir} exists and is not a folder; choose another merge.output_dir")
     if out.exists() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists():
         raise ExportError(f"output folder {out_dir} exists, is not empty and was not written by slm-dist; "
                           "choose an empty or new folder")
 
 
+def check_disk_space(export: ExportPlan) -> None:
+    """Fail before writing when the shards still to write (plus 64 MiB for the rest) do not fit."""
+    probe = export.out_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    needed = 64 * 1024**2
+    for shard in export.shards:
+        path = export.out_dir / shard.name
+        present = path.stat().st_size if path.is_file() else 0
+        needed += shard.file_bytes if present != shard.file_bytes else 0
+    if free < needed:
+        raise ExportError(f"not enough disk space for {export.out_dir}: need {needed / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB free. Free space or choose another merge.output_dir.")
+
+
+# -------------------------------------------------------------------------------------- plan
 def plan_export(index: CheckpointIndex, plan: MergePlan, out_dir: Path, max_shard_bytes: int) -> ExportPlan:
     """Every output shard and tensor, validated from headers alone (no weights are read)."""
     arch: ArchSpec = get_arch(index.model_type)
@@ -73,39 +162,98 @@ def plan_export(index: CheckpointIndex, plan: MergePlan, out_dir: Path, max_shar
         raise ExportError(f"plan is for {plan.num_layers_before} layers but {index.root} has {index.num_layers}; "
                           "the plan belongs to another model: re-run the plan stage")
     check_output_dir(index.root, out_dir)
-    jobs = plan_tensor_jobs(index.tensors.keys(), plan.windows, index.num_layers, arch, plan.rule)
-    sizes = []
+    jobs = plan_tensor_jobs(index.tensors.keys(), plan.windows, index.num_layers, arch, plan.rule,
+                            plan.alpha_map)  # rule "scaled": per-window alphas
     for job in jobs:
-        infos = [index.tensors[k] for k in job.source_keys]
-        first = infos[0]
-        for other in infos[1:]:
-            if (other.dtype, other.shape) != (first.dtype, first.shape):
-                raise ExportError(f"cannot merge {other.key} ({other.dtype}{list(other.shape)}) with {first.key} "
-                                  f"({first.dtype}{list(first.shape)}) in window {job.window}: shapes and dtypes "
-                                  "must agree inside a window")
-        sizes.append((job.out_key, first.nbytes))
-    out_keys = [j.out_key for j in jobs]
-    if len(set(out_keys)) != len(out_keys):
-        raise ExportError("two output tensors got the same name; this is a bug in the key plan")
-    groups = plan_shards(sizes, max_shard_bytes)
-    by_key = {j.out_key: j for j in jobs}
-    size_of = dict(sizes)
-    n = len(groups)
-    shards = tuple(ShardJob(shard_name(k + 1, n), tuple(by_key[key] for key in g), sum(size_of[key] for key in g))
-                   for k, g in enumerate(groups))
+        _check_job(job, [index.tensors[k] for k in job.source_keys])
     config = prune_config(index.config, plan.new_to_old, arch)
-    return ExportPlan(Path(index.root), Path(out_dir), plan, shards, config, sum(size_of.values()))
+    _check_coverage(jobs, index, config, arch)
+
+    size_of = {job.out_key: index.tensors[job.source_keys[0]].nbytes for job in jobs}
+    groups = plan_shards(list(size_of.items()), max_shard_bytes)
+    by_key = {job.out_key: job for job in jobs}
+    shards = []
+    for k, group in enumerate(groups):
+        tensors = tuple(by_key[key] for key in group)
+        sources = tuple(index.tensors[s] for t in tensors for s in t.source_keys)
+        entries = [_entry(t, index) for t in tensors]
+        nbytes = sum(size_of[key] for key in group)
+        header = safetensors_header(entries, {"format": "pt"})
+        shards.append(ShardJob(shard_name(k + 1, len(groups)), tensors, sources, nbytes, len(header) + nbytes))
+    shards_t = tuple(shards)
+    return ExportPlan(Path(index.root), Path(out_dir), plan, shards_t, config, sum(size_of.values()),
+                      _fingerprint(index, plan, shards_t, config))
 
 
-def check_disk_space(export: ExportPlan) -> None:
-    probe = export.out_dir
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    needed = int(export.total_bytes * 1.05) + 64 * 1024**2
-    if free < needed:
-        raise ExportError(f"not enough disk space for {export.out_dir}: need {needed / 1e9:.2f} GB, "
-                          f"{free / 1e9:.2f} GB free. Free space or choose another merge.output_dir.")
+def _entry(t: TensorJob, index: CheckpointIndex) -> TensorEntry:
+    info = index.tensors[t.source_keys[0]]
+    return TensorEntry(t.out_key, info.dtype, info.shape)
+
+
+def _check_job(job: TensorJob, infos: list[TensorInfo]) -> None:
+    first = infos[0]
+    if first.dtype not in DTYPE_BYTES:
+        raise ExportError(f"{first.key} has dtype {first.dtype!r}, which slm-dist cannot copy; "
+                          f"supported: {sorted(DTYPE_BYTES)}")
+    for other in infos[1:]:
+        if (other.dtype, other.shape) != (first.dtype, first.shape):
+            raise ExportError(f"cannot merge {other.key} ({other.dtype}{list(other.shape)}) with {first.key} "
+                              f"({first.dtype}{list(first.shape)}) in window {job.window}: shapes and dtypes "
+                              "must agree inside a window. Convert the checkpoint to one dtype.")
+    arithmetic = job.rule in ("sum", "mean", "scaled") and job.role == "projection"
+    if arithmetic and first.dtype not in FLOAT_DTYPES:
+        raise ExportError(f"rule {job.rule!r} adds weights, but {first.key} is {first.dtype}; only "
+                          f"{list(FLOAT_DTYPES)} can be merged arithmetically (dequantize first or use rule drop)")
+
+
+def _check_coverage(jobs: Sequence[TensorJob], index: CheckpointIndex, config: dict, arch: ArchSpec) -> None:
+    """The output holds every tensor the new config needs, exactly once, and reads every source key once."""
+    out_keys = [j.out_key for j in jobs]
+    dup = sorted({k for k in out_keys if out_keys.count(k) > 1}) if len(set(out_keys)) != len(out_keys) else []
+    if dup:
+        raise ExportError(f"output tensor {dup[0]!r} would be written twice; this is a bug in the key plan")
+    read = [k for j in jobs for k in j.source_keys]
+    unread = sorted(set(index.tensors) - set(read))
+    if unread or len(read) != len(set(read)):
+        raise ExportError(f"the key plan must read every source tensor exactly once; unread: {unread[:3]}")
+    n = int(config["num_hidden_layers"])
+    suffixes: dict[int, set[str]] = {}
+    for key in out_keys:
+        split = arch.split_key(key)
+        if split is not None:
+            suffixes.setdefault(split[0], set()).add(split[1])
+    if sorted(suffixes) != list(range(n)):
+        raise ExportError(f"the new config has num_hidden_layers={n} but the output would hold layers "
+                          f"{sorted(suffixes)}; the plan and config disagree")
+    for layer in range(n):
+        missing = [s for s in arch.required_suffixes if s not in suffixes[layer]]
+        if missing:
+            raise ExportError(f"output layer {layer} would lack {arch.layer_key(layer, missing[0])}; "
+                              "the source checkpoint is incomplete")
+    needed = [arch.embed_module + ".weight", arch.final_norm_module + ".weight"]
+    if not config.get("tie_word_embeddings", False):
+        needed.append(arch.lm_head_module + ".weight")
+    for key in needed:
+        if key not in out_keys:
+            raise ExportError(f"the output would lack {key!r}, which a {arch.model_type} model with "
+                              f"tie_word_embeddings={config.get('tie_word_embeddings', False)} needs; "
+                              f"the source checkpoint {index.root} does not hold it")
+
+
+def _fingerprint(index: CheckpointIndex, plan: MergePlan, shards: Sequence[ShardJob], config: dict) -> str:
+    """Identifies what a shard's bytes depend on, so a rerun trusts only shards written for the same thing.
+
+    Source files enter by size and mtime (re-hashing a 140 GB source on every resume would cost
+    more than the merge); a source rewritten in place gets a new mtime and so a fresh output.
+    """
+    files = {}
+    for name in index.files:
+        st = (Path(index.root) / name).stat()
+        files[name] = [st.st_size, st.st_mtime_ns]
+    desc = {"source": str(Path(index.root).resolve()), "source_files": files, "plan": plan.to_json(),
+            "config": config, "shards": [s.to_json() for s in shards],
+            "sources": [[i.key, i.file, i.dtype, list(i.shape), i.offset] for s in shards for i in s.sources]}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
 def model_card(export: ExportPlan, threshold: float | None) -> str:
@@ -115,47 +263,253 @@ def model_card(export: ExportPlan, threshold: float | None) -> str:
             f"- source: `{export.source}`\n"
             f"- layers: {plan.num_layers_before} -> {plan.num_layers_after}\n"
             f"- merged windows (inclusive, original indices): {windows}\n"
-            f"- merge rule: `{plan.rule}`\n- criterion: `{plan.criterion}`\n- threshold: {threshold}\n\n"
+            f"- new layer -> original layer: {plan.new_to_old}\n"
+            f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else "") +
+            f"\n- criterion: `{plan.criterion}`\n- threshold: {threshold}\n\n"
             "Sliding Layer Merging (arXiv 2502.19159): each window of consecutive layers is folded into one "
-            "layer at the window's bottom position.\n")
+            "layer at the window's bottom position. The full plan is in `manifest.json`.\n")
 
 
-def write_export(export: ExportPlan, write_shard: Callable[[str, ShardJob], FileRecord] | None = None,
-                 progress: Callable[[Sequence[ShardJob]], Sequence[ShardJob]] | None = None) -> list[FileRecord]:
-    """Write every shard, then side files, config, index and the manifest (in that order)."""
-    from slm_dist.workers.merge_worker import MergeWorker
+# ------------------------------------------------------------------------------------- write
+def write_export(export: ExportPlan, run_jobs: ShardRunner | None = None, *, max_parallel: int = 1,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, allow_pickle: bool = False,
+                 on_shard: OnDone | None = None) -> ExportResult:
+    """Write (or finish) the checkpoint: shards not yet verified, then side files, card, config, index, manifest.
 
+    ``memory_budget_bytes`` is what all parallel jobs together may hold; each gets an equal share.
+    """
+    if max_parallel < 1:
+        raise ExportError(f"merge.max_parallel must be >= 1, got {max_parallel}")
+    memory_each = memory_budget_bytes // max_parallel
+    if memory_each < 1:
+        raise ExportError(f"merge.memory_budget_bytes={memory_budget_bytes} leaves nothing to each of "
+                          f"merge.max_parallel={max_parallel} jobs; raise the budget")
+    check_output_dir(export.source, export.out_dir)
     out = export.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUT_MARKER).write_text(json.dumps({"source": str(export.source)}) + "\n")
-    if write_shard is None:
-        worker = MergeWorker(str(export.source))
-        write_shard = lambda out_dir, job: worker.write_shard(out_dir, job)  # noqa: E731
-    shards = progress(export.shards) if progress else export.shards
-    records = [write_shard(str(out), job) for job in shards]
+
+    done = _finished_shards(export)
+    _clear_unfinished(export, keep=set(done))
+    records = dict(done)
+    _write_manifest(export, records.values(), complete=False)
+    todo = [s for s in export.shards if s.name not in done]
+    if done:
+        log.info("resuming %s: %d of %d shards already written and verified", out, len(done), len(export.shards))
+
+    results: list[ShardResult] = []
+
+    def finished(job: ShardJob, result: ShardResult) -> None:
+        if (result.record.name, result.record.bytes) != (job.name, job.file_bytes):
+            raise ExportError(f"shard job {job.name} reported {result.record.name} with {result.record.bytes} bytes, "
+                              f"planned {job.file_bytes}; this is a bug in the shard writer")
+        records[job.name] = result.record
+        results.append(result)
+        _write_manifest(export, records.values(), complete=False)
+        if on_shard is not None:
+            on_shard(job, result)
+
+    settings = WorkerSettings(str(export.source), str(out), allow_pickle, memory_each)
+    (run_jobs or run_jobs_local)(todo, settings, max_parallel, finished)
+
+    final = [records[s.name] for s in export.shards]
     for name in SIDE_FILES:
         if (export.source / name).is_file():
-            shutil.copyfile(export.source / name, out / name)
-            records.append(_record(out / name))
-    records.append(write_json_text(out / "README.md", model_card(export, export.plan.threshold)))
-    records.append(write_json(out / "config.json", export.config))
-    records.append(write_index(out, export.weight_map, export.total_bytes))
-    write_manifest(out, records, extra={"source": str(export.source), "plan": export.plan.to_json()})
-    return records
+            final.append(_copy_file(export.source / name, out / name))
+    final.append(_write_text(out / MODEL_CARD, model_card(export, export.plan.threshold)))
+    final.append(write_json(out / CONFIG_NAME, export.config))
+    final.append(write_index(out, export.weight_map, export.total_bytes))
+    _write_manifest(export, final, complete=True)
+    return ExportResult(out, tuple(final), tuple(r.record.name for r in results), tuple(sorted(done)),
+                        sum(r.bytes_read for r in results), sum(r.record.bytes for r in results),
+                        max((r.peak_rss_bytes for r in results), default=0))
 
 
+def run_jobs_local(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone) -> None:
+    """Shard jobs on up to ``max_parallel`` threads of this process (file I/O, hashing and torch
+    kernels release the GIL). After a failure no new job starts; running ones finish and count.
+
+    Torch runs single-threaded meanwhile: the jobs are the parallelism, and intra-op threads on the
+    cache-sized merge slices only add synchronisation (100x slower on the 2-core test machine).
+    """
+
+    def run(job: ShardJob) -> ShardResult:
+        worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes)
+        return worker.write_shard(settings.out_dir, job)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_in_threads(jobs, run, max_parallel, on_done)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_in_threads(jobs: Sequence[ShardJob], run: Callable[[ShardJob], ShardResult], max_parallel: int,
+                    on_done: OnDone) -> None:
+    if max_parallel == 1:
+        for job in jobs:
+            on_done(job, run(job))
+        return
+    queue = list(jobs)
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_parallel, thread_name_prefix="merge") as pool:
+        running: dict[Future, ShardJob] = {}
+        while queue or running:
+            while queue and error is None and len(running) < max_parallel:
+                job = queue.pop(0)
+                running[pool.submit(run, job)] = job
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                try:
+                    on_done(job, future.result())
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after running jobs settle
+                    error = error or e
+    if error is not None:
+        raise error
+
+
+# ------------------------------------------------------------------------------------- stage
+def load_plan(run_dir: Path) -> MergePlan:
+    """The `MergePlan` a run's plan stage wrote to ``<run_dir>/plan.json``, re-validated."""
+    path = Path(run_dir) / "plan.json"
+    if not path.is_file():
+        raise PlanError(f"{path} does not exist: run `slm-dist run` (or its plan stage) first, or set run.dir to a "
+                        "run folder that has a plan.json")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path} is not valid JSON ({e}); regenerate it") from None
+    return MergePlan.from_json(data)
+
+
+def merge_stage(config: SlmConfig, index: CheckpointIndex, plan: MergePlan, show_progress: bool = True) -> dict:
+    """The merge stage as `slm-dist run` and `slm-dist merge` run it: plan and check the export, check
+    disk space, write (or finish) it on the configured backend, and save `<run.dir>/merge.json`."""
+    export = plan_export(index, plan, config.output_dir, config.merge.max_shard_bytes)
+    check_disk_space(export)
+    runner = None
+    if config.cluster.backend == "ray":
+        from slm_dist import distributed_merge
+
+        runner = distributed_merge.shard_runner(config.cluster)
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(export.shards), desc="merge", unit="shard")
+    start = time.perf_counter()
+    try:
+        result = write_export(export, runner, max_parallel=config.merge.max_parallel,
+                              memory_budget_bytes=config.merge.memory_budget_bytes,
+                              allow_pickle=config.model.allow_pickle,
+                              on_shard=(lambda job, res: bar.update()) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    summary = {**result.to_json(), "backend": config.cluster.backend, "seconds": round(seconds, 3),
+               "shards": len(export.shards), "total_bytes": export.total_bytes}
+    config.run.dir.mkdir(parents=True, exist_ok=True)
+    write_json(config.run.dir / "merge.json", summary)
+    log.info("merge: %d shards written, %d verified from an earlier run; %.2f GB read, %.2f GB written in %.1f s",
+             len(result.shards_written), len(result.shards_skipped), result.bytes_read / 1e9,
+             result.bytes_written / 1e9, seconds)
+    return summary
+
+
+def merge_from_plan(config: SlmConfig, model_dir: Path, show_progress: bool = True) -> dict:
+    """`slm-dist merge`: the merge stage alone, from ``<run.dir>/plan.json``; returns merge.json's summary.
+
+    Imports nothing beyond the merge path (no calibration, plotting or model code), so a rerun
+    that finds every shard finished costs little more than hashing them.
+    """
+    from slm_dist.checkpoint.index import open_index
+    from slm_dist.verify import verify_model
+
+    plan = load_plan(config.run.dir)
+    if plan.rule != config.merge.rule:
+        log.warning("plan.json says rule %r, the config says merge.rule=%r: merging with the plan's rule",
+                    plan.rule, config.merge.rule)
+    summary = merge_stage(config, open_index(model_dir, allow_pickle=config.model.allow_pickle), plan, show_progress)
+    problems = verify_model(config.output_dir, check_hashes=False)  # hashes were taken as the bytes were written
+    if problems:
+        raise RuntimeError(f"the written checkpoint {config.output_dir} is inconsistent: {problems}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------ resume
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        data = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def _finished_shards(export: ExportPlan) -> dict[str, FileRecord]:
+    """Shards an earlier run of this same export finished: manifest entry, size and sha256 all match."""
+    manifest = _read_manifest(export.out_dir)
+    if manifest is None or manifest.get("fingerprint") != export.fingerprint:
+        return {}
+    done = {}
+    for shard in export.shards:
+        entry = manifest["files"].get(shard.name)
+        path = export.out_dir / shard.name
+        if not isinstance(entry, dict) or not path.is_file():
+            continue
+        if entry.get("bytes") == shard.file_bytes == path.stat().st_size and sha256_file(path) == entry.get("sha256"):
+            done[shard.name] = FileRecord(shard.name, entry["sha256"], entry["bytes"])
+        else:
+            log.warning("%s does not match its manifest entry (truncated or changed): writing it again", path)
+    return done
+
+
+def _clear_unfinished(export: ExportPlan, keep: set[str]) -> None:
+    """Make the folder visibly unfinished and drop everything that is not a verified shard of this plan.
+
+    Index and config go first (their absence marks the folder unfinished), then temporary files
+    and shard files that are stale, unverified or from another plan.
+    """
+    out = export.out_dir
+    for name in (INDEX_NAME, CONFIG_NAME):
+        (out / name).unlink(missing_ok=True)
+    for path in out.iterdir():
+        stale_shard = _SHARD_FILE.match(path.name) and path.name not in keep
+        if path.is_file() and (stale_shard or (path.name.startswith(".") and path.name.endswith(".partial"))):
+            path.unlink()
+
+
+def _write_manifest(export: ExportPlan, records, complete: bool) -> FileRecord:
+    return write_manifest(export.out_dir, list(records),
+                          extra={"format": MANIFEST_FORMAT, "complete": complete, "source": str(export.source),
+                                 "fingerprint": export.fingerprint, "plan": export.plan.to_json(),
+                                 "shards": [{"name": s.name, "keys": [t.out_key for t in s.tensors]}
+                                            for s in export.shards]})
+
+
+# ---------------------------------------------------------------------------------- side files
 def _record(path: Path) -> FileRecord:
-    from slm_dist.checkpoint.writer import sha256_file
-
     return FileRecord(path.name, sha256_file(path), path.stat().st_size)
 
 
-def write_json_text(path: Path, text: str) -> FileRecord:
-    import os
+def _copy_file(src: Path, dst: Path) -> FileRecord:
+    tmp = partial_name(dst)
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    return _record(dst)
 
-    from slm_dist.checkpoint.writer import partial_name
 
+def _write_text(path: Path, text: str) -> FileRecord:
     tmp = partial_name(path)
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return _record(path)

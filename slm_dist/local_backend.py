@@ -38,6 +38,7 @@ class LocalBackend:
         self._key: tuple | None = None
         self.stages: list[StageWorker] = []
         self._batch_ids: list[int] = []
+        self._input_ids: dict[int, torch.Tensor] = {}  # calibration tokens, for plan scoring by NLL
 
     def _workers(self, specs: Sequence[StageSpec], stats: StatsSpec | None = None) -> list[StageWorker]:
         key = (tuple(specs), stats)
@@ -58,6 +59,7 @@ class LocalBackend:
                 x, stage_stats = stage.calibrate(batch_id, x, cache_inputs=keep_for_output_criterion)
                 reducer.add(stage_stats)
         self._batch_ids = [b for b, _ in batches]
+        self._input_ids = dict(batches) if keep_for_output_criterion else {}
         return reducer
 
     def score_candidate(self, committed: Sequence[tuple[int, int]], trial: tuple[int, int], rule: str) -> float:
@@ -84,6 +86,41 @@ class LocalBackend:
         for stage in self.stages:
             stage.clear_candidates()
         return windows, trace
+
+    def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
+                   alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll") -> float:
+        """A whole plan scored on the calibration samples, run from its lowest window upward on cached inputs.
+
+        ``nll``: mean next-token NLL of the candidate model (lower is better); ``cosine``: the published
+        criterion, mean cosine of the final-norm hidden to the original model's (higher is better).
+        """
+        if not self.stages or not self._input_ids:
+            raise RuntimeError("score_plan needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        if metric not in ("nll", "cosine"):
+            raise ValueError(f"metric must be 'nll' or 'cosine', got {metric!r}")
+        specs = [s.spec for s in self.stages]
+        windows = sorted(windows)
+        lo = windows[0][0] if windows else specs[-1].start  # below lo the candidate is the original model
+        first = stage_holding(specs, lo)
+        total, count = 0.0, 0
+        for batch_id in self._batch_ids:
+            x = None
+            for stage in self.stages[first:]:
+                x = stage.run_candidate(batch_id, x, windows, rule, from_layer=lo, alphas=alphas,
+                                        input_ids=self._input_ids[batch_id] if metric == "nll" else None)
+            total += float(x.double().sum())
+            count += x.numel()
+        for stage in self.stages:
+            stage.clear_candidates()  # one plan's merged layers at a time: memory stays bounded
+        return -total / count if metric == "nll" else total / count
+
+    def fit_alphas(self, windows: Sequence[tuple[int, int]], num_batches: int):
+        """Rule ``scaled``: each window's alpha, fitted on the stage holding its lo (first ``num_batches``)."""
+        if not self.stages or not self._input_ids:
+            raise RuntimeError("fit_alphas needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        specs = [s.spec for s in self.stages]
+        batch_ids = self._batch_ids[:num_batches]
+        return [self.stages[stage_holding(specs, lo)].fit_alpha((lo, hi), batch_ids) for lo, hi in windows]
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
                  show_progress: bool = False, desc: str = "score") -> list[torch.Tensor]:

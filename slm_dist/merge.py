@@ -181,6 +181,7 @@ class TensorJob:
     role: Role | None  # None for non-layer tensors (embeddings, final norm, lm_head)
     rule: str  # COPY when not merged, else the merge rule
     window: Window | None
+    alpha: float | None = None  # rule "scaled" only: the window's alpha
 
     def __post_init__(self) -> None:
         merged = self.window is not None
@@ -188,6 +189,8 @@ class TensorJob:
             raise MergeError(f"TensorJob {self.out_key!r} has no source keys")
         if merged and self.rule not in RULES:
             raise MergeError(f"TensorJob {self.out_key!r} merges with unknown rule {self.rule!r}")
+        if merged:
+            _check_alpha(self.rule, self.alpha)
         if not merged and (self.rule != COPY or len(self.source_keys) != 1):
             raise MergeError(
                 f"TensorJob {self.out_key!r} has no window, so it must copy one key; "
@@ -251,6 +254,7 @@ def plan_tensor_jobs(
     num_layers: int,
     arch: ArchSpec,
     rule: str,
+    alphas: Alpha = None,  # rule "scaled": one float, or {window: alpha} covering every window
 ) -> list[TensorJob]:
     """One job per output tensor, every source key consumed by exactly one job.
 
@@ -259,6 +263,7 @@ def plan_tensor_jobs(
     """
     _check_rule(rule)
     windows = validate_windows(windows, num_layers)
+    alpha_of = _alpha_per_window(rule, alphas, windows)
     index_map = new_index_map(num_layers, windows)
     layers, passthrough = _group_by_layer(source_keys, num_layers, arch)
     _check_required_suffixes(layers, arch)
@@ -281,7 +286,7 @@ def plan_tensor_jobs(
         _check_window_suffixes(window, layers, arch)
         for suffix in layers[layer]:
             sources = tuple(arch.layer_key(k, suffix) for k in range(window[0], window[1] + 1))
-            job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window)
+            job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window, alpha_of[window])
             layer_jobs.append((new, suffix, job))
     layer_jobs.sort(key=lambda item: (item[0], item[1]))
     return jobs + [job for _, _, job in layer_jobs]
@@ -361,7 +366,7 @@ def merge_state_dict(
     alpha: Alpha = None,  # for "scaled": one float, or {window: float} covering every window
 ) -> dict[str, Tensor]:
     """The pruned state dict, every tensor a fresh copy (tests and small models)."""
-    jobs = plan_tensor_jobs(state_dict.keys(), windows, num_layers, arch, rule)
+    jobs = plan_tensor_jobs(state_dict.keys(), windows, num_layers, arch, rule, alpha)
     alphas = _alpha_per_window(rule, alpha, validate_windows(windows, num_layers))
     out: dict[str, Tensor] = {}
     for job in jobs:

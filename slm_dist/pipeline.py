@@ -18,13 +18,16 @@ from typing import Iterator
 
 import torch
 
-from slm_dist import calibration, planner
+from slm_dist import calibration, planner, run_state
+from slm_dist import report as report_mod
+from slm_dist import heal as heal_mod
+from slm_dist.calibrated_merge import AlphaFit
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.config import SlmConfig, to_yaml
-from slm_dist.export import check_disk_space, check_output_dir, plan_export, write_export
-from slm_dist.partition import partition_layers
+from slm_dist.export import check_output_dir, load_plan, merge_stage  # noqa: F401 (load_plan: re-exported)
+from slm_dist.partition import DTYPE_BYTES, ModelBytes, model_bytes_from_tensors, partition_layers
 from slm_dist.verify import verify_model
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
@@ -71,7 +74,12 @@ def resolve_inputs(config: SlmConfig, cache_dir: Path | None, show_progress: boo
 
 
 def device_and_dtype(config: SlmConfig) -> tuple[str, str]:
-    device = config.cluster.device
+    cluster = config.cluster
+    device = cluster.device
+    if device == "auto":
+        # Ray stages see the GPUs their bundle reserved, not the driver's; locally, what this process sees.
+        gpus = cluster.gpus_per_stage > 0 if cluster.backend == "ray" else torch.cuda.is_available()
+        device = "cuda" if gpus else "cpu"
     if device == "cuda" and not torch.cuda.is_available() and config.cluster.backend == "local":
         raise RuntimeError("cluster.device=cuda but this process sees no CUDA device; use cluster.device=cpu")
     dtype = config.model.dtype
@@ -82,25 +90,27 @@ def device_and_dtype(config: SlmConfig) -> tuple[str, str]:
 
 
 def stage_specs(config: SlmConfig, index: CheckpointIndex, model_dir: Path | None = None) -> list[StageSpec]:
-    """Contiguous, byte-balanced layer slices, one per stage."""
-    arch = get_arch(index.model_type)
-    n = index.num_layers
-    layer_bytes = [0] * n
-    first_extra = last_extra = 0
-    for key, info in index.tensors.items():
-        split = arch.split_key(key)
-        if split is not None and split[0] < n:
-            layer_bytes[split[0]] += info.nbytes
-        elif key.startswith(arch.embed_module):
-            first_extra += info.nbytes
-        else:
-            last_extra += info.nbytes
-    slices = partition_layers(layer_bytes, config.cluster.num_stages, config.cluster.memory_per_stage_bytes,
-                              first_extra, last_extra)
+    """Contiguous, byte-balanced layer slices, one per stage, sized in the compute dtype."""
     device, dtype = device_and_dtype(config)
-    return [StageSpec(model_dir=str(model_dir or index.root), start=a, stop=b, num_layers=n, device=device,
-                      dtype=dtype, attn_implementation=config.model.attn_implementation,
+    sizes = index_model_bytes(index, dtype)
+    slices = partition_layers(sizes.layers, config.cluster.num_stages, config.cluster.memory_per_stage_bytes,
+                              sizes.first_extra, sizes.last_extra)
+    return [StageSpec(model_dir=str(model_dir or index.root), start=a, stop=b, num_layers=index.num_layers,
+                      device=device, dtype=dtype, attn_implementation=config.model.attn_implementation,
                       allow_pickle=config.model.allow_pickle) for a, b in slices]
+
+
+def index_model_bytes(index: CheckpointIndex, dtype: str) -> ModelBytes:
+    """Bytes each part of the model takes on a stage computing in ``dtype`` (the stage casts on load,
+    so a bf16 checkpoint computed in float32 takes twice its file size)."""
+    arch = get_arch(index.model_type)
+    shapes = {key: info.shape for key, info in index.tensors.items()}
+    tied_head = None
+    head_key = f"{arch.lm_head_module}.weight"
+    if head_key not in shapes and index.config.get("tie_word_embeddings", False):
+        tied_head = math.prod(shapes[f"{arch.embed_module}.weight"])  # the last stage holds a copy
+    return model_bytes_from_tensors(shapes, lambda k: (arch.split_key(k) or (None,))[0], arch.embed_module,
+                                    index.num_layers, DTYPE_BYTES[dtype], tied_head)
 
 
 def stats_spec(config: SlmConfig) -> StatsSpec:
@@ -143,7 +153,7 @@ def calibrate(ctx: RunContext, index: CheckpointIndex, backend) -> tuple[StatsRe
     log.info("stages: %s", ", ".join(f"[{s.start},{s.stop})" for s in specs))
     reducer = backend.calibrate(specs, stats_spec(ctx.config), batches(input_ids, cfg.batch_size),
                                 run_dir=ctx.run_dir, show_progress=ctx.show_progress,
-                                keep_for_output_criterion=ctx.config.similarity.criterion == "output")
+                                keep_for_output_criterion=needs_cached_inputs(ctx.config))
     return reducer, input_ids
 
 
@@ -162,15 +172,28 @@ def similarity_json(reducer: StatsReducer, config: SlmConfig) -> dict:
     }
 
 
-def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, backend) -> tuple[planner.MergePlan, dict]:
+def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, backend,
+              measured: dict | None = None) -> tuple[planner.MergePlan, dict]:
+    """``measured`` (optional, shared by callers that plan several times on one calibration pass, as
+    `compare` does): plan losses and fitted alphas already measured, reused instead of re-measured."""
     p, cfg = ctx.config.plan, ctx.config
     n = index.num_layers
     details: dict = {}
+    measured = {} if measured is None else measured
+    fits: dict[tuple[int, int], AlphaFit] = measured.setdefault("fits", {})
     if cfg.similarity.criterion == "output":
         windows, trace = backend.plan_output(p.threshold, cfg.merge.rule, p.protect_first, p.protect_last, n)
         details["trace"] = [{"committed": [list(w) for w in s.committed], "trial": list(s.trial),
                              "score": s.score, "decision": s.decision} for s in trace]
         threshold = p.threshold
+    elif p.search == "global":
+        k = p.target_layers_removed
+        if k is None:
+            k = layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last, p.max_window)
+            details["target_ratio"] = p.target_ratio
+        details["target_layers_removed"] = k
+        windows, details["global"] = plan_global(ctx, reducer, backend, k, fits, measured.setdefault("losses", {}))
+        threshold = None
     else:
         cka = reducer.cka()
         if p.threshold is not None:
@@ -183,9 +206,92 @@ def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, ba
                 details["target_ratio"] = p.target_ratio
             details["target_layers_removed"] = k
             threshold, windows = planner.search_threshold(cka, k, p.protect_first, p.protect_last, p.max_window)
-    plan = planner.MergePlan(num_layers_before=n, windows=tuple(tuple(w) for w in windows), rule=cfg.merge.rule,
-                             criterion=cfg.similarity.criterion, threshold=threshold)
+    windows = tuple(tuple(w) for w in windows)
+    alphas = None
+    if cfg.merge.rule == "scaled":
+        fit_missing_alphas(ctx, backend, windows, fits)
+        alphas = tuple(fits[w].alpha for w in windows)
+        details["alphas"] = [fits[w].to_json() for w in windows]
+    plan = planner.MergePlan(num_layers_before=n, windows=windows, rule=cfg.merge.rule,
+                             criterion=cfg.similarity.criterion, threshold=threshold, alphas=alphas)
     return plan, details
+
+
+def needs_cached_inputs(config: SlmConfig) -> bool:
+    """Stages keep their calibration inputs when planning runs candidates or fits alphas on them."""
+    p = config.plan
+    return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
+            or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))
+
+
+def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: dict,
+                memo: dict | None = None) -> tuple[tuple[tuple[int, int], ...], dict]:
+    """Exact least-cost windows (global_planner). With plan.candidates > 1 every cost proposes plans
+    and forward passes on the calibration samples rank them; plan.local_search then tries plans one
+    move from the best; rule scaled fits each window's alpha before its plan is measured."""
+    from slm_dist import global_planner as gp
+
+    p, rule, n = ctx.config.plan, ctx.config.merge.rule, reducer.num_layers
+    memo = {} if memo is None else memo  # (windows, rule, metric) -> loss
+    if needs_cached_inputs(ctx.config) and not hasattr(backend, "score_plan"):
+        raise NotImplementedError(
+            f"the {type(backend).__name__} cannot measure plans yet (no score_plan / fit_alphas); plan.candidates > 1, "
+            "plan.local_search, plan.cost=measured and merge.rule=scaled need them: use cluster.backend=local")
+
+    def measure(windows: tuple[tuple[int, int], ...], rule_used: str) -> float:
+        """Calibration loss of a plan, lower is better (each plan measured once)."""
+        key = (windows, rule_used, p.refine_metric)
+        if key not in memo:
+            alphas = None
+            if rule_used == "scaled":
+                fit_missing_alphas(ctx, backend, windows, fits)
+                alphas = {w: fits[w].alpha for w in windows}
+            score = backend.score_plan(windows, rule_used, alphas, p.refine_metric)
+            memo[key] = score if p.refine_metric == "nll" else 1.0 - score
+        return memo[key]
+
+    stats = dict(cka=reducer.cka(), block_influence=reducer.block_influence(),
+                 angular_distance=reducer.angular_distance())
+    details: dict = {"cost": p.cost, "metric": p.refine_metric}
+    if p.cost == "measured":
+        # Each removable layer's own damage: the loss with that layer alone removed, minus the dense loss.
+        dense = measure((), "drop")
+        layers = gp.removable_layers(n, p.protect_first, p.protect_last)
+        per_layer = [measure(((layer - 1, layer),), "drop") - dense if layer in layers else math.inf
+                     for layer in range(n)]
+        stats["measured"] = torch.tensor(per_layer, dtype=torch.float64)
+        details["dense_loss"] = dense
+        details["measured"] = [v if math.isfinite(v) else None for v in per_layer]
+        log.info("measured damage per layer: %s", [None if not math.isfinite(v) else round(v, 4) for v in per_layer])
+    names = [p.cost] + [c for c in gp.STATISTIC_COSTS if c != p.cost]  # the configured cost proposes first
+    tables = {name: gp.window_costs(name, **stats) for name in names}
+    if p.candidates == 1 and p.local_search == 0:
+        best = gp.plan_windows_global(tables[p.cost], k, p.protect_first, p.protect_last, p.max_window)
+        return best.windows, {**details, "windows": [list(w) for w in best.windows], "cost_value": best.cost}
+
+    candidates = gp.candidate_plans(tables, k, p.candidates, p.protect_first, p.protect_last, p.max_window)
+    ranked = gp.rank_plans(candidates, lambda w: measure(w, rule))
+    best, best_loss = ranked[0].windows, ranked[0].loss
+    log.info("global search: %d candidates ranked by calibration %s; best %s (proposed by %s, loss %.4f)",
+             len(ranked), p.refine_metric, [list(w) for w in best], ranked[0].proposed_by, best_loss)
+    details["candidates"] = [r.to_json() for r in ranked]
+    if p.local_search > 0:
+        known = {w: v for (w, r, m), v in memo.items() if r == rule and m == p.refine_metric}
+        best, best_loss, steps = gp.local_search(
+            best, lambda w: measure(w, rule),
+            lambda w: gp.neighbour_plans(w, n, p.protect_first, p.protect_last, p.max_window), p.local_search, known)
+        details["local_search"] = [{"windows": [list(w) for w in plan], "loss": v} for plan, v in steps]
+        log.info("local search: %d more plans measured; best %s (loss %.4f)", len(steps), [list(w) for w in best],
+                 best_loss)
+    details.update(windows=[list(w) for w in best], loss=best_loss)
+    return best, details
+
+
+def fit_missing_alphas(ctx: RunContext, backend, windows, fits: dict) -> None:
+    missing = [w for w in windows if w not in fits]
+    if missing:
+        for fit in backend.fit_alphas(missing, ctx.config.merge.alpha_batches):
+            fits[fit.window] = fit
 
 
 def layer_params(index: CheckpointIndex) -> tuple[int, int]:
@@ -222,14 +328,9 @@ def check_target_feasible(config: SlmConfig, index: CheckpointIndex) -> None:
 
 
 def merge(ctx: RunContext, index: CheckpointIndex, plan: planner.MergePlan) -> Path:
-    from tqdm import tqdm
-
-    out = ctx.config.output_dir
-    export = plan_export(index, plan, out, ctx.config.merge.max_shard_bytes)
-    check_disk_space(export)
-    progress = (lambda shards: tqdm(shards, desc="merge", unit="shard")) if ctx.show_progress else None
-    write_export(export, progress=progress)
-    return out
+    """Write (or finish, after a kill) the pruned checkpoint; `<run.dir>/merge.json` says what it cost."""
+    merge_stage(ctx.config, index, plan, ctx.show_progress)
+    return ctx.config.output_dir
 
 
 def perplexity(ctx: RunContext, model_dir: Path, backend) -> float | None:
@@ -248,63 +349,116 @@ def perplexity(ctx: RunContext, model_dir: Path, backend) -> float | None:
 
 
 # --------------------------------------------------------------------------------------- run
-def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = True) -> dict:
+def open_run_state(ctx: RunContext, index: CheckpointIndex, force: bool = False) -> run_state.RunState:
+    """The run folder's recorded stages, keyed to this config, these inputs and this checkpoint."""
+    config = ctx.config
+    device, dtype = device_and_dtype(config)
+    inputs = run_state.RunInputs(ctx.model_dir, ctx.calibration_source, ctx.heldout_text, config.output_dir,
+                                 device, dtype)
+    index_fp = run_state.index_fingerprint(index)
+    return run_state.RunState.open(ctx.run_dir, run_state.stage_keys(config, inputs, index_fp),
+                                   run_state.run_key(config, index_fp), inputs, force=force)
+
+
+def save_stats(reducer: StatsReducer, path: Path) -> None:
+    """Write stats.parquet, unless the backend already checkpointed exactly these sums there (the Ray
+    reducer does, with the fingerprint it resumes by: keep that file)."""
+    if path.is_file():
+        saved = StatsReducer.load(path)
+        if (saved.hsic.batch_ids == reducer.hsic.batch_ids and saved.num_layers == reducer.num_layers
+                and torch.equal(saved.hsic.state_dict()["sums"], reducer.hsic.state_dict()["sums"])):
+            return
+    reducer.save(path)
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = True, force: bool = False,
+        stop_after: str | None = None) -> dict:
+    """Run every stage whose artifact is missing or stale (see run_state.py) and return the report.
+
+    A finished run returns its report at once; an interrupted one resumes at the stage it was in;
+    ``force`` starts over; ``stop_after="plan"`` stops once plan.json is written.
+    """
     ctx = resolve_inputs(config, cache_dir, show_progress)
     run_dir = ctx.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.resolved.yaml").write_text(to_yaml(config))
 
     with ctx.timed("inspect"):
         index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
         get_arch(index.model_type)
         check_output_dir(ctx.model_dir, config.output_dir)
         check_target_feasible(config, index)
+        state = open_run_state(ctx, index, force)
+    todo = state.stages_to_run(config.similarity.criterion, stop_after)
+    if not todo:
+        log.info("run %s in %s is already complete: nothing to do (--force starts over)", state.run_key[:12], run_dir)
+        return report_mod.load_report(run_dir) if stop_after is None else {"plan": load_plan(run_dir).to_json()}
+    log.info("run %s in %s: stages to run: %s", state.run_key[:12], run_dir, ", ".join(todo))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_if_changed(run_dir / "config.resolved.yaml", to_yaml(config))
 
-    backend = make_backend(config)
+    state.lock()
+    backend = None
     try:
-        with ctx.timed("calibrate"):
-            reducer, _ = calibrate(ctx, index, backend)
-            write_json(run_dir / "similarity.json", similarity_json(reducer, config))
-        with ctx.timed("plan"):
-            plan, details = make_plan(ctx, index, reducer, backend)
-            write_json(run_dir / "plan.json", {**plan.to_json(), "details": details})
-            log.info("plan: %d -> %d layers, windows %s (threshold %s)", plan.num_layers_before,
-                     plan.num_layers_after, list(plan.windows), plan.threshold)
-        with ctx.timed("merge"):
-            out_dir = merge(ctx, index, plan)
-        with ctx.timed("verify"):
-            problems = verify_model(out_dir)
-            if problems:
-                raise RuntimeError(f"the written checkpoint {out_dir} failed verification: {problems}")
-        with ctx.timed("eval"):
-            ppl_before = perplexity(ctx, ctx.model_dir, backend)
-            ppl_after = perplexity(ctx, out_dir, backend)
+        if {"calibrate", "plan", "eval"} & set(todo):
+            backend = make_backend(config)
+        if "calibrate" in todo:
+            state.start("calibrate")
+            with ctx.timed("calibrate"):
+                reducer, _ = calibrate(ctx, index, backend)
+                save_stats(reducer, run_dir / "stats.parquet")
+                write_json(run_dir / "similarity.json", similarity_json(reducer, config))
+            state.mark_done("calibrate", ctx.timings["calibrate"])
+        else:
+            reducer = StatsReducer.load(run_dir / "stats.parquet")
+            log.info("calibrate: reusing the statistics of %d batches in %s (no forward pass)", reducer.num_batches,
+                     run_dir / "stats.parquet")
+        if "plan" in todo:
+            state.start("plan")
+            with ctx.timed("plan"):
+                plan, details = make_plan(ctx, index, reducer, backend)
+                write_json(run_dir / "plan.json", {**plan.to_json(), "details": details})
+                log.info("plan: %d -> %d layers, windows %s (threshold %s)", plan.num_layers_before,
+                         plan.num_layers_after, list(plan.windows), plan.threshold)
+            state.mark_done("plan", ctx.timings["plan"])
+        else:
+            plan = load_plan(run_dir)
+        out_dir = config.output_dir
+        if "merge" in todo:
+            state.start("merge")
+            with ctx.timed("merge"):
+                out_dir = merge(ctx, index, plan)
+            with ctx.timed("verify"):
+                problems = verify_model(out_dir)
+                if problems:
+                    raise RuntimeError(f"the written checkpoint {out_dir} failed verification: {problems}")
+            info = {"params_before": layer_params(index)[0], "params_after": layer_params(open_index(out_dir))[0],
+                    "verify_seconds": ctx.timings["verify"]}
+            state.mark_done("merge", ctx.timings["merge"], info=info, checkpoint_dir=out_dir)
+        if "eval" in todo:
+            state.start("eval")
+            with ctx.timed("eval"):
+                ppl_before = perplexity(ctx, ctx.model_dir, backend)
+                ppl_after = perplexity(ctx, out_dir, backend)
+                # issue 7: LoRA healing of the pruned checkpoint (resumes from its Ray Train checkpoints);
+                # its fields (perplexity_healed, ...) join eval.json, which the report shows.
+                healed = heal_mod.heal_stage(ctx, out_dir, backend) if config.heal.enabled else {}
+                write_json(run_dir / "eval.json", {
+                    "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+                    "perplexity_text": str(ctx.heldout_text) if ctx.heldout_text else None, **healed})
+            state.mark_done("eval", ctx.timings["eval"])
+        if "report" in todo:
+            state.start("report")
+            with ctx.timed("report"):
+                report_mod.write_report(run_dir)
+            state.mark_done("report", ctx.timings["report"])
     finally:
-        backend.close()
-
-    total, per_layer = layer_params(index)
-    after_index = open_index(out_dir)
-    total_after, _ = layer_params(after_index)
-    report = {
-        "model": str(ctx.model_dir),
-        "output": str(out_dir),
-        "layers_before": plan.num_layers_before,
-        "layers_after": plan.num_layers_after,
-        "params_before": total,
-        "params_after": total_after,
-        "windows": [list(w) for w in plan.windows],
-        "rule": plan.rule,
-        "criterion": plan.criterion,
-        "threshold": plan.threshold,
-        "perplexity_before": ppl_before,
-        "perplexity_after": ppl_after,
-        "perplexity_text": str(ctx.heldout_text) if ctx.heldout_text else None,
-        "similarity": {"kernel": config.similarity.kernel, "unit": config.similarity.unit,
-                       "skip_first_token": config.similarity.skip_first_token,
-                       "note": ("position 0 of every sequence is left out of token statistics (its massive "
-                                "activations swamp linear CKA)") if config.similarity.unit == "token"
-                       and config.similarity.skip_first_token else None},
-        "seconds": ctx.timings,
-    }
-    write_json(run_dir / "report.json", report)
-    return report
+        if backend is not None:
+            backend.close()
+        state.unlock()
+    if stop_after is not None:
+        return {"plan": plan.to_json()}
+    return report_mod.load_report(run_dir)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-MERGE_RULES: tuple[str, ...] = ("reference", "sum", "mean", "drop")
+MERGE_RULES: tuple[str, ...] = ("reference", "sum", "mean", "drop", "scaled")
 CRITERIA: tuple[str, ...] = ("cka", "output")
 
 Window = tuple[int, int]
@@ -32,7 +32,7 @@ Decision = Literal["grow", "commit", "slide", "stop"]
 Scorer = Callable[[Sequence[Window], Window], float]
 
 _JSON_KEYS = ("num_layers_before", "num_layers_after", "windows", "rule", "criterion", "threshold", "index_map",
-              "details")  # "details": free-form provenance (trace, search target); ignored when parsing
+              "alphas", "details")  # "details": free-form provenance (trace, search target); ignored when parsing
 
 
 class PlanError(ValueError):
@@ -50,9 +50,10 @@ class MergePlan:
 
     num_layers_before: int
     windows: tuple[tuple[int, int], ...]  # disjoint, sorted ascending, each hi > lo, inclusive
-    rule: str  # merge rule, carried through to merge.py: "reference" | "sum" | "mean" | "drop"
+    rule: str  # merge rule, carried through to merge.py: "reference" | "sum" | "mean" | "drop" | "scaled"
     criterion: str  # "cka" | "output"
-    threshold: float | None  # None for a plan written by hand
+    threshold: float | None  # None for a plan written by hand (or found by the global search)
+    alphas: tuple[float, ...] | None = None  # rule "scaled" only: one alpha per window, in window order
 
     def __post_init__(self) -> None:
         n = _as_int(self.num_layers_before, "num_layers_before")
@@ -70,6 +71,12 @@ class MergePlan:
         if self.threshold is not None:
             object.__setattr__(self, "threshold", float(self.threshold))
             _check_threshold(self.threshold)
+        object.__setattr__(self, "alphas", _check_alphas(self.alphas, self.rule, windows))
+
+    @property
+    def alpha_map(self) -> dict[tuple[int, int], float] | None:
+        """Window -> alpha for rule "scaled" (what merge.plan_tensor_jobs takes), else None."""
+        return None if self.alphas is None else dict(zip(self.windows, self.alphas))
 
     @property
     def layers_removed(self) -> int:
@@ -116,6 +123,7 @@ class MergePlan:
             "criterion": self.criterion,
             "threshold": self.threshold,
             "index_map": self.index_map,
+            **({"alphas": list(self.alphas)} if self.alphas is not None else {}),
         }
 
     @classmethod
@@ -133,6 +141,7 @@ class MergePlan:
             rule=d["rule"],
             criterion=d["criterion"],
             threshold=d["threshold"],
+            alphas=d.get("alphas"),
         )
         if "num_layers_after" in d and d["num_layers_after"] != plan.num_layers_after:
             raise PlanError(
@@ -146,6 +155,23 @@ class MergePlan:
                 f"{[list(w) for w in plan.windows]}, which give {plan.index_map}; regenerate it with `slm-dist plan`"
             )
         return plan
+
+
+def _check_alphas(alphas: Any, rule: str, windows: Sequence[Window]) -> tuple[float, ...] | None:
+    if rule != "scaled":
+        if alphas is not None:
+            raise PlanError(f"alphas are only used by rule 'scaled', got alphas={alphas!r} with rule {rule!r}")
+        return None
+    if alphas is None or len(alphas) != len(windows):
+        raise PlanError(f"rule 'scaled' needs one alpha per window: {len(windows)} windows "
+                        f"{[list(w) for w in windows]}, got alphas={alphas!r}; fit them (merge.rule=scaled in "
+                        "`slm-dist run`) or write them into plan.json")
+    out = []
+    for window, alpha in zip(windows, alphas):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise PlanError(f"alpha of window {list(window)} must be a finite number, got {alpha!r}")
+        out.append(float(alpha))
+    return tuple(out)
 
 
 def _as_int(value: Any, name: str) -> int:

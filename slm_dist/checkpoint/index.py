@@ -8,6 +8,7 @@ kilobytes of reads. The same headers let us catch a truncated shard before any w
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class TensorInfo:
     dtype: str           # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = -1     # absolute byte offset of the data in `file`; -1 when unknown (pickle)
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,27 @@ def read_safetensors_header(path: Path) -> dict:
 
 def _tensor_infos(root: Path, file: str) -> dict[str, TensorInfo]:
     header = read_safetensors_header(root / file)
+    data_start = 8 + _header_len(root / file)
     infos = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
         begin, end = meta["data_offsets"]
-        infos[key] = TensorInfo(key=key, file=file, dtype=meta["dtype"], shape=tuple(meta["shape"]), nbytes=end - begin)
+        shape = tuple(meta["shape"])
+        itemsize = DTYPE_BYTES.get(meta["dtype"])
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            # A header whose byte range disagrees with its shape would make every read of this tensor wrong.
+            raise CheckpointError(f"{root / file} has a corrupt header: {key!r} is {meta['dtype']}{list(shape)} "
+                                  f"({math.prod(shape) * itemsize} bytes) but spans {end - begin} bytes. "
+                                  "Re-download or re-copy it.")
+        infos[key] = TensorInfo(key=key, file=file, dtype=meta["dtype"], shape=shape, nbytes=end - begin,
+                                offset=data_start + begin)
     return infos
+
+
+def _header_len(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
 
 
 def _read_config(root: Path) -> dict:

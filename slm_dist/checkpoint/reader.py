@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
+import warnings
 from pathlib import Path
 
 # Module import, not `from safetensors import safe_open`: the latter at module level in code Ray
@@ -9,7 +13,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex
+from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, TensorInfo
 
 
 class LazyReader:
@@ -54,3 +58,141 @@ class LazyReader:
     def close(self) -> None:
         self._handles.clear()
         self._pickles.clear()
+
+
+# safetensors dtype name -> torch dtype, for the raw reader below
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise CheckpointError(f"safetensors dtype {name!r} is not supported; known: {sorted(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def num_rows(info: TensorInfo) -> int:
+    """Rows along dim 0; a 0-d tensor counts as one row."""
+    return info.shape[0] if info.shape else 1
+
+
+class RowReader:
+    """Reads element or row ranges of safetensors tensors, one bounded range at a time.
+
+    Never a whole-file mapping (what ``safe_open`` keeps): mapped file pages count in the process's
+    resident set while mapped, so a merge job touching a 5 GB shard that way would look (and under
+    memory pressure behave) as if it held 5 GB. Instead:
+    - `read_flat` preads into a buffer the caller owns (pass ``out`` to reuse one: fresh pages cost a
+      fault each, a reused buffer is already resident), or into a fresh tensor;
+    - `map_flat` maps just the range asked for and returns a read-only view of the page cache: no
+      copy at all, and the mapping goes away with the last reference to the view.
+    Counts the bytes it read.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._fds: dict[str, int] = {}
+        self.bytes_read = 0
+
+    def read_flat(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:  # [stop - start] in info's dtype
+        """Elements ``[start, stop)`` of ``info`` in row-major order; into ``out[:stop - start]`` if given."""
+        numel = math.prod(info.shape)
+        if info.offset < 0:
+            raise CheckpointError(f"{info.key!r} in {info.file} has no byte offset (not a safetensors file)")
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"element range [{start}, {stop}) is outside {info.key!r} with {numel} elements")
+        dtype = torch_dtype(info.dtype)
+        itemsize = info.nbytes // numel if numel else 1
+        length = (stop - start) * itemsize
+        if out is None:
+            buf = torch.empty(length, dtype=torch.uint8)
+        else:
+            if out.dtype != dtype or not out.is_contiguous() or out.numel() < stop - start:
+                raise ValueError(f"out buffer for {info.key!r} must be a contiguous {dtype} tensor of at least "
+                                 f"{stop - start} elements, got {out.dtype} with {out.numel()}")
+            buf = out.view(-1)[:stop - start].view(torch.uint8)
+        self._pread(info, info.offset + start * itemsize, buf)
+        return buf.view(dtype)
+
+    def map_flat(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:  # [stop - start], read-only
+        """Elements ``[start, stop)`` of ``info`` as a view of the file's pages. Never write to it.
+
+        Memory-mapped reads skip the copy into a buffer (a third of a copy job's memory traffic);
+        only this range is mapped, populated in one call, and unmapped when the view is dropped.
+        A range past the end of the file (truncated after indexing) is an error here, not a SIGBUS.
+        """
+        numel = math.prod(info.shape)
+        if info.offset < 0:
+            raise CheckpointError(f"{info.key!r} in {info.file} has no byte offset (not a safetensors file)")
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"element range [{start}, {stop}) is outside {info.key!r} with {numel} elements")
+        dtype = torch_dtype(info.dtype)
+        itemsize = info.nbytes // numel if numel else 1
+        begin, length = info.offset + start * itemsize, (stop - start) * itemsize
+        if length == 0:
+            return torch.empty(0, dtype=dtype)
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < begin + length:
+            raise CheckpointError(f"{self.root / info.file} ended early while reading {info.key!r} "
+                                  f"(wanted bytes {begin}..{begin + length}): the file was truncated after it was "
+                                  "indexed. Re-download or re-copy it.")
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(fd, begin + length - aligned, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                            prot=mmap.PROT_READ, offset=aligned)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": the view is only read
+            view = torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=begin - aligned)
+        self.bytes_read += length
+        return view.view(dtype)
+
+    def byte_range(self, info: TensorInfo, start: int) -> tuple[int, int]:
+        """(open file descriptor, byte offset) of element ``start`` of ``info``, for a kernel-side copy."""
+        numel = math.prod(info.shape)
+        return self._fd(info.file), info.offset + start * (info.nbytes // numel if numel else 1)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:  # [stop - start, *shape[1:]]
+        """Rows ``[start, stop)`` of ``info`` in its own dtype (the whole tensor for a 0-d one)."""
+        rows = num_rows(info)
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"row range [{start}, {stop}) is outside {info.key!r} with {rows} rows")
+        if not info.shape:
+            return self.read_flat(info, 0, 1).reshape(())
+        per_row = math.prod(info.shape[1:])
+        return self.read_flat(info, start * per_row, stop * per_row).reshape(stop - start, *info.shape[1:])
+
+    def _pread(self, info: TensorInfo, offset: int, buf: torch.Tensor) -> None:
+        view = memoryview(buf.numpy())
+        length = len(view)
+        fd = self._fd(info.file)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(f"{self.root / info.file} ended early while reading {info.key!r} "
+                                      f"(wanted bytes {offset}..{offset + length}): the file was truncated after "
+                                      "it was indexed. Re-download or re-copy it.")
+            done += n
+        self.bytes_read += length
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            try:
+                self._fds[file] = os.open(self.root / file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"cannot open {self.root / file}: {e.strerror}") from None
+        return self._fds[file]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -7,14 +7,19 @@ unfinished.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+
+from slm_dist.checkpoint.index import DTYPE_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "manifest.json"
@@ -70,21 +75,169 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+# torch dtype -> safetensors dtype name (the inverse of reader.TORCH_DTYPES)
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor a shard will hold, known before any of its bytes exist."""
+
+    key: str
+    dtype: str               # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+
+def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file whose data are ``entries`` back to back.
+
+    The header is padded with spaces to a multiple of 8 bytes, as the reference writer does, so
+    every tensor's data starts 8-byte aligned for readers that map the file.
+    """
+    seen: set[str] = set()
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for e in entries:
+        if e.key in seen or e.key == "__metadata__":
+            raise ValueError(f"tensor key {e.key!r} appears twice in one shard (or is reserved)")
+        if e.dtype not in DTYPE_BYTES:
+            raise ValueError(f"{e.key!r}: unknown safetensors dtype {e.dtype!r}; known: {sorted(DTYPE_BYTES)}")
+        seen.add(e.key)
+        header[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Streams one safetensors shard to disk tensor by tensor, chunk by chunk.
+
+    The header is written first from the planned entries, then each tensor's bytes are appended
+    in entry order, so a writer never holds more than the chunk it is given (a 5 GB shard costs
+    the caller one chunk of memory, not 5 GB). Bytes go to ``.<name>.partial`` and are hashed on
+    the way; `finish` checks every planned byte arrived, fsyncs, renames to the final name and
+    fsyncs the folder. Used as a context manager, an exception removes the partial file; a kill
+    leaves it, and nothing ever takes a ``.partial`` file for a finished shard.
+    """
+
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = partial_name(self.path)
+        self._entries = list(entries)
+        self._header = safetensors_header(self._entries, {"format": "pt", **(metadata or {})})
+        self._hash = hashlib.sha256()
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._kernel_copy = True  # copy_file_range works here until it says otherwise
+        self._current = 0        # index of the entry being written
+        self._written = 0        # bytes of that entry so far
+        self._emit(memoryview(self._header), None)
+
+    def write(self, key: str, chunk: torch.Tensor, source: tuple[int, int] | None = None) -> None:
+        """Append ``chunk`` (the next elements of tensor ``key``, in its planned dtype) to the shard.
+
+        ``source=(fd, offset)`` says the same bytes sit unchanged in an open file at ``offset`` (a
+        copied tensor): the kernel then copies them file to file (``copy_file_range``, what ``cp``
+        does) and ``chunk`` is only hashed. On the test machine that wrote 3-6x faster than
+        ``write`` from user memory.
+        """
+        while self._current < len(self._entries) and self._written == self._entries[self._current].nbytes \
+                and (self._written > 0 or self._entries[self._current].key != key):
+            self._current, self._written = self._current + 1, 0  # that tensor is complete (or empty)
+        if self._current == len(self._entries):
+            raise ValueError(f"{self.path.name}: got bytes for {key!r} after every planned tensor was complete")
+        entry = self._entries[self._current]
+        if key != entry.key:
+            raise ValueError(f"{self.path.name}: expected bytes of {entry.key!r} (planned order), got {key!r}; "
+                             f"{entry.key!r} has {entry.nbytes - self._written} bytes still to come")
+        dtype = SAFETENSORS_DTYPES.get(chunk.dtype)
+        if dtype != entry.dtype:
+            raise ValueError(f"{self.path.name}: {key!r} is planned as {entry.dtype} but a chunk is {chunk.dtype}")
+        data = _as_bytes(chunk)
+        if self._written + len(data) > entry.nbytes:
+            raise ValueError(f"{self.path.name}: {key!r} is planned as {entry.dtype}{list(entry.shape)} "
+                             f"({entry.nbytes} bytes) but got {self._written + len(data)} bytes")
+        self._emit(data, source)
+        self._written += len(data)
+
+    def finish(self) -> FileRecord:
+        """Check completeness, fsync, rename to the final name; returns sha256 and size."""
+        done = sum(e.nbytes for e in self._entries[:self._current]) + self._written
+        expected = sum(e.nbytes for e in self._entries)
+        if done != expected:
+            missing = self._entries[self._current].key if self._current < len(self._entries) else "?"
+            raise ValueError(f"{self.path.name}: only {done} of {expected} data bytes were written "
+                             f"(first incomplete tensor: {missing!r})")
+        os.fsync(self._fd)
+        self._close()
+        size = len(self._header) + expected
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return FileRecord(self.path.name, self._hash.hexdigest(), size)
+
+    def abort(self) -> None:
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _emit(self, data: memoryview, source: tuple[int, int] | None) -> None:
+        self._hash.update(data)
+        if source is not None and self._kernel_copy:
+            fd, offset = source
+            done = 0
+            try:
+                while done < len(data):
+                    n = os.copy_file_range(fd, self._fd, len(data) - done, offset + done)
+                    if n == 0:
+                        raise OSError(errno.EIO, f"source ended after {done} of {len(data)} bytes")
+                    done += n
+                return
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or done:
+                    raise
+                self._kernel_copy = False  # another filesystem or an old kernel: copy through memory
+        view = data
+        while len(view):
+            view = view[os.write(self._fd, view):]
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``t`` in row-major order, without a copy when already contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
                       ) -> FileRecord:
-    """Write one shard atomically; returns its sha256 and size."""
-    import safetensors.torch
-
-    path = Path(path)
-    tmp = partial_name(path)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                metadata={"format": "pt", **(metadata or {})})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    record = FileRecord(path.name, sha256_file(tmp), tmp.stat().st_size)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return record
+    """Write one small shard from a dict atomically (same format and guarantees as `ShardWriter`)."""
+    entries = []
+    for key, t in tensors.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{key!r}: dtype {t.dtype} cannot be stored in safetensors here")
+        entries.append(TensorEntry(key, SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)))
+    with ShardWriter(Path(path), entries, metadata) as writer:
+        for key, t in tensors.items():
+            writer.write(key, t)
+        return writer.finish()
 
 
 def write_json(path: Path, obj) -> FileRecord:
@@ -117,7 +270,10 @@ def verify_manifest(folder: Path) -> list[str]:
     if not path.is_file():
         return [f"{path} is missing: the folder was not finished by slm-dist"]
     problems = []
-    for name, entry in json.loads(path.read_text())["files"].items():
+    manifest = json.loads(path.read_text())
+    if manifest.get("complete") is False:
+        problems.append(f"{path} says the merge did not finish: rerun `slm-dist merge` to complete it")
+    for name, entry in manifest["files"].items():
         f = folder / name
         if not f.is_file():
             problems.append(f"{name}: listed in the manifest but missing")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,11 @@ class StageStats:
     cos_sums: dict[int, float] = field(default_factory=dict)      # layer -> sum of cos(in, out) over token rows
     angular_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum of arccos(cos)/pi
     counts: dict[int, int] = field(default_factory=dict)          # layer -> token rows summed
+
+
+class StageCacheMissing(RuntimeError):
+    """run_candidate found no cached input: the stage was rebuilt (e.g. its actor restarted) after
+    the calibration pass that caches them; run that pass again."""
 
 
 def _get_module(root: nn.Module, path: str) -> nn.Module:
@@ -154,6 +159,9 @@ class StageWorker:
                                       f"[{self.spec.start}, {self.spec.stop}); the checkpoint is incomplete")
             value = self.reader.get(key)
             set_module_tensor_to_device(module, name, self.device, value=value, dtype=self.dtype)
+        # Unmap the shards after each module: mapped pages count as resident while a handle lives,
+        # so a stage would otherwise peak at its weights plus every shard byte it touched.
+        self.reader.close()
 
     def loaded_keys(self) -> list[str]:
         return list(self.reader.read_keys)
@@ -216,9 +224,11 @@ class StageWorker:
         stats = StageStats(batch_id=batch_id, rows=rows, grams=torch.empty(0))
 
         def record(row: int, hidden: Tensor) -> None:
-            rep = similarity.layer_representation(hidden.float().cpu(), spec.unit, token_index)
+            # Rows and kernel on the stage's device; only the n x n Gram (a few MiB) moves to the
+            # host. Copying whole hidden states off a GPU would cost more than the forward pass.
+            rep = similarity.layer_representation(hidden, spec.unit, token_index)
             rows.append(row)
-            grams.append(similarity.gram(rep, spec.kernel).float())
+            grams.append(similarity.gram(rep, spec.kernel).float().cpu())
 
         if self.spec.is_first:
             record(0, h)
@@ -241,18 +251,21 @@ class StageWorker:
         if not (self.spec.is_last and self.lm_head is not None):
             raise RuntimeError("token_logprobs runs on the last stage, built with with_lm_head=True")
         h = self.forward(x) if self.layers else self._inputs(x)
+        return self._logprobs(h, input_ids)
+
+    def _logprobs(self, h: Tensor, input_ids: Tensor) -> Tensor:
         logits = self.lm_head(self.norm(h)).float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         return logp.gather(-1, input_ids[:, 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1).cpu()
 
     # ------------------------------------------------------- the published-code criterion (output)
-    def _merged_layer(self, window: tuple[int, int], rule: str) -> nn.Module:
+    def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None) -> nn.Module:
         from accelerate import init_empty_weights
         from accelerate.utils import set_module_tensor_to_device
 
         from slm_dist.merge import merge_window
 
-        key = (window, rule)
+        key = (window, rule, alpha)
         if key not in self._merged_layers:
             lo, hi = window
             with init_empty_weights(include_buffers=False):
@@ -262,31 +275,45 @@ class StageWorker:
             # (a separate reader, so `loaded_keys` still shows only this stage's own slice).
             window_reader = LazyReader(self.index)
             per_layer = [{s: window_reader.get(self.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
-            merged = merge_window(per_layer, rule, self.arch.role)
+            merged = merge_window(per_layer, rule, self.arch.role, alpha)
             for name, value in merged.items():
                 set_module_tensor_to_device(layer, name, self.device, value=value, dtype=self.dtype)
             layer.eval().requires_grad_(False)
             self._merged_layers[key] = layer
         return self._merged_layers[key]
 
+    def cached_input(self, batch_id: int) -> Tensor:
+        """This stage's original input for a calibration batch, on the stage's device."""
+        if batch_id not in self._cached_inputs:
+            raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no cached input for batch "
+                                    f"{batch_id}: run calibrate(..., cache_inputs=True) first")
+        return self._cached_inputs[batch_id].to(self.device)
+
+    def fit_alpha(self, window: tuple[int, int], batch_ids: Sequence[int], grid_points: int = 6,
+                  refine_steps: int = 6):
+        """Rule ``scaled``: the window's alpha on cached calibration inputs (calibrated_merge.fit_window_alpha)."""
+        from slm_dist.calibrated_merge import fit_window_alpha
+
+        return fit_window_alpha(self, window, batch_ids, grid_points, refine_steps, self.stats_spec.skip_first_token)
+
     def clear_candidates(self) -> None:
         self._merged_layers.clear()
 
     @torch.inference_mode()
     def run_candidate(self, batch_id: int, x: Tensor | None, windows: Sequence[tuple[int, int]], rule: str,
-                      from_layer: int) -> Tensor:
+                      from_layer: int, alphas: Mapping[tuple[int, int], float] | None = None,
+                      input_ids: Tensor | None = None) -> Tensor:
         """Run the candidate model (original layers with `windows` merged) through this stage.
 
         Layers below ``from_layer`` are unchanged by every window, so their cached original output
         stands in for them: ``x`` is None on the stage holding ``from_layer``, which starts from its
         cached input; later stages get the previous stage's candidate output. On the last stage the
-        result is the per-sample cosine with the original model's final-norm hidden [batch].
+        result is the per-sample cosine with the original model's final-norm hidden [batch], or, when
+        ``input_ids`` [batch, seq] are given, the candidate's log p(token t+1 | prefix) [batch, seq-1].
+        Rule ``scaled`` takes each window's alpha from ``alphas``.
         """
         if x is None:
-            if batch_id not in self._cached_inputs:
-                raise RuntimeError(f"stage [{self.spec.start}, {self.spec.stop}) has no cached input for batch "
-                                   f"{batch_id}: run calibrate(..., cache_inputs=True) first")
-            h = self._cached_inputs[batch_id].to(self.device)
+            h = self.cached_input(batch_id)
         else:
             h = self._inputs(x)
         ctx = self._context(h)
@@ -296,10 +323,18 @@ class StageWorker:
             if layer_id in skipped:
                 continue
             if layer_id in starts:
-                layer = self._merged_layer((layer_id, starts[layer_id]), rule)
+                window = (layer_id, starts[layer_id])
+                alpha = alphas[window] if rule == "scaled" else None
+                if rule != "drop" and alpha != 0.0:  # drop (or alpha 0) keeps layer lo exactly as it is
+                    layer = self._merged_layer(window, rule, alpha)
             h = self._run_layer(layer, layer_id, h, ctx)
         if not self.spec.is_last:
             return h
+        if input_ids is not None:
+            return self._logprobs(h, input_ids)
         final = self.norm(h).float().flatten(1).cpu()
+        if batch_id not in self._reference_final:
+            raise StageCacheMissing(f"the last stage has no original final hidden state for batch {batch_id}: "
+                                    "run calibrate(..., cache_inputs=True) first")
         ref = self._reference_final[batch_id].float().flatten(1)
         return torch.nn.functional.cosine_similarity(final, ref, dim=1)

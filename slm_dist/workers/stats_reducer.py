@@ -28,6 +28,7 @@ class StatsReducer:
         self.cos_sums = torch.zeros(num_layers, dtype=torch.float64)
         self.angular_sums = torch.zeros(num_layers, dtype=torch.float64)
         self.counts = torch.zeros(num_layers, dtype=torch.float64)
+        self.fingerprint: str | None = None  # set by load(): what the checkpointed sums came from
 
     def add(self, stats: StageStats) -> bool:
         """Take one stage's statistics; returns True when this completed a new batch."""
@@ -65,8 +66,12 @@ class StatsReducer:
         return self.angular_sums / self.counts.clamp(min=1)
 
     # ---------------------------------------------------------------------------- checkpointing
-    def save(self, path: Path) -> None:
-        """Write the completed sums to ``stats.parquet`` (temporary name, then rename)."""
+    def save(self, path: Path, fingerprint: str | None = None) -> None:
+        """Write the completed sums to ``stats.parquet`` (temporary name, then rename).
+
+        ``fingerprint`` names the inputs the sums came from (model, statistics, batches), so a resumed
+        run can tell its own checkpoint from a stale one.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -78,7 +83,7 @@ class StatsReducer:
             "angular_sum": self.angular_sums.tolist() + [0.0],
             "count": self.counts.tolist() + [0.0],
         })
-        meta = {"batch_ids": list(state["batch_ids"]), "num_layers": self.num_layers}
+        meta = {"batch_ids": list(state["batch_ids"]), "num_layers": self.num_layers, "fingerprint": fingerprint}
         table = table.replace_schema_metadata({"slm_dist": json.dumps(meta)})
         path = Path(path)
         tmp = path.with_name(f".{path.name}.partial")
@@ -98,4 +103,5 @@ class StatsReducer:
         reducer.cos_sums = torch.tensor(table.column("cos_sum").to_pylist()[:n], dtype=torch.float64)
         reducer.angular_sums = torch.tensor(table.column("angular_sum").to_pylist()[:n], dtype=torch.float64)
         reducer.counts = torch.tensor(table.column("count").to_pylist()[:n], dtype=torch.float64)
+        reducer.fingerprint = meta.get("fingerprint")
         return reducer

@@ -1,0 +1,198 @@
+"""slm-dist's best plans against every baseline on SmolLM2-135M, at 6 and 10 of 30 layers (issue 8).
+
+    python bench/bench_plans.py [--run-dir runs/bench-plans] [--limit 500] [--long-limit 200] \
+        [--removed 6 --removed 10] [--methods a,b,...] [key=value ...]
+
+Runs `slm_dist.compare` (one calibration pass shared by every method; each plan merged, written and
+evaluated through the stages) with slm-dist's global search configured as below, on WikiText-2 and
+PTB perplexity and the seven zero-shot tasks in ../shared/data, then writes the table into the
+"## Plans that keep the model (issue 8)" section of bench/RESULTS.md. Every method sees the same
+items and windows. Rerunning with the same settings reuses the plans and the models already
+measured (<run-dir>/compare/compare.json), so an interrupted run resumes where it stopped.
+
+slm-dist's plan (methods ``slm_global_drop`` / ``slm_global_scaled``): ``plan.search=global``,
+``plan.cost=measured`` (each layer's own calibration-loss damage), ``plan.candidates=8`` plans
+(two per cost, round robin) ranked by calibration NLL, then ``plan.local_search`` more plans one
+move from the best. HellaSwag and BoolQ items are long (4 x ~90 and 2 x ~180 tokens per item), so
+they get ``--long-limit`` items: the first N, written to <run-dir>/data (same items for every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from slm_dist import compare, evaluation
+from slm_dist.assets import default_cache_dir, prepare_demo_assets
+from slm_dist.config import load_config
+
+log = logging.getLogger("bench_plans")
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+PPL = ("wikitext-2-raw/wiki.test.hf_rows.jsonl", "ptb/ptb.test.txt")
+TASKS = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
+         "arc_challenge": "arc/ARC-Challenge-Test.jsonl", "openbookqa": "openbookqa/test.jsonl",
+         "winogrande": "winogrande/dev.jsonl", "hellaswag": "hellaswag/hellaswag_val_full.txt",
+         "boolq": "boolq/val.jsonl"}
+LONG_TASKS = {"hellaswag": 6, "boolq": 1}  # lines per item in the file
+METHODS = ("shortgpt", "angular", "laco", "last_layers", "slm_output", "slm_cka_reference", "slm_global_drop",
+           "slm_global_scaled")
+OURS = ("slm_global_drop", "slm_global_scaled")
+BASELINES = ("shortgpt", "angular", "laco", "last_layers", "slm_output")
+SECTION = "## Plans that keep the model (issue 8)"
+PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=12", "plan.refine_metric=nll")
+
+
+def first_items(source: Path, out: Path, items: int, lines_per_item: int) -> Path:
+    """The first ``items`` items of a task file, as a file of its own (the same items for every method)."""
+    lines = source.read_text(encoding="utf-8").split("\n")  # as the readers split (not str.splitlines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines[:items * lines_per_item]) + "\n", encoding="utf-8")
+    return out
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+    path.write_text(text)
+
+
+def verdict(result: dict) -> list[str]:
+    """Per layer count: does the best slm-dist row beat every baseline on each measure? Said plainly."""
+    ppl_files = list(result["eval_settings"]["ppl_windows"])
+    rows = [r for r in result["rows"] if "eval" in r]
+    lines = []
+    for k in result["layers_removed"]:
+        ours = [r for r in rows if r["method"] in OURS and r["target_removed"] == k]
+        theirs = [r for r in rows if r["method"] in BASELINES and r["target_removed"] == k]
+        if not ours or not theirs:
+            lines.append(f"- k={k}: not measured yet ({len(ours)} slm-dist rows, {len(theirs)} baseline rows)")
+            continue
+        measures = [(f"PPL {compare._short(f)}", lambda r, f=f: -r["eval"]["ppl"][f]) for f in ppl_files]
+        measures.append(("average accuracy", lambda r: r["eval"]["average"]))
+        for name, score in measures:
+            best = max(ours, key=score)
+            rival = max(theirs, key=score)
+            won = score(best) > score(rival)
+            value = (lambda r: -score(r)) if name.startswith("PPL") else (lambda r: 100 * score(r))
+            lines.append(f"- k={k}, {name}: best slm-dist ({compare.LABELS[best['method']]}) "
+                         f"{value(best):.2f} vs best baseline ({compare.LABELS[rival['method']]}) {value(rival):.2f}: "
+                         + ("**beats every baseline**" if won else "**does NOT beat every baseline**"))
+    return lines
+
+
+def plan_notes(run_dir: Path, result: dict) -> list[str]:
+    """What slm-dist's search chose and why: candidates, local search, alphas (from the plan.json files)."""
+    lines = []
+    for k in result["layers_removed"]:
+        for method in OURS:
+            path = run_dir / "compare" / f"{method}-{k}" / "plan.json"
+            if not path.is_file():
+                continue
+            plan = json.loads(path.read_text())
+            g = plan["details"].get("global", {})
+            first = g.get("candidates", [{}])[0]
+            note = (f"- {method}, k={k}: windows {plan['windows']} (calibration NLL {g.get('loss', float('nan')):.4f}; "
+                    f"best of {len(g.get('candidates', []))} candidates: {first.get('windows')} from "
+                    f"`{first.get('proposed_by')}`, then {len(g.get('local_search', []))} local-search plans)")
+            if plan.get("alphas") is not None:
+                note += f"; alphas {[round(a, 4) for a in plan['alphas']]}"
+            lines.append(note)
+    return lines
+
+
+def section(result: dict, command: str, run_dir: Path) -> str:
+    settings = result["eval_settings"]
+    cal = result["calibration"]
+    items = ", ".join(f"{t} {n}" for t, n in settings["items"].items())
+    windows = ", ".join(f"{Path(f).parent.name} {n} x {settings['seq_len']} tokens"
+                        for f, n in settings["ppl_windows"].items())
+    rows = [r for r in result["rows"] if "eval" in r]
+    missing = [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    dense_note = "" if dense is None else (
+        "Dense: " + ", ".join(f"PPL {compare._short(f)} {v:.2f}" for f, v in dense["eval"]["ppl"].items())
+        + (f", average accuracy {100 * dense['eval']['average']:.1f}%" if dense["eval"]["average"] else ""))
+    return "\n".join([
+        SECTION, "",
+        "SmolLM2-135M (30 layers) pruned by 6 (20%) and 10 (33%) layers. Perplexity: lower is better. Tasks:",
+        "accuracy in % (acc for BoolQ, PIQA, WinoGrande, ARC-Easy; acc_norm for HellaSwag, ARC-Challenge,",
+        "OpenBookQA); Avg = their plain mean. " + dense_note, "",
+        compare.format_table(result), "",
+        "Verdict (best slm-dist row against the best baseline row, per measure; baselines: published SLM loop,",
+        "ShortGPT, angular block, LaCo-style, drop-last):", "",
+        *verdict(result), "",
+        "What slm-dist's global search chose (`<run-dir>/compare/<method>-<k>/plan.json` has every candidate):", "",
+        *plan_notes(run_dir, result), "",
+        f"- Items (the same for every method): {items} (the first N of each file; HellaSwag and BoolQ fewer because",
+        "  their items are 2-4x longer and this ran on 2 shared CPU cores); perplexity on " + windows + ".",
+        f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo "
+        f"Wikipedia text (seed {cal['seed']}); the global search ranks its plans on the same samples.",
+        "- slm-dist settings: `" + " ".join(PLAN_SETTINGS) + "` (plan.search=global is set by the method).",
+        *([f"- Not measured: {'; '.join(missing)}"] if missing else []),
+        f"- Command: `{command}`", ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench-plans")
+    parser.add_argument("--limit", type=int, default=500, help="first N items of each task")
+    parser.add_argument("--long-limit", type=int, default=200, help="first N items of HellaSwag and BoolQ")
+    parser.add_argument("--ppl-windows", type=int, default=32, help="perplexity windows per text")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--removed", type=int, action="append", help="layers to remove (default: 6 and 10)")
+    parser.add_argument("--methods", help="comma-separated subset of " + ",".join(compare.METHODS))
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of updating RESULTS.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write the section from <run-dir>/compare/compare.json as it stands (no compute)")
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not DATA.is_dir():
+        log.warning("skipped: the evaluation data folder %s is absent (see ../shared/data/SOURCES.md)", DATA)
+        return 0
+
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]])
+    if args.render_only:
+        result = json.loads((args.run_dir / "compare" / "compare.json").read_text())
+        body = section(result, command.replace(" --render-only", ""), args.run_dir)
+        sys.stdout.write(body) if args.no_write else write_section(REPO / "bench" / "RESULTS.md", body)
+        return 0
+    demo = prepare_demo_assets(default_cache_dir())
+    config = load_config(None, [
+        f"model.path={demo.model_dir}", f"calibration.source={demo.calibration_text}", f"run.dir={args.run_dir}",
+        "calibration.num_samples=32", "calibration.seq_len=256", "calibration.batch_size=8",
+        "plan.target_layers_removed=6", *PLAN_SETTINGS, "merge.max_shard_bytes=100000000", "cluster.num_stages=1",
+        f"eval.seq_len={args.seq_len}", f"eval.max_windows={args.ppl_windows}", "eval.batch_tokens=4096",
+        *args.overrides])
+    tasks = {}
+    for name, rel in TASKS.items():
+        path = DATA / rel
+        if name in LONG_TASKS:
+            path = first_items(path, args.run_dir / "data" / f"{name}-first{args.long_limit}{path.suffix}",
+                               args.long_limit, LONG_TASKS[name])
+        tasks[name] = path
+    spec = evaluation.EvalSpec.from_config(config.eval, [DATA / p for p in PPL], tasks, args.limit)
+    methods = args.methods.split(",") if args.methods else METHODS
+    result = compare.compare(config, args.removed or [6, 10], spec, methods, show_progress=False)
+    body = section(result, command, args.run_dir)
+    if args.no_write:
+        sys.stdout.write(body)
+    else:
+        write_section(REPO / "bench" / "RESULTS.md", body)
+        log.info("wrote the %r section of %s", SECTION, REPO / "bench" / "RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

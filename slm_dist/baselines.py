@@ -1,0 +1,183 @@
+"""The depth-pruning methods SLM is compared with, as plans built from cached statistics.
+
+PURE: statistics in, plans out (no files, devices, Ray or logging). Every plan wraps a
+``planner.MergePlan`` (windows and a merge rule), so one merge path writes every method's checkpoint.
+
+Removing a set of layers is written as ``drop`` windows: a maximal run of removed layers
+``a..b`` becomes the window ``(a-1, b)``, which keeps layer ``a-1`` (kept, since the run is
+maximal) and removes ``a..b``. That is exact for any set that keeps layer 0. A set that removes
+layer 0 has no such form (a window always keeps its bottom layer) and is refused with the reason.
+
+Indexing: layers ``0..N-1``. Boundary ``b`` of a statistics matrix is the residual stream
+between layers: ``b = 0`` is the embedding output (input of layer 0), ``b = i + 1`` the output of
+layer ``i`` (as in the CKA matrix of ``planner``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from slm_dist.planner import MergePlan, PlanError
+
+Window = tuple[int, int]  # inclusive (lo, hi), the merged/kept layer at lo
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A baseline's plan: a ``planner.MergePlan`` (windows and rule, what the export stage writes)
+    named after the method that chose it.
+
+    ``planner.MergePlan.criterion`` only admits SLM's criteria, so the wrapped plan carries a
+    placeholder there; every reader goes through this wrapper, whose ``criterion`` and
+    ``to_json`` name the method. Other attributes (windows, rule, new_to_old, ...) are the plan's.
+    """
+
+    method: str                          # "shortgpt" | "angular" | "laco" | "last_layers"
+    plan: MergePlan
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("plan", "method", "details"):  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.plan, name)
+
+    @property
+    def criterion(self) -> str:
+        return self.method
+
+    @property
+    def threshold(self) -> None:
+        return None  # no similarity threshold: baselines pick layers by rank or position
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        """Original layers that no longer have a layer of their own (the upper members of windows)."""
+        return tuple(i for lo, hi in self.plan.windows for i in range(lo + 1, hi + 1))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "criterion": self.method, "threshold": None, "method": self.method,
+                "removed": list(self.removed), "details": self.details}
+
+
+def layer_plan(method: str, num_layers: int, windows: Sequence[Window], rule: str, **details: Any) -> LayerPlan:
+    return LayerPlan(method, MergePlan(num_layers, tuple(windows), rule, "cka", None), details)
+
+
+def removal_windows(num_layers: int, removed: Sequence[int]) -> tuple[Window, ...]:
+    """``drop`` windows that remove exactly ``removed`` (each maximal run a..b -> window (a-1, b))."""
+    gone = sorted(set(int(i) for i in removed))
+    if gone and not (0 <= gone[0] and gone[-1] < num_layers):
+        raise PlanError(f"layers to remove {gone} must lie in 0..{num_layers - 1}")
+    if len(gone) >= num_layers:
+        raise PlanError(f"cannot remove all {num_layers} layers")
+    if gone and gone[0] == 0:
+        raise PlanError(f"removing layer 0 (asked to remove {gone}) cannot be written as merge windows: a window "
+                        "always keeps its bottom layer. Protect layer 0 (protect_first=1) for this method")
+    windows: list[Window] = []
+    for i in gone:
+        if windows and windows[-1][1] == i - 1:
+            windows[-1] = (windows[-1][0], i)
+        else:
+            windows.append((i - 1, i))
+    return tuple(windows)
+
+
+def removal_plan(method: str, num_layers: int, removed: Sequence[int], **details: Any) -> LayerPlan:
+    return layer_plan(method, num_layers, removal_windows(num_layers, removed), "drop", **details)
+
+
+def _check_count(num_layers: int, n: int, candidates: int, method: str) -> None:
+    if not 0 < n <= candidates:
+        raise PlanError(f"{method}: cannot remove {n} layers of a {num_layers}-layer model with {candidates} "
+                        f"removable; ask for 1..{candidates}")
+
+
+# ------------------------------------------------------------------------------------ ShortGPT
+def shortgpt(block_influence: Sequence[float] | Tensor,  # [N]: 1 - mean cos(layer input, layer output)
+             n: int, protect_first: int = 0, protect_last: int = 0) -> LayerPlan:
+    """ShortGPT (Men et al. 2024): remove the ``n`` layers of lowest Block Influence (ties: lower index).
+
+    The paper protects no layer; ``protect_first`` / ``protect_last`` keep layers at the ends out of
+    the choice (layer 0 must be kept for the plan to be written, see the module docstring).
+    """
+    bi = [float(x) for x in torch.as_tensor(block_influence, dtype=torch.float64)]
+    num_layers = len(bi)
+    candidates = list(range(protect_first, num_layers - protect_last))
+    _check_count(num_layers, n, len(candidates), "shortgpt")
+    if any(math.isnan(bi[i]) for i in candidates):
+        raise PlanError(f"shortgpt: Block Influence has NaN entries {bi}; recompute the statistics")
+    chosen = sorted(sorted(candidates, key=lambda i: (bi[i], i))[:n])
+    return removal_plan("shortgpt", num_layers, chosen, block_influence=bi)
+
+
+# ------------------------------------------------------------------------------- angular block
+def angular_distance_matrix(states: Tensor) -> Tensor:  # states: [samples, N+1, hidden] -> [N+1, N+1] float64
+    """Mean over samples of arccos(cos(x_i, x_j)) / pi between every pair of boundaries.
+
+    Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers") measure it on the
+    hidden state of each sequence's last token.
+    """
+    x = torch.nn.functional.normalize(states.double(), dim=-1)
+    cos = torch.einsum("sih,sjh->sij", x, x).clamp(-1.0, 1.0)
+    return (torch.arccos(cos) / math.pi).mean(0)
+
+
+def angular_block(distance: Tensor | Sequence[Sequence[float]],  # [N+1, N+1] boundary distances
+                  n: int, protect_first: int = 0, protect_last: int = 0) -> LayerPlan:
+    """Gromov et al.: remove the block of ``n`` consecutive layers l..l+n-1 whose input and output
+    are closest, l* = argmin_l d(x^l, x^(l+n)) (ties: the lowest l)."""
+    d = torch.as_tensor(distance, dtype=torch.float64)
+    if d.dim() != 2 or d.shape[0] != d.shape[1] or d.shape[0] < 2:
+        raise PlanError(f"angular: the distance matrix must be (N+1) x (N+1), got {tuple(d.shape)}")
+    num_layers = d.shape[0] - 1
+    starts = list(range(protect_first, num_layers - protect_last - n + 1))
+    if not 0 < n or not starts:
+        raise PlanError(f"angular: no block of {n} layers fits a {num_layers}-layer model with "
+                        f"protect_first={protect_first}, protect_last={protect_last}")
+    scores = {l: float(d[l, l + n]) for l in starts}
+    best = min(starts, key=lambda l: (scores[l], l))
+    return removal_plan("angular", num_layers, range(best, best + n), block_start=best,
+                        block_distance=scores[best], distances={str(l): v for l, v in scores.items()})
+
+
+# ----------------------------------------------------------------------------- drop the top n
+def last_layers(num_layers: int, n: int) -> LayerPlan:
+    """Remove the last ``n`` layers (the final norm and head stay)."""
+    _check_count(num_layers, n, num_layers - 1, "last_layers")
+    return removal_plan("last_layers", num_layers, range(num_layers - n, num_layers))
+
+
+# ------------------------------------------------------------------------------------- LaCo
+def laco_windows(num_layers: int, n: int, window_layers: int = 4, gap_layers: int = 1,
+                 protect_first: int = 1, protect_last: int = 1) -> LayerPlan:
+    """LaCo-style fixed windows (Yang et al. 2024), merged by RDSC (rule ``sum``).
+
+    Windows of ``window_layers`` consecutive layers (LaCo's C; each removes C-1) are laid from the
+    top down, starting below the ``protect_last`` top layers, with ``gap_layers`` layers left
+    between windows, until ``n`` layers are removed; the lowest window is shortened to hit ``n``
+    exactly. LaCo itself also checks an output-similarity threshold per merge and may merge into
+    an already merged layer; this baseline keeps only its fixed-window geometry and merge formula.
+    """
+    if window_layers < 2 or gap_layers < 0:
+        raise PlanError(f"laco: window_layers must be >= 2 and gap_layers >= 0, got {window_layers}, {gap_layers}")
+    if n <= 0:
+        raise PlanError(f"laco: n must be >= 1, got {n}")
+    windows: list[Window] = []
+    hi, left = num_layers - 1 - protect_last, n
+    while left > 0:
+        size = min(window_layers, left + 1)
+        lo = hi - size + 1
+        if lo < protect_first:
+            raise PlanError(f"laco: {n} layers do not fit in windows of {window_layers} with gaps of {gap_layers} "
+                            f"between layers {protect_first}..{num_layers - 1 - protect_last}; ask for fewer "
+                            "layers, larger windows or smaller gaps")
+        windows.append((lo, hi))
+        left -= size - 1
+        hi = lo - 1 - gap_layers
+    return layer_plan("laco", num_layers, sorted(windows), "sum", window_layers=window_layers, gap_layers=gap_layers)

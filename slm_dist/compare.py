@@ -1,0 +1,527 @@
+"""`slm-dist compare`: prune one model with every method at the same layer counts and evaluate each.
+
+The story: one calibration pass (its statistics feed every method), one plan per method and
+layer count, then for each plan the same merge -> evaluate path as `slm-dist run` (the checkpoint
+is written, its stages loaded on the configured backend, and scored). Results land in
+``<run.dir>/compare/compare.json`` as each model finishes, so a rerun with the same settings skips
+the models already measured.
+
+Methods (k = layers removed):
+- ``shortgpt``: remove the k layers of lowest Block Influence (Men et al. 2024).
+- ``angular``: remove the k-layer block whose input and output are closest in angular distance on
+  the last token (Gromov et al. 2024). Needs distances between every pair of layer boundaries,
+  which the calibration pass does not keep: one extra layer-by-layer pass over the same
+  calibration tokens measures them (in this process, one layer held at a time).
+- ``laco``: LaCo-style fixed windows merged by RDSC (rule ``sum``).
+- ``last_layers``: remove the last k layers.
+- ``slm_cka_<rule>``: SLM's CKA sliding window, threshold searched to remove k, each merge rule.
+- ``slm_output``: the published code's loop (final-hidden cosine, rule ``reference``); its
+  threshold is searched with forward passes, so k may be unreachable (the nearest is reported).
+- ``slm_global_<rule>``: slm-dist's global search (``plan.search: global``): exact least-cost windows
+  from the statistics, ``plan.candidates`` of them ranked by ``plan.refine_metric`` on the
+  calibration samples; rule ``drop`` or ``scaled`` (alpha fitted per window). Each one's plan.json
+  (ranked candidates, alphas) is kept under ``<run.dir>/compare/<method>-<k>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from slm_dist import baselines, calibration, evaluation, pipeline, planner
+from slm_dist.checkpoint.index import CheckpointIndex, open_index
+from slm_dist.checkpoint.writer import write_json
+from slm_dist.config import ConfigError, SlmConfig
+from slm_dist.workers.stage_worker import StageSpec, StageWorker
+
+log = logging.getLogger(__name__)
+
+SLM_RULES = ("reference", "sum", "mean", "drop")
+GLOBAL_RULES = ("drop", "scaled")
+METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
+                            *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output",
+                            *(f"slm_global_{r}" for r in GLOBAL_RULES))
+LABELS = {
+    "dense": "Dense (unpruned)",
+    "shortgpt": "ShortGPT (lowest Block Influence)",
+    "angular": "Angular block (Gromov et al.)",
+    "laco": "LaCo-style windows (RDSC)",
+    "last_layers": "Drop last n layers",
+    **{f"slm_cka_{r}": f"SLM CKA, rule {r}" for r in SLM_RULES},
+    "slm_output": "SLM published code (output cos, reference)",
+    **{f"slm_global_{r}": f"slm-dist global search, rule {r}" for r in GLOBAL_RULES},
+}
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Statistics:
+    """What one calibration pass leaves for the planners (all small, on the driver)."""
+
+    num_layers: int
+    cka: Tensor                      # [N+1, N+1]
+    block_influence: Tensor          # [N]
+    angular: Tensor | None           # [N+1, N+1] last-token angular distance between boundaries
+
+
+@torch.inference_mode()
+def boundary_last_token_states(spec: StageSpec, input_ids: Tensor, batch_size: int,
+                               show_progress: bool = False) -> Tensor:  # -> [samples, N+1, hidden] float32
+    """The last token's hidden state at every layer boundary, one layer loaded at a time.
+
+    ``spec`` gives model folder, device and dtype; its layer range is ignored. Activations of all
+    samples are kept between layers (samples x seq x hidden), weights one layer at a time.
+    """
+    from tqdm import tqdm
+
+    n = spec.num_layers
+    h: list[Tensor] = [ids for ids in input_ids.split(batch_size)]
+    states: list[Tensor] = []
+    layers = tqdm(range(n), desc="angular", unit="layer") if show_progress else range(n)
+    for layer in layers:
+        worker = StageWorker(replace(spec, start=layer, stop=layer + 1, with_lm_head=False))
+        if layer == 0:  # the embedding output is boundary 0
+            states.append(torch.cat([worker.embed(ids.to(worker.device))[:, -1].float().cpu() for ids in h]))
+        h = [worker.forward(x) for x in h]
+        states.append(torch.cat([x[:, -1].float().cpu() for x in h]))
+        del worker
+    return torch.stack(states, dim=1)
+
+
+def calibration_ids(ctx: pipeline.RunContext) -> Tensor:  # int64 [num_samples, seq_len]
+    cfg = ctx.config.calibration
+    tokenizer = pipeline.load_tokenizer(ctx.model_dir)
+    return calibration.load_calibration(ctx.calibration_source, tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed)
+
+
+def calibrate(ctx: pipeline.RunContext, index: CheckpointIndex, backend, input_ids: Tensor, keep_for_output: bool):
+    """pipeline.calibrate, keeping the stage inputs whenever the published-code mode is compared."""
+    calibration.save_calibration(ctx.run_dir / "calibration.parquet", input_ids)
+    specs = pipeline.stage_specs(ctx.config, index, ctx.model_dir)
+    return backend.calibrate(specs, pipeline.stats_spec(ctx.config),
+                             pipeline.batches(input_ids, ctx.config.calibration.batch_size), run_dir=ctx.run_dir,
+                             show_progress=ctx.show_progress, keep_for_output_criterion=keep_for_output)
+
+
+def plans_fingerprint(model_dir: Path, input_ids: Tensor, config: SlmConfig) -> str:
+    """What every plan depends on: the model, the calibration tokens, and the statistics/plan settings."""
+    import hashlib
+
+    h = hashlib.sha256(str(Path(model_dir).resolve()).encode())
+    h.update(input_ids.numpy().tobytes())
+    plan = {k: v for k, v in config.plan.model_dump(mode="json").items()
+            if k not in ("threshold", "target_layers_removed", "target_ratio")}  # compare sets its own targets
+    h.update(json.dumps([config.similarity.model_dump(mode="json"), plan, config.model.dtype],
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def plan_to_json(plan) -> dict:
+    if isinstance(plan, str):
+        return {"error": plan}
+    return plan.to_json()
+
+
+def plan_from_json(data: dict, num_layers: int):
+    """The plan (or error text) stored by plan_to_json."""
+    if "error" in data:
+        return data["error"]
+    if "method" in data:  # a baseline's LayerPlan
+        return baselines.layer_plan(data["method"], num_layers, [tuple(w) for w in data["windows"]], data["rule"],
+                                    **data.get("details", {}))
+    return planner.MergePlan.from_json({k: v for k, v in data.items() if k != "details"})
+
+
+# ---------------------------------------------------------------- published-code threshold search
+Plan = Callable[[float], list[tuple[int, int]]]
+
+
+def search_output_threshold(plan_at: Plan, target: int, start: float = 0.99, max_calls: int = 16
+                            ) -> tuple[float, list[tuple[int, int]], list[tuple[float, int]]]:
+    """A threshold whose published-loop plan removes ``target`` layers (or the nearest found).
+
+    The removed count is not monotone in T: it grows as T falls, until at low T the single growing
+    window reaches the floor and the loop drops it (their quirk), leaving nothing. So T is lowered
+    from ``start`` in widening steps until the plan removes >= target, then bisected between the
+    last two thresholds. Returns (threshold, windows, every (threshold, removed) tried).
+    """
+    tried: list[tuple[float, int]] = []
+    plans: dict[float, list[tuple[int, int]]] = {}
+
+    def removed_at(t: float) -> int:
+        plans[t] = plan_at(t)
+        tried.append((t, sum(hi - lo for lo, hi in plans[t])))
+        log.info("published-code loop at threshold %.5f removes %d layers (target %d)", t, tried[-1][1], target)
+        return tried[-1][1]
+
+    high, step, low = 1.0, 1.0 - start, None  # removed(high) < target <= removed(low)
+    t = start
+    while len(tried) < max_calls and t > 0:
+        r = removed_at(t)
+        if r == target:
+            return t, plans[t], tried
+        if r > target:
+            low = t
+            break
+        high, step = t, step * 2
+        t = max(t - step, 0.0)
+    while low is not None and len(tried) < max_calls:
+        t = (low + high) / 2
+        r = removed_at(t)
+        if r == target:
+            return t, plans[t], tried
+        low, high = (t, high) if r > target else (low, t)
+    best = min(tried, key=lambda x: (abs(x[1] - target), x[1] > target, -x[0]))
+    return best[0], plans[best[0]], tried
+
+
+def cached_output_planner(backend, num_layers: int, rule: str, protect_first: int, protect_last: int,
+                          cache: dict) -> Plan:
+    """plan_at(T) for the published loop; scores are cached across thresholds (same calibration
+    batches, deterministic), so a search pays only for the trials its paths do not share."""
+    def score(committed, trial) -> float:
+        key = (tuple(committed), tuple(trial), rule)
+        if key not in cache:
+            cache[key] = backend.score_candidate(committed, trial, rule)
+        return cache[key]
+
+    def plan_at(t: float) -> list[tuple[int, int]]:
+        windows, _ = planner.plan_windows_output(num_layers, score, t, protect_first, protect_last)
+        return windows
+
+    return plan_at
+
+
+def load_scores(path: Path, fingerprint: str) -> dict:
+    """Published-loop scores saved by an earlier search on the same model and calibration tokens."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("fingerprint") != fingerprint:
+        return {}
+    return {(tuple(map(tuple, e["committed"])), tuple(e["trial"]), e["rule"]): e["score"] for e in data["scores"]}
+
+
+def save_scores(path: Path, fingerprint: str, cache: dict) -> None:
+    """Forward passes are the expensive part of the search: keep them for a rerun after a crash."""
+    scores = [{"committed": [list(w) for w in c], "trial": list(t), "rule": r, "score": v}
+              for (c, t, r), v in cache.items()]
+    write_json(path, {"fingerprint": fingerprint, "scores": scores})
+
+
+def _release_candidates(backend) -> None:
+    """Free the merged layers the stages built while scoring candidates (LocalBackend holds them)."""
+    if hasattr(backend, "clear_candidates"):
+        backend.clear_candidates()
+    for stage in getattr(backend, "stages", []):
+        stage.clear_candidates()
+
+
+# --------------------------------------------------------------------------------- plans
+def make_plans(stats: Statistics, k: int, config: SlmConfig, methods: Sequence[str],
+               output_plan: Callable[[int], tuple[float, list, list]] | None,
+               global_plan: Callable[[int, str], planner.MergePlan] | None = None) -> dict[str, object]:
+    """Every requested method's plan for k removed layers; a method that cannot plan gets its error text."""
+    p = config.plan
+    n = stats.num_layers
+    plans: dict[str, object] = {}
+    builders: dict[str, Callable[[], object]] = {
+        # Layer 0 stays (as SLM keeps it): a plan cannot drop it, and on trained models neither
+        # method picks it. The top layer is a candidate, as in the papers.
+        "shortgpt": lambda: baselines.shortgpt(stats.block_influence, k, protect_first=max(p.protect_first, 1)),
+        "angular": lambda: baselines.angular_block(stats.angular, k, protect_first=max(p.protect_first, 1)),
+        "laco": lambda: baselines.laco_windows(n, k, protect_first=p.protect_first, protect_last=p.protect_last),
+        "last_layers": lambda: baselines.last_layers(n, k),
+    }
+    cka_windows: list | None = None
+    threshold = None
+    for method in methods:
+        try:
+            if method in builders:
+                plans[method] = builders[method]()
+            elif method.startswith("slm_cka_"):
+                if cka_windows is None:
+                    threshold, cka_windows = planner.search_threshold(stats.cka, k, p.protect_first, p.protect_last,
+                                                                      p.max_window)
+                plans[method] = planner.MergePlan(n, tuple(map(tuple, cka_windows)), method[len("slm_cka_"):],
+                                                  "cka", threshold)
+            elif method.startswith("slm_global_"):
+                plans[method] = global_plan(k, method[len("slm_global_"):])
+            elif method == "slm_output":
+                t, windows, tried = output_plan(k)
+                plans[method] = planner.MergePlan(n, tuple(map(tuple, windows)), "reference", "output", t)
+                if sum(hi - lo for lo, hi in windows) != k:
+                    log.warning("slm_output: no threshold tried removes exactly %d layers; nearest: %s", k, tried)
+            else:
+                raise ConfigError(f"unknown method {method!r}; known: {list(METHODS)}")
+        except planner.PlanError as e:
+            plans[method] = str(e)
+    return plans
+
+
+# ---------------------------------------------------------------------------------- the story
+def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointIndex, backend, input_ids: Tensor,
+              wanted: dict[int, list[str]], out_root: Path, fingerprint: str) -> dict[int, dict[str, object]]:
+    """The one calibration pass, the statistics every method reads, and the ``wanted`` plans (k -> methods)."""
+    n = index.num_layers
+    methods = {m for ms in wanted.values() for m in ms}
+    show_progress = ctx.show_progress
+    with ctx.timed("calibrate"):
+        keep = any(m == "slm_output" or m.startswith("slm_global_") for m in methods)
+        reducer = calibrate(ctx, index, backend, input_ids, keep_for_output=keep)
+        write_json(ctx.run_dir / "similarity.json", pipeline.similarity_json(reducer, config))
+    angular = None
+    if "angular" in methods:
+        with ctx.timed("angular"):
+            first = pipeline.stage_specs(config, index, ctx.model_dir)[0]
+            states = boundary_last_token_states(first, input_ids, config.calibration.batch_size, show_progress)
+            angular = baselines.angular_distance_matrix(states)
+    stats = Statistics(n, reducer.cka(), reducer.block_influence(), angular)
+    scores_path = out_root / "output_scores.json"
+    cache = load_scores(scores_path, fingerprint)
+    p = config.plan
+    plan_cached = cached_output_planner(backend, n, "reference", p.protect_first, p.protect_last, cache)
+
+    def plan_at(t: float) -> list[tuple[int, int]]:
+        windows = plan_cached(t)
+        save_scores(scores_path, fingerprint, cache)
+        return windows
+
+    search = lambda k: search_output_threshold(plan_at, k)  # noqa: E731
+
+    measured: dict = {}  # plan losses and alphas, shared by every slm_global plan of this calibration
+
+    def global_plan(k: int, rule: str) -> planner.MergePlan:
+        plan_cfg = config.plan.model_copy(update={"search": "global", "threshold": None,
+                                                  "target_layers_removed": k, "target_ratio": None})
+        method_config = config.model_copy(update={"plan": plan_cfg,
+                                                  "merge": config.merge.model_copy(update={"rule": rule})})
+        method_ctx = pipeline.RunContext(method_config, ctx.model_dir, ctx.calibration_source, None, show_progress)
+        plan, details = pipeline.make_plan(method_ctx, index, reducer, backend, measured)
+        (out_root / f"slm_global_{rule}-{k}").mkdir(parents=True, exist_ok=True)
+        write_json(out_root / f"slm_global_{rule}-{k}" / "plan.json", {**plan.to_json(), "details": details})
+        return plan
+
+    with ctx.timed("plan"):
+        plans = {k: make_plans(stats, k, config, ms, search, global_plan) for k, ms in wanted.items() if ms}
+    _release_candidates(backend)
+    return plans
+
+
+def _row_key(method: str, plan) -> dict:
+    if plan is None:
+        return {"method": method, "windows": [], "rule": None}
+    return {"method": method, "windows": [list(w) for w in plan.windows], "rule": plan.rule}
+
+
+def _method_config(config: SlmConfig, out_dir: Path) -> SlmConfig:
+    merge = config.merge.model_copy(update={"output_dir": out_dir / "model"})
+    run = config.run.model_copy(update={"dir": out_dir})
+    return config.model_copy(update={"merge": merge, "run": run})
+
+
+def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.EvalSpec,
+            methods: Sequence[str] = METHODS, cache_dir: Path | None = None, keep_models: bool = False,
+            show_progress: bool = True) -> dict:
+    """Prune with every method at each count in ``layers_removed``, evaluate all, return the table data."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    if not layers_removed:
+        raise ConfigError("give at least one layer count to remove (--removed N, or plan.target_layers_removed)")
+    ctx = pipeline.resolve_inputs(config, cache_dir, show_progress)
+    out_root = ctx.run_dir / "compare"
+    out_root.mkdir(parents=True, exist_ok=True)
+    index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
+    n = index.num_layers
+    if spec.ppl_files == () and ctx.heldout_text is not None:
+        spec = replace(spec, ppl_files=(ctx.heldout_text,), ppl_join="raw")  # the demo's held-out text
+    tokenizer = pipeline.load_tokenizer(ctx.model_dir)
+    inputs = evaluation.prepare_inputs(spec, tokenizer)
+    settings = evaluation.describe(spec, inputs)
+    results_path = out_root / "compare.json"
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    reuse = {json.dumps(r["key"], sort_keys=True): r for r in previous.get("rows", [])
+             if previous.get("model") == str(ctx.model_dir) and "eval" in r
+             and previous.get("eval_settings") == json.loads(json.dumps(settings))}
+    result = {"model": str(ctx.model_dir), "num_layers": n, "layers_removed": list(layers_removed),
+              "methods": list(methods), "eval_settings": settings,
+              "calibration": {"source": str(ctx.calibration_source), **config.calibration.model_dump(mode="json")},
+              "rows": []}
+
+    input_ids = calibration_ids(ctx)
+    fingerprint = plans_fingerprint(ctx.model_dir, input_ids, config)
+    stored = previous.get("plans", {}) if previous.get("plans_fingerprint") == fingerprint else {}
+    result["plans_fingerprint"], result["plans"] = fingerprint, dict(stored)
+
+    backend = pipeline.make_backend(config)
+    try:
+        missing = {k: [m for m in methods if f"{m}@{k}" not in stored] for k in layers_removed}
+        if any(missing.values()):
+            new = _plan_all(ctx, config, index, backend, input_ids, missing, out_root, fingerprint)
+            result["plans"].update({f"{m}@{k}": plan_to_json(plan) for k in new for m, plan in new[k].items()})
+        else:
+            log.info("reusing every plan in %s (same model, calibration tokens and settings)", results_path)
+        plans = {k: {m: plan_from_json(result["plans"][f"{m}@{k}"], n) for m in methods} for k in layers_removed}
+        write_json(results_path, result)
+
+        def record(row: dict) -> None:
+            result["rows"].append(row)
+            write_json(results_path, result)
+
+        def measure(method: str, k: int, plan) -> None:
+            key = _row_key(method, plan)
+            done = reuse.get(json.dumps(key, sort_keys=True))
+            if done is not None:
+                log.info("%s (k=%d): reusing the result in %s", method, k, results_path)
+                record(done)
+                return
+            start = time.perf_counter()
+            model_dir = ctx.model_dir
+            method_dir = out_root / f"{method}-{k}"
+            try:
+                if plan is not None:
+                    method_ctx = pipeline.RunContext(_method_config(config, method_dir), ctx.model_dir,
+                                                     ctx.calibration_source, None, show_progress)
+                    method_dir.mkdir(parents=True, exist_ok=True)
+                    model_dir = pipeline.merge(method_ctx, index, plan)
+                log.info("evaluating %s (k=%d) from %s", method, k, model_dir)
+                scores = evaluation.evaluate_model(model_dir, spec, config, backend, show_progress, inputs)
+            except Exception as err:  # one broken method must not cost the other models' hours
+                log.exception("%s (k=%d) failed; its row records the error", method, k)
+                record({"key": key | {"k": k}, "method": method, "label": LABELS[method], "target_removed": k,
+                        "error": f"{type(err).__name__}: {err}"})
+                return
+            if plan is not None and not keep_models:
+                shutil.rmtree(method_dir / "model", ignore_errors=True)
+            record({"key": key, "method": method, "label": LABELS[method], "target_removed": k,
+                    "layers_removed": 0 if plan is None else plan.layers_removed,
+                    "layers_after": n if plan is None else plan.num_layers_after,
+                    "windows": key["windows"], "rule": key["rule"],
+                    "threshold": None if plan is None else plan.threshold,
+                    "eval": scores, "seconds": round(time.perf_counter() - start, 1)})
+
+        measure("dense", 0, None)
+        for k in layers_removed:
+            for method in methods:
+                plan = plans[k][method]
+                if isinstance(plan, str):
+                    log.warning("%s (k=%d) cannot plan: %s", method, k, plan)
+                    record({"key": _row_key(method, None) | {"k": k}, "method": method, "label": LABELS[method],
+                            "target_removed": k, "error": plan})
+                    continue
+                measure(method, k, plan)
+    finally:
+        backend.close()
+    result["seconds"] = ctx.timings
+    write_json(results_path, result)
+    (out_root / "compare.md").write_text(format_table(result) + "\n")
+    similarity = ctx.run_dir / "similarity.json"
+    if similarity.is_file():
+        from slm_dist.report import save_figure
+
+        shown = [(f"{LABELS[m]}, k={k}", plans[k][m]) for k in layers_removed for m in methods
+                 if not isinstance(plans[k][m], str)]
+        save_figure(plans_figure(json.loads(similarity.read_text())["cka"], shown), out_root / PLANS_FIGURE)
+    return result
+
+
+# ------------------------------------------------------------------------------------ figure
+PLANS_FIGURE = "plans.png"
+
+
+def plans_figure(cka: Sequence[Sequence[float]], plans: Sequence[tuple[str, object]]):
+    """The CKA heatmap with, under it on the same layer axis, one row per plan: the layers it removes
+    (red) and, for merge rules, the layer each window is folded into (orange).
+
+    Column m is matrix index m: 0 the embedding output, l+1 the output of layer l, so a plan's
+    mark for layer l sits under the heatmap column of that layer's output.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    from slm_dist.report import HEATMAP_CMAP, heatmap_range
+
+    size = len(cka)
+    marks = torch.zeros(max(len(plans), 1), size)
+    for row, (_, plan) in enumerate(plans):
+        for lo, hi in plan.windows:
+            marks[row, lo + 2:hi + 2] = 2.0  # removed layers lo+1..hi
+            if plan.rule != "drop":
+                marks[row, lo + 1] = 1.0  # merged into layer lo
+    rows = max(len(plans), 1)
+    fig = Figure(figsize=(9.0, 6.5 + 0.25 * rows), dpi=120)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 2, width_ratios=[40, 1], height_ratios=[size, 1.3 * rows], hspace=0.08,
+                            wspace=0.03, left=0.30, right=0.92, top=0.95, bottom=0.12)
+    top, bar, bottom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 0])
+    vmin, vmax = heatmap_range(cka)
+    image = top.imshow(cka, cmap=HEATMAP_CMAP, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
+    fig.colorbar(image, cax=bar, label="CKA")
+    top.set_title("Linear CKA between layer outputs; below: what each plan removes", fontsize=9)
+    top.set_ylabel("layer output")
+    top.set_xticks([])
+    top.set_yticks([0, *range(5, size, 5)], ["embed", *(str(m - 1) for m in range(5, size, 5))], fontsize=7)
+    bottom.imshow(marks, cmap=ListedColormap(["#f2f2f2", "tab:orange", "tab:red"]), vmin=0, vmax=2,
+                  interpolation="nearest", aspect="auto")
+    bottom.set_yticks(range(len(plans)), [label for label, _ in plans], fontsize=6)
+    step = max(1, math.ceil(size / 24))
+    ticks = list(range(0, size, step))
+    bottom.set_xticks(ticks, ["embed" if m == 0 else str(m - 1) for m in ticks], rotation=90, fontsize=7)
+    bottom.set_xlabel("layer (red: removed; orange: a window merged into it)", fontsize=8)
+    for ax in (top, bottom):
+        ax.set_xlim(-0.5, size - 0.5)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ table
+def _short(path: str) -> str:
+    p = Path(path)
+    return p.parent.name or p.stem
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def describe_plan(windows: Sequence[Sequence[int]], rule: str | None) -> str:
+    """'drop 12-17' (layers removed) for removals, 'sum 20-23, 25-28' (inclusive windows) for merges."""
+    if not windows:
+        return "-"
+    if rule == "drop":
+        runs = [(lo + 1, hi) for lo, hi in windows]
+        return "drop " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+    return f"{rule} " + ", ".join(f"{lo}-{hi}" for lo, hi in windows)
+
+
+def format_table(result: dict) -> str:
+    """One Markdown table: a row per model, perplexities, each task's reported metric (%), average."""
+    ppl_files = list(result["eval_settings"]["ppl_windows"])
+    tasks = list(result["eval_settings"]["metric"])
+    metric = result["eval_settings"]["metric"]
+    head = (["Method", "Removed", "Layers", "Plan", *(f"PPL {_short(f)}" for f in ppl_files),
+             *(f"{t} ({metric[t]})" for t in tasks), "Avg"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        if "error" in row:
+            cells = [row["label"], str(row["target_removed"]), "-", f"cannot plan: {row['error'][:80]}"]
+            cells += ["-"] * (len(head) - len(cells))
+        else:
+            ev = row["eval"]
+            cells = [row["label"], str(row["layers_removed"]), str(row["layers_after"]),
+                     describe_plan(row["windows"], row["rule"]),
+                     *(_fmt(ev["ppl"].get(f)) for f in ppl_files),
+                     *(_fmt(100 * ev["tasks"][t][metric[t]], 1) if t in ev["tasks"] else "n/a" for t in tasks),
+                     _fmt(None if ev["average"] is None else 100 * ev["average"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,548 @@
+"""The Ray backend: the same StageWorkers as the in-process backend, as actors on a placement group.
+
+The only module that imports ``ray``. ``RayBackend`` has the methods of ``LocalBackend``
+(calibrate, plan_output, score_candidate, score_plan, fit_alphas, logprobs, nll, close), so
+``pipeline`` does not care which one it drives. How a calibration batch moves::
+
+    driver: ray.put(input_ids) once
+    stage 0 --h ref--> stage 1 --h ref--> ... stage K-1      (hidden states actor to actor)
+       |stats ref         |stats ref             |stats ref
+       +------------------+----------------------+--> StatsReducer actor (dedupe by batch id,
+                                                      stats.parquet every checkpoint_every batches)
+
+The driver only holds object references and, at the end, the reducer's float64 sums: its memory
+does not grow with the model. At most ``cluster.max_inflight`` batches are in flight (``ray.wait``).
+
+Fault tolerance: stage actors restart after a crash (``cluster.max_restarts``; a restart reloads
+the stage's layers), and every batch whose results were lost is sent again from stage 0; the
+reducer counts a batch once, so a retried batch never counts twice. Batches the reducer lost in
+its own crash are found by comparing its counted ids with the batches sent, and sent again. A
+rerun after the driver died resumes from ``stats.parquet`` when it was written for the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import resource
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from slm_dist import planner
+from slm_dist.config import ClusterSection
+from slm_dist.local_backend import stage_holding
+from slm_dist.workers.stage_worker import StageCacheMissing, StageSpec, StageWorker, StatsSpec
+from slm_dist.workers.stats_reducer import StatsReducer
+
+log = logging.getLogger(__name__)
+
+# A stage (or the node under it) died: the work is lost but can be sent again.
+LOST_WORK = (RayActorError, ObjectLostError)
+STATS_FILE = "stats.parquet"
+
+
+class RayBackendError(RuntimeError):
+    """The cluster could not do what the config asked; the message says what and how to fix it."""
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+# ------------------------------------------------------------------------------- actor bodies
+class StageActor(StageWorker):
+    """A StageWorker in its own process: torch threads sized to the CPUs its bundle reserved, and a
+    report of where it runs and what it holds (for tests and benchmarks)."""
+
+    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int):
+        torch.set_num_threads(num_threads)
+        import accelerate  # noqa: F401  (imported before the baseline so it counts as runtime, not weights)
+        import transformers  # noqa: F401
+
+        self._baseline_rss = _rss_bytes()
+        super().__init__(spec, stats)
+
+    # The remote entry points. Hidden states leave a stage on the host: the object store is the
+    # portable hop between stages (a GPU transport could replace it behind these methods), and the
+    # driver, which may have no GPU, never deserializes a CUDA tensor. The last stage's calibration
+    # output feeds nothing, so it is not stored at all. (StageWorker's own methods stay untouched:
+    # it calls them internally with device tensors.)
+    def calibrate_hop(self, batch_id: int, x: torch.Tensor, cache_inputs: bool = False):
+        h, stats = self.calibrate(batch_id, x, cache_inputs)
+        return (None if self.spec.is_last else h.cpu()), stats
+
+    def forward_hop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).cpu()
+
+    def run_candidate_hop(self, *args, **kwargs) -> torch.Tensor:
+        return self.run_candidate(*args, **kwargs).cpu()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def report(self) -> dict:
+        cuda_peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "start": self.spec.start,
+            "stop": self.spec.stop,
+            "held_bytes": self.held_bytes(),
+            "loaded_keys": self.loaded_keys(),
+            "baseline_rss_bytes": self._baseline_rss,  # after importing torch/transformers, before any weight
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "cuda_peak_bytes": cuda_peak,
+        }
+
+
+@dataclass(frozen=True)
+class ReducerRun:
+    """One calibrate() call as the reducer sees it; sent with every call so that a reducer restarted
+    after a crash picks the run up again from its checkpoint on its own."""
+
+    run_id: int                   # new per calibrate() call: fresh sums (or the checkpoint's)
+    num_layers: int
+    checkpoint_path: str | None   # stats.parquet in the run folder, or None
+    checkpoint_every: int
+    fingerprint: str              # what the sums come from (inputs_fingerprint)
+
+
+class ReducerActor:
+    """A StatsReducer in its own process, one per backend, checkpointing to ``stats.parquet``.
+
+    A run starts from the checkpoint when that was written for the same inputs (``fingerprint``);
+    a checkpoint of other inputs is ignored and overwritten.
+    """
+
+    def __init__(self, num_threads: int = 1):
+        torch.set_num_threads(num_threads)
+        self.run: ReducerRun | None = None
+        self.reducer: StatsReducer | None = None
+        self.since_save = 0
+
+    def _for(self, run: ReducerRun) -> StatsReducer:
+        if self.run != run:
+            self.run, self.since_save = run, 0
+            self.reducer = StatsReducer(run.num_layers)
+            path = Path(run.checkpoint_path) if run.checkpoint_path else None
+            if path is not None and path.is_file():
+                saved = StatsReducer.load(path)
+                if saved.fingerprint == run.fingerprint and saved.num_layers == run.num_layers:
+                    self.reducer = saved
+                    log.info("resuming from %s: %d batches already counted", path, saved.num_batches)
+                else:
+                    log.warning("%s was written for other inputs (model, statistics or batches); starting afresh",
+                                path)
+        return self.reducer
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def counted(self, run: ReducerRun) -> list[int]:
+        return self._for(run).hsic.batch_ids
+
+    def add(self, stats, run: ReducerRun) -> bool:
+        completed = self._for(run).add(stats)
+        if completed:
+            self.since_save += 1
+            if run.checkpoint_path is not None and self.since_save >= run.checkpoint_every:
+                self.save(run)
+        return completed
+
+    def save(self, run: ReducerRun) -> None:
+        if run.checkpoint_path is not None:
+            self._for(run).save(Path(run.checkpoint_path), fingerprint=run.fingerprint)
+        self.since_save = 0
+
+    def result(self, run: ReducerRun) -> StatsReducer:
+        return self._for(run)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def inputs_fingerprint(specs: Sequence[StageSpec], stats: StatsSpec,
+                       batches: Sequence[tuple[int, torch.Tensor]]) -> str:
+    """What a statistics checkpoint depends on: the model, the statistics asked for, every batch."""
+    h = hashlib.sha256()
+    first = specs[0]
+    h.update(repr((str(Path(first.model_dir).resolve()), first.num_layers, first.dtype, stats)).encode())
+    for batch_id, ids in batches:
+        ids = ids.detach().to("cpu", torch.int64).contiguous()
+        h.update(repr((int(batch_id), tuple(ids.shape))).encode())
+        h.update(ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _bundle(cluster: ClusterSection) -> dict[str, float]:
+    bundle = {"CPU": cluster.cpus_per_stage}
+    if cluster.gpus_per_stage > 0:
+        bundle["GPU"] = cluster.gpus_per_stage
+    return bundle
+
+
+@dataclass
+class StreamCounts:
+    """What the last calibrate() did, for logs and tests."""
+
+    resumed: int = 0   # batches counted from stats.parquet, not computed again
+    sent: int = 0      # batch submissions, first tries and retries
+    retried: int = 0   # batches sent again after a stage crash
+
+
+# --------------------------------------------------------------------------------------- backend
+class RayBackend:
+    def __init__(self, cluster: ClusterSection):
+        self.cluster = cluster
+        self._started_ray = False
+        self._reducer = None
+        self._pg: PlacementGroup | None = None
+        self._stages: list = []              # StageActor handles, stage order
+        self._specs: tuple[StageSpec, ...] = ()
+        self._stats: StatsSpec | None = None
+        self._calibration: list[tuple[int, ray.ObjectRef]] = []  # batches cached on stages (output criterion)
+        self._reducer = None                 # ReducerActor handle, started with the first calibrate()
+        self._runs = 0
+        self.counts = StreamCounts()
+
+    # ---------------------------------------------------------------------------- cluster setup
+    def _connect(self) -> None:
+        """Join the job's cluster, or start a private local one (Ray's own discovery: RAY_ADDRESS or a
+        `ray start` cluster on this node, else a new local instance). A session this process already
+        holds (a test fixture, a notebook) is used as it is and left running on close()."""
+        if ray.is_initialized():
+            return
+        ray.init(address=self.cluster.address)
+        self._started_ray = True
+        log.info("ray: connected, cluster resources %s", ray.cluster_resources())
+
+    def _placement_group(self, num_stages: int) -> PlacementGroup:
+        bundle = _bundle(self.cluster)
+        pg = placement_group([dict(bundle) for _ in range(num_stages)], strategy=self.cluster.placement)
+        if not pg.wait(timeout_seconds=self.cluster.placement_timeout_s):
+            remove_placement_group(pg)
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            raise RayBackendError(
+                f"the cluster could not place {num_stages} stage bundles of {bundle} with strategy "
+                f"{self.cluster.placement} within {self.cluster.placement_timeout_s:.0f} s; it has {nodes} node(s), "
+                f"resources {ray.cluster_resources()}, free now {ray.available_resources()}. Lower cluster.num_stages, "
+                "cluster.cpus_per_stage or cluster.gpus_per_stage, use placement PACK/SPREAD instead of "
+                "STRICT_SPREAD, or add nodes.")
+        return pg
+
+    def _workers(self, specs: Sequence[StageSpec], stats: StatsSpec | None = None) -> list:
+        """Stage actors for ``specs``; reused while the specs are the same (``stats=None``: any stats)."""
+        specs = tuple(specs)
+        if self._stages and self._specs == specs and (stats is None or stats == self._stats):
+            return self._stages
+        self._connect()
+        self._teardown_stages()
+        stats = stats or StatsSpec()
+        self._pg = self._placement_group(len(specs))
+        cluster = self.cluster
+        actor_cls = ray.remote(StageActor)
+        threads = max(1, int(cluster.cpus_per_stage))
+        self._stages = [
+            actor_cls.options(
+                num_cpus=cluster.cpus_per_stage,
+                num_gpus=cluster.gpus_per_stage,
+                max_restarts=cluster.max_restarts,
+                max_task_retries=0,  # lost batches are re-sent by the driver, from stage 0
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=k),
+            ).remote(spec, stats, threads)
+            for k, spec in enumerate(specs)
+        ]
+        self._specs, self._stats = specs, stats
+        try:
+            reports = ray.get([s.report.remote() for s in self._stages])  # surface load errors here, once
+        except RayActorError as err:
+            self._teardown_stages()
+            raise RayBackendError(f"a stage actor failed to start (loading its layers): {err}") from None
+        log.info("stages: %s", ", ".join(f"[{r['start']},{r['stop']}) on node {r['node_id'][:8]}" for r in reports))
+        return self._stages
+
+    def _teardown_stages(self) -> None:
+        for actor in self._stages:
+            ray.kill(actor, no_restart=True)
+        self._stages, self._specs, self._stats, self._calibration = [], (), None, []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def stage_reports(self) -> list[dict]:
+        """Per stage: pid, node, layer range, loaded tensor keys, held bytes, peak memory."""
+        return ray.get([s.report.remote() for s in self._stages])
+
+    def stage_handles(self) -> list:
+        return list(self._stages)
+
+    # ------------------------------------------------------------------------------- streaming
+    def _await_alive(self, actors: Sequence) -> None:
+        """Block until every actor answers: a crashed one has restarted (and reloaded its layers).
+
+        Work sent to an actor while it restarts fails at once, so re-sending lost batches before
+        this would only lose them again.
+        """
+        deadline = time.monotonic() + self.cluster.placement_timeout_s
+        pending = list(actors)
+        while pending:
+            refs = [a.ping.remote() for a in pending]
+            still = []
+            for actor, ref in zip(pending, refs):
+                try:
+                    ray.get(ref)
+                except ActorDiedError as err:
+                    raise RayBackendError(f"an actor died for good (cluster.max_restarts="
+                                          f"{self.cluster.max_restarts} restarts used up): {err}") from None
+                except ActorUnavailableError:
+                    still.append(actor)
+            if still and time.monotonic() > deadline:
+                raise RayBackendError(f"{len(still)} actor(s) did not come back within "
+                                      f"cluster.placement_timeout_s={self.cluster.placement_timeout_s:.0f} s")
+            if still:
+                time.sleep(0.2)
+            pending = still
+
+    def _stream(self, keys: Iterable[int], submit: Callable[[int], list], desc: str, show_progress: bool,
+                retry: bool = True, on_done: Callable[[int], None] | None = None,
+                actors: Sequence = ()) -> dict[int, list]:
+        """``submit(key)`` for every key, at most ``max_inflight`` in flight; results by key.
+
+        ``submit`` returns the refs of one unit of work, the last one finishing last. A unit whose
+        work was lost to a crashed actor is submitted again (up to ``max_restarts`` times) when
+        ``retry``, once the stages and ``actors`` answer again; otherwise the error propagates.
+        """
+        queue = deque(keys)
+        inflight: dict = {}
+        attempts: dict[int, int] = {}
+        results: dict[int, list] = {}
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(queue), desc=desc, unit="batch")
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < self.cluster.max_inflight:
+                    key = queue.popleft()
+                    refs = submit(key)
+                    self.counts.sent += 1
+                    inflight[refs[-1]] = (key, refs)
+                (ready,), _ = ray.wait(list(inflight), num_returns=1)
+                key, refs = inflight.pop(ready)
+                try:
+                    values = ray.get(refs)  # finished work only: ``ready`` is the last to finish
+                except LOST_WORK as err:
+                    attempts[key] = attempts.get(key, 0) + 1
+                    if not retry or attempts[key] > self.cluster.max_restarts:
+                        raise
+                    log.warning("%s: batch %s lost (%s); sending it again (try %d)", desc, key,
+                                type(err).__name__, attempts[key] + 1)
+                    self.counts.retried += 1
+                    self._await_alive([*self._stages, *actors])
+                    queue.appendleft(key)
+                    continue
+                results[key] = values
+                if on_done is not None:
+                    on_done(key)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+    # ----------------------------------------------------------------------------- calibration
+    def calibrate(self, specs: Sequence[StageSpec], stats: StatsSpec, batches: Sequence[tuple[int, torch.Tensor]],
+                  run_dir: Path | None = None, show_progress: bool = False, keep_for_output_criterion: bool = False,
+                  on_batch: Callable[[int], None] | None = None) -> StatsReducer:
+        """Stream ``batches`` through the stages; the reducer's sums (and ``run_dir/stats.parquet``).
+
+        ``on_batch(batch_id)`` runs on the driver after each batch is fully counted (progress hooks,
+        fault-injection tests).
+        """
+        ids_seen = [b for b, _ in batches]
+        if len(set(ids_seen)) != len(ids_seen):
+            raise ValueError(f"calibration batch ids must be unique (the reducer dedupes by id), got {ids_seen}")
+        stages = self._workers(specs, stats)
+        self.counts = StreamCounts()
+        inputs = {bid: ray.put(ids) for bid, ids in batches}  # once; retries reuse the same object
+        path = Path(run_dir) / STATS_FILE if run_dir is not None else None
+        self._runs += 1
+        run = ReducerRun(self._runs, specs[0].num_layers, str(path) if path else None, self.cluster.checkpoint_every,
+                         inputs_fingerprint(specs, stats, batches))
+        reducer = self._reducer_actor()
+        counted = set(ray.get(reducer.counted.remote(run)))
+        self.counts.resumed = len(counted & set(ids_seen))
+        # The output criterion needs every batch's inputs cached on the stages, counted or not.
+        todo = [b for b in ids_seen if keep_for_output_criterion or b not in counted]
+
+        def submit(batch_id: int) -> list:
+            x, refs = inputs[batch_id], []
+            for stage in stages:
+                x, stage_stats = stage.calibrate_hop.options(num_returns=2).remote(
+                    batch_id, x, keep_for_output_criterion)
+                refs.append(reducer.add.remote(stage_stats, run))  # stage -> reducer, not via the driver
+            return refs
+
+        for _ in range(self.cluster.max_restarts + 1):
+            self._stream(todo, submit, "calibrate", show_progress, on_done=on_batch, actors=[reducer])
+            counted = set(ray.get(reducer.counted.remote(run)))
+            todo = [b for b in ids_seen if b not in counted]
+            if not todo:
+                break
+            # Only a restarted reducer forgets batches (those after its last checkpoint).
+            log.warning("the statistics reducer lost %d batch(es) in a restart; sending them again", len(todo))
+        if todo:
+            raise RayBackendError(f"batches {todo[:8]} were never counted after {self.cluster.max_restarts + 1} "
+                                  "rounds; the statistics reducer keeps failing (see the Ray logs)")
+        if path is not None:
+            ray.get(reducer.save.remote(run))
+        result = ray.get(reducer.result.remote(run))
+        self._calibration = [(b, inputs[b]) for b in ids_seen] if keep_for_output_criterion else []
+        log.info("calibrate: %d batches (%d resumed from %s, %d retried after a stage crash)", len(ids_seen),
+                 self.counts.resumed, path, self.counts.retried)
+        return result
+
+    def _reducer_actor(self):
+        """The backend's StatsReducer actor, on the driver's node (stats.parquet lands in the run folder
+        the driver sees), started on first use."""
+        if self._reducer is None:
+            here = ray.get_runtime_context().get_node_id()
+            self._reducer = ray.remote(ReducerActor).options(
+                num_cpus=0,  # always placeable next to the driver; it only adds small matrices
+                max_restarts=self.cluster.max_restarts,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            ).remote(max(1, int(self.cluster.cpus_per_stage)))
+        return self._reducer
+
+    def _prime_caches(self) -> None:
+        """Cache every calibration batch's stage inputs again (after a stage restart lost them)."""
+        stages = self._stages
+
+        def submit(batch_id: int) -> list:
+            x = inputs[batch_id]
+            for stage in stages:
+                x, _ = stage.calibrate_hop.options(num_returns=2).remote(batch_id, x, True)
+            return [x]
+
+        inputs = dict(self._calibration)
+        self._stream(list(inputs), submit, "re-cache", False)
+
+    # ------------------------------------------------------------- published-code criterion
+    def _score(self, windows: Sequence[tuple[int, int]], from_layer: int, rule: str,
+               alphas: dict | None = None, with_ids: bool = False) -> tuple[float, int]:
+        """Sum and count of the last stage's per-sample (or per-token) values for a candidate model,
+        run from ``from_layer`` upward on every calibration batch; batch order, as the local backend."""
+        if not self._calibration:
+            raise RuntimeError("candidate scoring needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        stages = self._stages[stage_holding(self._specs, from_layer):]
+        inputs = dict(self._calibration)
+        windows = list(windows)
+
+        def submit(batch_id: int) -> list:
+            x = None  # the stage holding `from_layer` starts from its cached original input
+            ids = inputs[batch_id] if with_ids else None
+            for stage in stages:
+                x = stage.run_candidate_hop.remote(batch_id, x, windows, rule, from_layer, alphas, ids)
+            return [x]
+
+        for attempt in range(self.cluster.max_restarts + 1):
+            try:
+                results = self._stream(list(inputs), submit, "score", False, retry=False)
+                break
+            except (*LOST_WORK, StageCacheMissing) as err:
+                if attempt == self.cluster.max_restarts:
+                    raise
+                log.warning("scoring lost a stage (%s); re-caching the calibration inputs", type(err).__name__)
+                self._await_alive(self._stages)
+                self._prime_caches()
+        total, count = 0.0, 0
+        for batch_id in inputs:
+            values = results[batch_id][0]
+            total += float(values.double().sum())
+            count += values.numel()
+        return total, count
+
+    def score_candidate(self, committed: Sequence[tuple[int, int]], trial: tuple[int, int], rule: str) -> float:
+        """Mean cosine (final-norm hidden, candidate vs original) over the calibration samples."""
+        lo, hi = trial
+        total, count = self._score(list(committed) + ([trial] if hi > lo else []), lo, rule)
+        return total / count
+
+    def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
+                   alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll") -> float:
+        """A whole plan on the calibration samples (as LocalBackend.score_plan): ``nll`` lower is better,
+        ``cosine`` (the published criterion) higher is better."""
+        if metric not in ("nll", "cosine"):
+            raise ValueError(f"metric must be 'nll' or 'cosine', got {metric!r}")
+        windows = sorted(windows)
+        lo = windows[0][0] if windows else self._specs[-1].start  # below lo the candidate is the original
+        total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll")
+        return -total / count if metric == "nll" else total / count
+
+    def fit_alphas(self, windows: Sequence[tuple[int, int]], num_batches: int):
+        """Rule ``scaled``: each window's alpha, fitted on the stage holding its lo (first ``num_batches``)."""
+        if not self._calibration:
+            raise RuntimeError("fit_alphas needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        batch_ids = [b for b, _ in self._calibration][:num_batches]
+        return ray.get([self._stages[stage_holding(self._specs, lo)].fit_alpha.remote((lo, hi), batch_ids)
+                        for lo, hi in windows])
+
+    def clear_candidates(self) -> None:
+        """Drop the merged candidate layers the stages built while scoring."""
+        ray.get([s.clear_candidates.remote() for s in self._stages])
+
+    def plan_output(self, threshold: float, rule: str, protect_first: int, protect_last: int, num_layers: int):
+        if not self._stages or not self._calibration:
+            raise RuntimeError("plan_output needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        windows, trace = planner.plan_windows_output(
+            num_layers, lambda committed, trial: self.score_candidate(committed, trial, rule), threshold,
+            protect_first, protect_last)
+        self.clear_candidates()
+        return windows, trace
+
+    # ------------------------------------------------------------------------------ evaluation
+    def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
+                 show_progress: bool = False, desc: str = "score") -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix) for every position: [batch, seq-1] float32, in order."""
+        stages = self._workers(specs)
+        inputs = [ray.put(ids) for _, ids in batches]
+
+        def submit(i: int) -> list:
+            x = inputs[i]
+            for stage in stages[:-1]:
+                x = stage.forward_hop.remote(x)
+            return [stages[-1].token_logprobs.remote(x, inputs[i])]
+
+        results = self._stream(range(len(batches)), submit, desc, show_progress)
+        return [results[i][0] for i in range(len(batches))]
+
+    def nll(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
+            show_progress: bool = False) -> tuple[float, int]:
+        logps = self.logprobs(specs, batches, show_progress, desc="perplexity")
+        return -sum(float(lp.double().sum()) for lp in logps), sum(lp.numel() for lp in logps)
+
+    def close(self) -> None:
+        """Stop the stage actors and free their bundles; shut Ray down only if this backend started it."""
+        if ray.is_initialized():
+            self._teardown_stages()
+            if self._reducer is not None:
+                ray.kill(self._reducer, no_restart=True)
+            if self._started_ray:
+                ray.shutdown()
+        self._started_ray = False
+        self._reducer = None

@@ -1,0 +1,443 @@
+"""`slm-dist plan --dry-run`: what a run will need, from ``config.json`` and the index alone.
+
+Reads no weights: tensor shapes come from the config (``sizing.tensor_shapes``), or from the
+safetensors headers when the shards happen to be present. The stage partition is the one the real
+run computes (``partition_layers`` over weight bytes in the compute dtype); each stage is then
+checked with the activations, logits and runtime overhead it will also hold, so a plan that
+passes here fits there. Time is an estimate
+from stated throughput assumptions (printed with the result): a guide for booking a cluster, not
+a promise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slm_dist import planner, sizing
+from slm_dist.arch import get_arch
+from slm_dist.checkpoint.index import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, CheckpointError, open_index
+from slm_dist.config import SlmConfig
+from slm_dist.partition import PartitionError, partition_layers
+
+GiB = 2**30
+OUTPUT_SLACK = 1.05            # export.check_disk_space asks for 5% + 64 MiB over the shard bytes
+OUTPUT_FIXED_BYTES = 64 * 2**20
+
+
+class DryRunError(PartitionError):
+    """The model cannot run on the configured stages; the message carries the numbers and the fix."""
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Throughputs the time estimate uses; change them to match your hardware."""
+
+    read_bytes_per_s: float = 2.0e9      # one stage reading safetensors (local NVMe)
+    write_bytes_per_s: float = 1.0e9     # one merge task writing a shard (fsynced)
+    hop_bytes_per_s: float = 5.0e9       # hidden states stage to stage through the object store
+    gpu_flops_per_s: float = 150e12      # sustained bf16 matmul rate of one GPU (about half an A100's peak)
+    cpu_flops_per_s: float = 50e9        # sustained float32 rate of one CPU stage (Gram statistics run here)
+    gpu_overhead_bytes: int = 2 * GiB    # CUDA context + allocator slack per GPU
+    cpu_overhead_bytes: int = GiB // 2   # interpreter, torch and buffers per CPU stage
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    start: int                 # first layer (inclusive)
+    stop: int                  # first layer not held
+    weight_bytes: int          # at the compute dtype
+    activation_bytes: int      # batches in flight, one layer's working set, logits on the last stage
+    overhead_bytes: int
+    read_bytes: int            # bytes this stage reads from the checkpoint (storage dtype)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class DryRun:
+    model_dir: str
+    model_type: str
+    num_layers: int
+    params: int
+    storage_dtype: str
+    compute_dtype: str
+    device: str
+    weights_from: str                      # "headers" | "config.json"
+    source_bytes: int                      # checkpoint size on disk (tensor bytes)
+    num_stages: int
+    memory_per_stage_bytes: int | None
+    stages: tuple[StageEstimate, ...]      # empty when the model does not fit
+    fits: bool
+    refusal: str | None
+    min_stages: int | None                 # fewest stages of this memory that hold the model
+    gpus_needed: float
+    layers_removed: int | None             # None: depends on the statistics (plan.threshold)
+    output_bytes: int                      # upper bound when layers_removed is None
+    read_bytes: dict[str, int]
+    write_bytes: int
+    disk_bytes: int
+    host_bytes_per_stage: int              # cached inputs for criterion=output (CPU memory)
+    seconds: dict[str, float]
+    assumptions: Assumptions
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for s, stage in zip(d["stages"], self.stages):
+            s["total_bytes"] = stage.total_bytes
+        d["seconds"]["total"] = round(sum(self.seconds.values()), 1)
+        return d
+
+
+# ------------------------------------------------------------------------------ model facts
+@dataclass(frozen=True)
+class _Model:
+    config: dict
+    sizes: sizing.ModelSizes       # storage dtype
+    storage_dtype: str
+    weights_from: str
+    notes: tuple[str, ...]
+
+
+def _read_model(model_dir: Path) -> _Model:
+    """Shapes from the headers when the shards are here, else from config.json (checked against the index)."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: a dry run needs at least the model's config.json "
+                              "(and ideally its model.safetensors.index.json)")
+    config = json.loads(config_path.read_text())
+    arch = get_arch(config.get("model_type"))
+    n = int(config["num_hidden_layers"])
+    try:
+        index = open_index(model_dir)
+    except CheckpointError:
+        index = None
+    if index is not None:
+        triples = ((k, t.shape, t.nbytes) for k, t in index.tensors.items())
+        dtypes = sorted({t.dtype for t in index.tensors.values()})
+        stored = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtypes[0], sizing.storage_dtype(config))
+        return _Model(config, sizing.sizes_from_tensors(triples, arch, n), stored, "headers", ())
+    stored = sizing.storage_dtype(config)
+    sizes = sizing.sizes_from_config(config, arch, sizing.dtype_bytes(stored))
+    notes = [f"no weights in {model_dir}: tensor shapes derived from config.json ({stored})"]
+    index_path = model_dir / SAFETENSORS_INDEX
+    if index_path.is_file():
+        index_json = json.loads(index_path.read_text())
+        expected = set(sizing.tensor_shapes(config, arch))
+        listed = set(index_json.get("weight_map", {}))
+        if expected != listed:
+            missing, extra = sorted(listed - expected)[:3], sorted(expected - listed)[:3]
+            raise CheckpointError(f"{index_path} lists tensors config.json does not describe (e.g. {missing}) or "
+                                  f"lacks ones it does (e.g. {extra}); the config and index belong to different "
+                                  "checkpoints")
+        total = (index_json.get("metadata") or {}).get("total_size")
+        if isinstance(total, int) and total != sizes.total_bytes:
+            notes.append(f"index metadata total_size={total} bytes but shapes give {sizes.total_bytes}; "
+                         "byte estimates use the shapes")
+    elif not (model_dir / SAFETENSORS_SINGLE).is_file():
+        notes.append(f"no {SAFETENSORS_INDEX} either: tensor names were not cross-checked")
+    return _Model(config, sizes, stored, "config.json", tuple(notes))
+
+
+# ------------------------------------------------------------------------------ estimates
+def resolve_device(config: SlmConfig) -> str:
+    """As pipeline.device_and_dtype resolves ``cluster.device=auto``; a local CUDA config is planned
+    as such even on a machine without a GPU (a dry run only estimates)."""
+    cluster = config.cluster
+    if cluster.device != "auto":
+        return cluster.device
+    if cluster.backend == "ray":
+        return "cuda" if cluster.gpus_per_stage > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(config: SlmConfig) -> str:
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if resolve_device(config) == "cuda" else "float32"
+
+
+def activation_bytes(hf_config: dict, config: SlmConfig, bytes_per_element: int) -> int:
+    """What every stage holds besides weights while a batch streams through it.
+
+    Batches queued at the stage plus the one being sent on (``max_inflight + 1`` hidden states),
+    one layer's working set (residual, normed input, the wider of attention projections and the
+    MLP's gate/up/product), a float32 copy made for the Gram statistics, and the attention score
+    matrix when attention is eager.
+    """
+    b = config.calibration.batch_size
+    s = max(config.calibration.seq_len, config.eval.seq_len)
+    hidden, inter = int(hf_config["hidden_size"]), int(hf_config["intermediate_size"])
+    heads = int(hf_config["num_attention_heads"])
+    tokens = b * s
+    queued = (config.cluster.max_inflight + 1) * tokens * hidden * bytes_per_element
+    working = tokens * (2 * hidden + max(4 * hidden, 3 * inter)) * bytes_per_element
+    stats_copy = tokens * hidden * 4
+    scores = b * heads * s * s * bytes_per_element * 2 if config.model.attn_implementation == "eager" else 0
+    return queued + working + stats_copy + scores
+
+
+def logits_bytes(hf_config: dict, config: SlmConfig) -> int:
+    """Float32 logits and their log-softmax on the last stage while scoring (eval.batch_tokens tokens at once)."""
+    if not config.eval.enabled:
+        return 0
+    tokens = min(config.eval.batch_tokens, config.calibration.batch_size * config.eval.seq_len)
+    return 2 * tokens * int(hf_config["vocab_size"]) * 4
+
+
+def expected_layers_removed(config: SlmConfig, sizes: sizing.ModelSizes) -> int | None:
+    p = config.plan
+    if p.target_layers_removed is not None:
+        return p.target_layers_removed
+    if p.target_ratio is not None:
+        most = planner.removable_layers(sizes.num_layers, p.protect_first, p.protect_last)
+        return planner.layers_for_param_ratio(sizes.total_params, sizes.layer_params[0], p.target_ratio, most)
+    return None
+
+
+def output_bytes(config: SlmConfig, sizes: sizing.ModelSizes, layers_removed: int) -> tuple[int, int]:
+    """(bytes of the pruned checkpoint, bytes the merge reads for it). Every output tensor reads one
+    source tensor, except that ``sum``, ``mean`` and ``scaled`` also read the projections of the layers they fold."""
+    n = sizes.num_layers
+    out = sizes.total_bytes - round(layers_removed * sum(sizes.layer_bytes) / n)
+    folds = config.merge.rule in ("sum", "mean", "scaled")
+    extra = round(layers_removed * sum(sizes.projection_bytes) / n) if folds else 0
+    return out, out + extra
+
+
+def _flops_per_token(hf_config: dict, params_per_layer: int, seq_len: int) -> float:
+    """Forward FLOPs of one layer per token: 2 per weight, plus attention's QK^T and AV over the sequence."""
+    heads = int(hf_config["num_attention_heads"])
+    head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
+    return 2.0 * params_per_layer + 4.0 * seq_len * heads * head_dim
+
+
+def _gram_flops(config: SlmConfig, hidden: int) -> float:
+    """One layer's Gram matrix for one batch (token unit: m x m over hidden; sample unit: b x b over s*hidden)."""
+    b, s = config.calibration.batch_size, config.calibration.seq_len
+    if config.similarity.unit == "token":
+        m = min(config.similarity.tokens_per_batch, b * (s - 1 if config.similarity.skip_first_token else s))
+        return 2.0 * m * m * hidden
+    return 2.0 * b * b * s * hidden
+
+
+def eval_tokens(config: SlmConfig) -> int:
+    """Tokens perplexity scores per model: the window cap, else the held-out text's size at ~4 bytes a token."""
+    e = config.eval
+    if e.max_windows is not None:
+        return e.max_windows * e.seq_len
+    if e.heldout is not None and Path(e.heldout).is_file():
+        return Path(e.heldout).stat().st_size // 4
+    return 32 * e.seq_len
+
+
+def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stages: list[tuple[int, int]],
+             stage_read: list[int], out_bytes: int, merge_read: int, a: Assumptions) -> dict[str, float]:
+    cal, cb = config.calibration, sizing.dtype_bytes(compute_dtype(config))
+    rate = a.gpu_flops_per_s if resolve_device(config) == "cuda" else a.cpu_flops_per_s
+    hidden, n = int(hf_config["hidden_size"]), sizes.num_layers
+    fpt = _flops_per_token(hf_config, sizes.layer_params[0], cal.seq_len)
+    num_batches = math.ceil(cal.num_samples / cal.batch_size)
+    batch_tokens = cal.batch_size * cal.seq_len
+    hop = batch_tokens * hidden * cb / a.hop_bytes_per_s
+    per_batch = max((b - s) * (batch_tokens * fpt / rate + _gram_flops(config, hidden) / a.cpu_flops_per_s)
+                    for s, b in stages) + hop
+    load = max(stage_read) / a.read_bytes_per_s
+    seconds = {"calibrate": load + (num_batches + len(stages) - 1) * per_batch}
+    if config.similarity.criterion == "output":
+        # Each step of the published loop re-runs, on average, half the model on every calibration sample.
+        candidates = max(n - config.plan.protect_first - config.plan.protect_last, 0)
+        seconds["plan"] = candidates * cal.num_samples * cal.seq_len * fpt * n / 2 / rate
+    else:
+        seconds["plan"] = 0.0
+    tasks = config.merge.max_parallel
+    seconds["merge"] = (merge_read / a.read_bytes_per_s + out_bytes / a.write_bytes_per_s
+                        + out_bytes / a.read_bytes_per_s) / tasks        # read, write, hash for the manifest
+    seconds["verify"] = out_bytes / a.read_bytes_per_s                  # re-hash every output file
+    if config.eval.enabled:
+        tokens = eval_tokens(config)
+        lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
+        forward = tokens * (fpt * n + lm_head) / rate
+        seconds["eval"] = 2 * forward + 2 * max(stage_read) / a.read_bytes_per_s  # load each model's stages
+    return {k: round(v, 1) for k, v in seconds.items()}
+
+
+def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assumptions()) -> DryRun:
+    """Partition, memory, GPUs, bytes, disk and time of ``config`` on ``model_dir``, reading no weights."""
+    model = _read_model(Path(model_dir))
+    hf, sizes, a = model.config, model.sizes, assumptions
+    n = sizes.num_layers
+    stored_b, cdtype = sizing.dtype_bytes(model.storage_dtype), compute_dtype(config)
+    compute = sizing.rescale(sizes, stored_b, sizing.dtype_bytes(cdtype))
+    cluster = config.cluster
+    device = resolve_device(config)
+    overhead = a.gpu_overhead_bytes if device == "cuda" else a.cpu_overhead_bytes
+    act = activation_bytes(hf, config, sizing.dtype_bytes(cdtype))
+    logits = logits_bytes(hf, config)
+    notes = list(model.notes)
+
+    # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
+    # with its activations, logits and overhead.
+    last_extra = compute.last_extra_bytes + _tied_head_bytes(hf, compute)
+    parts = _Parts(compute, last_extra, act, logits, overhead)
+    refusal, slices = None, []
+    try:
+        slices = partition_layers(compute.layer_bytes, cluster.num_stages, cluster.memory_per_stage_bytes,
+                                  compute.first_extra_bytes, last_extra)
+    except PartitionError:
+        refusal = "the weights alone do not fit"
+    stages = [_stage(parts, sizes, k, len(slices), a_, b_) for k, (a_, b_) in enumerate(slices)]
+    stage_read = [s.read_bytes for s in stages]
+    memory = cluster.memory_per_stage_bytes
+    over = [k for k, s in enumerate(stages) if memory is not None and s.total_bytes > memory]
+    if over:
+        refusal = "with activations, stage(s) " + ", ".join(
+            f"{k} [{stages[k].start},{stages[k].stop}) would hold {stages[k].total_bytes / GiB:.1f} GiB" for k in over)
+    min_stages = fewest_stages(parts, memory) if memory is not None else None
+    if refusal is not None:
+        refusal = _refusal(hf, parts, cdtype, cluster, min_stages, refusal)
+        stages = []
+
+    removed = expected_layers_removed(config, sizes)
+    if removed is None:
+        notes.append("plan.threshold: how many layers go depends on the statistics; output and disk figures "
+                     "assume none (an upper bound)")
+    out_bytes, merge_read = output_bytes(config, sizes, removed or 0)
+    read = {"calibrate": sizes.total_bytes, "merge": merge_read, "verify": out_bytes,
+            "eval": sizes.total_bytes + out_bytes if config.eval.enabled else 0}
+    artifacts = _artifact_bytes(config, n)
+    disk = int(out_bytes * OUTPUT_SLACK) + OUTPUT_FIXED_BYTES + artifacts
+    host = 0
+    if config.similarity.criterion == "output":
+        cal = config.calibration
+        host = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype)
+        notes.append(f"criterion=output caches every stage's calibration inputs in host memory: "
+                     f"{host / GiB:.2f} GiB per stage")
+    if config.eval.enabled and config.eval.max_windows is None:
+        notes.append(f"eval.max_windows=null: eval time assumes {eval_tokens(config):,} tokens (the held-out "
+                     "text at ~4 bytes per token when it is here, else 32 windows)")
+    seconds = _seconds(hf, config, sizes, slices or [(0, n)], stage_read or [sizes.total_bytes], out_bytes,
+                       merge_read, a)
+    gpus = cluster.num_stages * cluster.gpus_per_stage if device == "cuda" else 0.0
+    return DryRun(
+        model_dir=str(model_dir), model_type=hf["model_type"], num_layers=n, params=sizes.total_params,
+        storage_dtype=model.storage_dtype, compute_dtype=cdtype, device=device,
+        weights_from=model.weights_from, source_bytes=sizes.total_bytes, num_stages=cluster.num_stages,
+        memory_per_stage_bytes=cluster.memory_per_stage_bytes, stages=tuple(stages), fits=refusal is None,
+        refusal=refusal, min_stages=min_stages, gpus_needed=gpus, layers_removed=removed, output_bytes=out_bytes,
+        read_bytes=read, write_bytes=out_bytes + artifacts, disk_bytes=disk, host_bytes_per_stage=host,
+        seconds=seconds, assumptions=a, notes=tuple(notes))
+
+
+def _artifact_bytes(config: SlmConfig, num_layers: int) -> int:
+    """Run-folder files besides the checkpoint: token ids, HSIC sums, similarity JSON, figures."""
+    cal = config.calibration
+    rows = num_layers + 1
+    return cal.num_samples * cal.seq_len * 4 + rows * rows * 8 * 2 + rows * rows * 24 + 2 * 2**20
+
+
+def _tied_head_bytes(hf_config: dict, compute: sizing.ModelSizes) -> int:
+    """A tied lm_head is stored once (as the embedding) but the last stage holds its own copy."""
+    return compute.first_extra_bytes if hf_config.get("tie_word_embeddings", False) else 0
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What stages hold, in the compute dtype: weights by part, and the non-weight memory."""
+
+    compute: sizing.ModelSizes
+    last_extra: int        # final norm + lm_head (+ the tied copy)
+    activation: int        # every stage
+    logits: int            # the last stage
+    overhead: int          # every stage
+
+
+def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, start: int, stop: int) -> StageEstimate:
+    first, last = k == 0, k == num_stages - 1
+    c = parts.compute
+    weights = sum(c.layer_bytes[start:stop]) + (c.first_extra_bytes if first else 0) + (parts.last_extra if last else 0)
+    read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
+        + (stored.last_extra_bytes if last else 0)
+    return StageEstimate(start, stop, weights, parts.activation + (parts.logits if last else 0), parts.overhead, read)
+
+
+def fewest_stages(parts: _Parts, memory_per_stage_bytes: int) -> int | None:
+    """Fewest stages whose run-time split (weights only, as the run does it) keeps every stage,
+    activations and overhead included, within ``memory_per_stage_bytes``; None if no count does."""
+    c = parts.compute
+    for k in range(1, c.num_layers + 1):
+        try:
+            slices = partition_layers(c.layer_bytes, k, memory_per_stage_bytes, c.first_extra_bytes, parts.last_extra)
+        except PartitionError:
+            continue
+        if all(_stage(parts, c, i, k, a, b).total_bytes <= memory_per_stage_bytes for i, (a, b) in enumerate(slices)):
+            return k
+    return None
+
+
+def _refusal(hf_config: dict, parts: _Parts, dtype: str, cluster, min_stages: int | None, reason: str) -> str:
+    g = lambda x: f"{x / GiB:.1f} GiB"  # noqa: E731
+    c, memory, num_stages = parts.compute, cluster.memory_per_stage_bytes, cluster.num_stages
+    if memory is None:
+        return f"cannot split {c.num_layers} layers onto {num_stages} stage(s): {reason}"
+    weights = sum(c.layer_bytes) + c.first_extra_bytes + parts.last_extra
+    if min_stages:
+        fit = (f"{min_stages} stages of {g(memory)} would fit ({math.ceil(min_stages * cluster.gpus_per_stage)} "
+               f"GPU(s) at cluster.gpus_per_stage={cluster.gpus_per_stage:g})")
+    else:
+        fit = ("no number of stages of this size fits: one layer (or the embeddings, or lm_head with the logits) "
+               "plus activations and overhead exceeds one stage")
+    return (f"{hf_config.get('model_type')} with {c.num_layers} layers needs {g(weights)} of {dtype} weights "
+            f"(largest layer {g(max(c.layer_bytes))}, embeddings {g(c.first_extra_bytes)}, final norm + lm_head "
+            f"{g(parts.last_extra)}) but {num_stages} stage(s) x {g(memory)} give {g(num_stages * memory)}, and "
+            f"each stage also holds {g(parts.activation)} of activations and {g(parts.overhead)} of runtime "
+            f"overhead (the last {g(parts.logits)} of logits more): {reason}. {fit}. Raise cluster.num_stages, use "
+            "GPUs with more memory, or lower calibration.batch_size / seq_len.")
+
+
+# ------------------------------------------------------------------------------ text
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; binary units, as GPU memory is sold and reported."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
+
+
+def format_dry_run(d: DryRun) -> str:
+    """A few readable lines for the terminal."""
+    g = human_bytes
+    lines = [f"model: {d.model_dir} ({d.model_type}, {d.num_layers} layers, {_count(d.params)} params, "
+             f"{g(d.source_bytes)} in {d.storage_dtype}; shapes from {d.weights_from})",
+             f"compute: {d.compute_dtype} on {d.device}, {d.num_stages} stage(s)"
+             + (f" of {g(d.memory_per_stage_bytes)}" if d.memory_per_stage_bytes else "")
+             + (f", {d.gpus_needed:g} GPU(s)" if d.device == "cuda" else "")]
+    if d.fits:
+        lines.append("stage  layers       weights      activations  overhead     total        reads")
+        for k, s in enumerate(d.stages):
+            lines.append(f"{k:>5}  [{s.start:>3},{s.stop:>3})  {g(s.weight_bytes):>11}  {g(s.activation_bytes):>11}  "
+                         f"{g(s.overhead_bytes):>11}  {g(s.total_bytes):>11}  {g(s.read_bytes):>11}")
+    else:
+        lines.append(f"DOES NOT FIT: {d.refusal}")
+    removed = "unknown until calibrated" if d.layers_removed is None else str(d.layers_removed)
+    lines += [f"layers removed: {removed}; output checkpoint {g(d.output_bytes)}",
+              "reads: " + ", ".join(f"{k} {g(v)}" for k, v in d.read_bytes.items() if v),
+              f"writes: {g(d.write_bytes)}; disk needed: {g(d.disk_bytes)}",
+              "time (s): " + ", ".join(f"{k} {v:,.1f}" for k, v in d.seconds.items())
+              + f"; total {sum(d.seconds.values()):,.1f}"]
+    lines += [f"note: {n}" for n in d.notes]
+    return "\n".join(lines)

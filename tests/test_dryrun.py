@@ -1,0 +1,233 @@
+"""`slm-dist plan --dry-run`: shapes from config.json, the partition, memory, bytes, refusals, configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slm_dist import dryrun, partition, sizing
+from slm_dist.arch import get_arch
+from slm_dist.checkpoint.index import CheckpointError, open_index
+from slm_dist.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from slm_dist.config import SlmConfig, load_config
+from slm_dist.testing import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA3_70B = REPO / "configs" / "models" / "llama-3-70b"
+CONFIG_70B = REPO / "configs" / "llama3-70b-8gpu.yaml"
+GiB = 2**30
+
+# Llama-3-70B by hand: hidden 8192, 64 heads of 128, 8 kv heads, MLP 28672, vocab 128256, 80 layers.
+LAYER_PARAMS_70B = (2 * 8192 * 8192          # q_proj, o_proj
+                    + 2 * 8192 * 1024        # k_proj, v_proj (8 kv heads x 128)
+                    + 3 * 8192 * 28672       # gate, up, down
+                    + 2 * 8192)              # two RMSNorms
+PARAMS_70B = 80 * LAYER_PARAMS_70B + 2 * 128256 * 8192 + 8192  # + embed, lm_head (untied), final norm
+
+
+def config_70b(*overrides: str) -> SlmConfig:
+    return load_config(CONFIG_70B, [f"model.path={LLAMA3_70B}", *overrides])
+
+
+# ------------------------------------------------------------------------------ sizing
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_shapes_from_config_equal_the_checkpoint_headers(tmp_path, model_type):
+    model = make_tiny_model(tmp_path / model_type, model_type=model_type, num_layers=3)
+    index = open_index(model)
+    arch = get_arch(model_type)
+    assert sizing.tensor_shapes(index.config, arch) == {k: t.shape for k, t in index.tensors.items()}
+    from_headers = sizing.sizes_from_tensors(((k, t.shape, t.nbytes) for k, t in index.tensors.items()), arch, 3)
+    assert sizing.sizes_from_config(index.config, arch, 4) == from_headers
+
+
+def test_tied_embeddings_have_no_lm_head_and_biases_follow_the_config(tmp_path):
+    model = make_tiny_model(tmp_path / "m", num_layers=2, tie_word_embeddings=True, attention_bias=True)
+    index = open_index(model)
+    shapes = sizing.tensor_shapes(index.config, get_arch("llama"))
+    assert "lm_head.weight" not in shapes and shapes["model.layers.1.self_attn.o_proj.bias"] == (32,)
+    assert shapes == {k: t.shape for k, t in index.tensors.items()}
+
+
+def test_llama3_70b_sizes_by_hand():
+    config = json.loads((LLAMA3_70B / "config.json").read_text())
+    sizes = sizing.sizes_from_config(config, get_arch("llama"), sizing.dtype_bytes(sizing.storage_dtype(config)))
+    assert sizes.layer_params == (LAYER_PARAMS_70B,) * 80
+    assert sizes.total_params == PARAMS_70B == 70_553_706_496
+    assert sizes.total_bytes == 2 * PARAMS_70B
+    assert sizes.first_extra_bytes == sizes.last_extra_bytes - 2 * 8192 == 2 * 128256 * 8192
+    # the merged part of a layer is everything but its two norms
+    assert sizes.projection_bytes[0] == sizes.layer_bytes[0] - 2 * 2 * 8192
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sizing_agrees_with_partitions_own_config_sizes(tied):
+    """The run partitions with partition's own byte counts: the dry run's stage weights must be the same
+    (a tied lm_head is stored once but the last stage holds a copy)."""
+    config = {**json.loads((LLAMA3_70B / "config.json").read_text()), "tie_word_embeddings": tied}
+    ours = sizing.sizes_from_config(config, get_arch("llama"), 2)
+    theirs = partition.model_bytes_from_config(config, 2)
+    tied_copy = ours.first_extra_bytes if tied else 0
+    assert (ours.layer_bytes, ours.first_extra_bytes, ours.last_extra_bytes + tied_copy) == \
+        (theirs.layers, theirs.first_extra, theirs.last_extra)
+
+
+def test_missing_config_field_names_it():
+    config = json.loads((LLAMA3_70B / "config.json").read_text())
+    del config["intermediate_size"]
+    with pytest.raises(sizing.SizingError, match="intermediate_size"):
+        sizing.tensor_shapes(config, get_arch("llama"))
+
+
+# ------------------------------------------------------------------------------ dry run: 70B
+def test_70b_partitions_onto_8_gpus_of_80_gb_without_weights():
+    assert not any(LLAMA3_70B.glob("*.safetensors"))
+    d = dryrun.dry_run(config_70b(), LLAMA3_70B)
+    assert d.fits and d.refusal is None and d.weights_from == "config.json"
+    assert d.num_stages == len(d.stages) == 8 and d.gpus_needed == 8
+    assert d.stages[0].start == 0 and d.stages[-1].stop == 80
+    assert all(a.stop == b.start for a, b in zip(d.stages, d.stages[1:]))
+    assert all(s.total_bytes <= 80 * GiB for s in d.stages)
+    # bf16 in, bf16 compute: stage weights add up to the checkpoint, which is read once by calibration
+    assert sum(s.weight_bytes for s in d.stages) == d.source_bytes == 2 * PARAMS_70B
+    assert d.read_bytes["calibrate"] == sum(s.read_bytes for s in d.stages) == 2 * PARAMS_70B
+    # the same split the run computes from the same bytes
+    slices = partition.partition_layers([2 * LAYER_PARAMS_70B] * 80, 8, 80 * GiB, 2 * 128256 * 8192,
+                                        2 * (128256 * 8192 + 8192))
+    assert [(s.start, s.stop) for s in d.stages] == slices
+    # target_ratio 0.2 of all parameters -> nearest whole layers: round(0.2 * P / layer) = 16
+    assert d.layers_removed == round(0.2 * PARAMS_70B / LAYER_PARAMS_70B) == 16
+    assert d.output_bytes == 2 * (PARAMS_70B - 16 * LAYER_PARAMS_70B)
+    assert d.disk_bytes > d.output_bytes and d.seconds["calibrate"] > 0
+
+
+def test_70b_on_4_gpus_of_24_gb_is_refused_with_the_numbers():
+    cfg = config_70b("cluster.num_stages=4", f"cluster.memory_per_stage_bytes={24 * GiB}")
+    d = dryrun.dry_run(cfg, LLAMA3_70B)
+    assert not d.fits and d.stages == ()
+    assert "131.4 GiB" in d.refusal                     # the weights
+    assert "4 stage(s) x 24.0 GiB give 96.0 GiB" in d.refusal
+    assert f"{d.min_stages} stages of 24.0 GiB would fit" in d.refusal
+    # the fewest stages is a real answer: that many 24 GiB stages pass, one fewer does not
+    ok = dryrun.dry_run(config_70b(f"cluster.num_stages={d.min_stages}", f"cluster.memory_per_stage_bytes={24 * GiB}"),
+                        LLAMA3_70B)
+    fewer = dryrun.dry_run(config_70b(f"cluster.num_stages={d.min_stages - 1}",
+                                      f"cluster.memory_per_stage_bytes={24 * GiB}"), LLAMA3_70B)
+    assert ok.fits and not fewer.fits
+
+
+def test_cli_dry_run_exit_codes(capsys):
+    base = ["plan", "--dry-run", str(CONFIG_70B), f"model.path={LLAMA3_70B}"]
+    assert main(base) == EXIT_OK
+    assert "8 stage(s) of 80.00 GiB" in capsys.readouterr().out
+    assert main([*base, "cluster.num_stages=4", f"cluster.memory_per_stage_bytes={24 * GiB}"]) == EXIT_BAD_INPUT
+    out, err = capsys.readouterr()
+    assert "DOES NOT FIT" in out and "96.0 GiB" in err
+    assert main(["--quiet", "plan", "--dry-run", "--json", str(CONFIG_70B), f"model.path={LLAMA3_70B}"]) == EXIT_OK
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["fits"] and len(payload["stages"]) == 8 and payload["params"] == PARAMS_70B
+
+
+def test_activation_estimate_by_hand():
+    hf = {"hidden_size": 8, "intermediate_size": 20, "num_attention_heads": 2, "vocab_size": 100}
+    cfg = load_config(None, ["calibration.batch_size=2", "calibration.seq_len=16", "eval.seq_len=16",
+                             "cluster.max_inflight=1", "model.attn_implementation=eager"])
+    tokens = 2 * 16
+    queued = 2 * tokens * 8 * 2                    # (max_inflight + 1) hidden states, bf16
+    working = tokens * (2 * 8 + max(4 * 8, 3 * 20)) * 2
+    stats_copy = tokens * 8 * 4
+    scores = 2 * 2 * 16 * 16 * 2 * 2               # b x heads x s x s, scores + softmax
+    assert dryrun.activation_bytes(hf, cfg, 2) == queued + working + stats_copy + scores
+    assert dryrun.logits_bytes(hf, cfg) == 2 * tokens * 100 * 4
+
+
+# ------------------------------------------------------------------------------ dry run: files
+def test_index_json_is_cross_checked_against_config(tmp_path):
+    folder = tmp_path / "cfg-only"
+    folder.mkdir()
+    config = json.loads((LLAMA3_70B / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    keys = sizing.tensor_shapes(config, get_arch("llama"))
+    index = {"metadata": {"total_size": 2 * PARAMS_70B}, "weight_map": {k: "model-00001-of-00030.safetensors"
+                                                                        for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    d = dryrun.dry_run(config_70b(f"model.path={folder}"), folder)
+    assert d.fits and not any("total_size" in n for n in d.notes)
+    del index["weight_map"]["model.layers.3.mlp.up_proj.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="up_proj"):
+        dryrun.dry_run(config_70b(f"model.path={folder}"), folder)
+
+
+def test_headers_are_used_when_the_weights_are_here(tiny_model):
+    cfg = load_config(None, [f"model.path={tiny_model}", "cluster.num_stages=2"])
+    d = dryrun.dry_run(cfg, tiny_model)
+    index = open_index(tiny_model)
+    assert d.weights_from == "headers" and d.source_bytes == index.total_bytes
+    from slm_dist.pipeline import stage_specs
+
+    assert [(s.start, s.stop) for s in d.stages] == [(s.start, s.stop) for s in stage_specs(cfg, index)]
+
+
+def test_no_config_json_is_bad_input(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        dryrun.dry_run(load_config(None, [f"model.path={tmp_path}"]), tmp_path)
+
+
+# ------------------------------------------------------------------------------ configs
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("tasks",):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def _description(path: str) -> str | None:
+    model: type = SlmConfig
+    *sections, leaf = path.split(".")
+    for name in sections:
+        model = model.model_fields[name].annotation
+    return model.model_fields[leaf].description
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml", "llama2-7b-slm.yaml", "llama3-70b-8gpu.yaml"])
+def test_shipped_configs_load_and_every_key_is_documented(name):
+    path = REPO / "configs" / name
+    load_config(path)
+    undocumented = [k for k in _leaves(yaml.safe_load(path.read_text())) if not _description(k)]
+    assert undocumented == []
+
+
+def test_reproduction_config_uses_the_published_settings():
+    cfg = load_config(REPO / "configs" / "llama2-7b-slm.yaml")
+    assert (cfg.similarity.criterion, cfg.merge.rule, cfg.plan.threshold) == ("output", "reference", 0.72)
+    assert (cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.calibration.batch_size,
+            cfg.calibration.seed) == (10, 128, 1, 1234)
+    assert cfg.model.dtype == "float16" and (cfg.plan.protect_first, cfg.plan.protect_last) == (1, 1)
+
+
+def test_dry_run_reads_only_config_json(tmp_path):
+    """A folder with nothing but config.json (what one downloads before the weights) is enough."""
+    folder = tmp_path / "only-config"
+    folder.mkdir()
+    shutil.copy(LLAMA3_70B / "config.json", folder / "config.json")
+    d = dryrun.dry_run(config_70b(f"model.path={folder}"), folder)
+    assert d.fits and math.isclose(d.source_bytes / GiB, 131.42, abs_tol=0.01)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize("rule, reads_folded", [("reference", False), ("drop", False), ("sum", True), ("mean", True)])
+def test_merge_bytes_by_rule(rule, reads_folded):
+    config = json.loads((LLAMA3_70B / "config.json").read_text())
+    sizes = sizing.sizes_from_config(config, get_arch("llama"), 2)
+    out, read = dryrun.output_bytes(config_70b(f"merge.rule={rule}"), sizes, 16)
+    assert out == 2 * (PARAMS_70B - 16 * LAYER_PARAMS_70B)
+    # the folded layers' projections: every weight of a layer but its two norms
+    assert read - out == (16 * 2 * (LAYER_PARAMS_70B - 2 * 8192) if reads_folded else 0)
