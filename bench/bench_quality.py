@@ -112,7 +112,8 @@ def main() -> int:
     config = load_config(None, [
         f"model.path={demo.model_dir}", f"calibration.source={demo.calibration_text}", f"run.dir={args.run_dir}",
         "calibration.num_samples=32", "calibration.seq_len=128", "calibration.batch_size=8",
-        "plan.target_layers_removed=6", "merge.max_shard_bytes=100000000", "cluster.num_stages=2",
+        "plan.target_layers_removed=6", "merge.max_shard_bytes=100000000",
+        "cluster.num_stages=6",  # a published-loop candidate reruns only from the stage holding its window
         f"eval.seq_len={args.seq_len}", f"eval.max_windows={args.ppl_windows}", "eval.batch_tokens=4096",
         *args.overrides])
     spec = evaluation.EvalSpec.from_config(config.eval, [DATA / p for p in PPL],

@@ -422,11 +422,13 @@ class RayBackend:
         the driver sees), started on first use."""
         if self._reducer is None:
             here = ray.get_runtime_context().get_node_id()
+            # No CPU reserved, one thread: always placeable next to the driver, and it never competes
+            # with a stage on the same node for more than one core (it adds m x m HSIC terms per batch).
             self._reducer = ray.remote(ReducerActor).options(
-                num_cpus=0,  # always placeable next to the driver; it only adds small matrices
+                num_cpus=0,
                 max_restarts=self.cluster.max_restarts,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-            ).remote(max(1, int(self.cluster.cpus_per_stage)))
+            ).remote(1)
         return self._reducer
 
     def _prime_caches(self) -> None:

@@ -240,12 +240,14 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
 
     def measure(windows: tuple[tuple[int, int], ...], rule_used: str) -> float:
         """Calibration loss of a plan, lower is better (each plan measured once)."""
+        alphas = None
+        if rule_used == "scaled":
+            fit_missing_alphas(ctx, backend, windows, fits)
+            alphas = {w: fits[w].alpha for w in windows}
+            if all(a == 0.0 for a in alphas.values()):
+                rule_used, alphas = "drop", None  # alpha 0 everywhere is the drop model: measure it once
         key = (windows, rule_used, p.refine_metric)
         if key not in memo:
-            alphas = None
-            if rule_used == "scaled":
-                fit_missing_alphas(ctx, backend, windows, fits)
-                alphas = {w: fits[w].alpha for w in windows}
             score = backend.score_plan(windows, rule_used, alphas, p.refine_metric)
             memo[key] = score if p.refine_metric == "nll" else 1.0 - score
         return memo[key]
@@ -276,7 +278,7 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
              len(ranked), p.refine_metric, [list(w) for w in best], ranked[0].proposed_by, best_loss)
     details["candidates"] = [r.to_json() for r in ranked]
     if p.local_search > 0:
-        known = {w: v for (w, r, m), v in memo.items() if r == rule and m == p.refine_metric}
+        known = {r.windows: r.loss for r in ranked}
         best, best_loss, steps = gp.local_search(
             best, lambda w: measure(w, rule),
             lambda w: gp.neighbour_plans(w, n, p.protect_first, p.protect_last, p.max_window), p.local_search, known)

@@ -61,6 +61,27 @@ def test_angular_distance_matrix_by_hand_and_block_choice():
                                                                                                           (3, 4))
 
 
+def test_boundary_states_equal_hf_hidden_states(tiny_model):
+    """The angular baseline's layer-by-layer pass against HF output_hidden_states (last token).
+
+    HF's last entry is after the final norm; the last layer's raw output comes from a hook."""
+    from transformers import AutoModelForCausalLM
+
+    from slm_dist.workers.stage_worker import StageSpec
+
+    ids = torch.randint(3, 60, (5, 12), generator=torch.Generator().manual_seed(0))
+    states = compare.boundary_last_token_states(StageSpec(str(tiny_model), 0, 6, 6), ids, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    last = {}
+    model.model.layers[-1].register_forward_hook(lambda m, i, o: last.__setitem__("h", o[0] if isinstance(o, tuple)
+                                                                                else o))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    reference = torch.stack([*(h[:, -1] for h in hidden[:6]), last["h"][:, -1]], dim=1)
+    assert states.shape == (5, 7, 32)
+    assert torch.allclose(states, reference, atol=1e-5)
+
+
 def test_laco_windows_and_last_layers_by_hand():
     assert baselines.laco_windows(30, 6).windows == ((20, 23), (25, 28))
     assert baselines.laco_windows(30, 10).windows == ((12, 13), (15, 18), (20, 23), (25, 28))

@@ -28,7 +28,7 @@ def test_demo_prunes_smollm2(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
-    assert model.config.num_hidden_layers == 24 and len(model.config.layer_types or [None] * 24) == 24
+    assert model.config.num_hidden_layers == 24 and len(model.model.layers) == 24
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
