@@ -44,7 +44,7 @@ METHODS = ("shortgpt", "angular", "laco", "last_layers", "slm_output", "slm_cka_
 OURS = ("slm_global_drop", "slm_global_scaled")
 BASELINES = ("shortgpt", "angular", "laco", "last_layers", "slm_output")
 SECTION = "## Plans that keep the model (issue 8)"
-PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=12", "plan.refine_metric=nll")
+PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=16", "plan.refine_metric=nll")
 
 
 def first_items(source: Path, out: Path, items: int, lines_per_item: int) -> Path:

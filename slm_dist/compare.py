@@ -145,14 +145,16 @@ def plan_from_json(data: dict, num_layers: int):
 Plan = Callable[[float], list[tuple[int, int]]]
 
 
-def search_output_threshold(plan_at: Plan, target: int, start: float = 0.99, max_calls: int = 16
-                            ) -> tuple[float, list[tuple[int, int]], list[tuple[float, int]]]:
+def search_output_threshold(plan_at: Plan, target: int, start: float = 0.99, max_calls: int = 12,
+                            resolution: float = 1e-4) -> tuple[float, list[tuple[int, int]], list[tuple[float, int]]]:
     """A threshold whose published-loop plan removes ``target`` layers (or the nearest found).
 
     The removed count is not monotone in T: it grows as T falls, until at low T the single growing
     window reaches the floor and the loop drops it (their quirk), leaving nothing. So T is lowered
     from ``start`` in widening steps until the plan removes >= target, then bisected between the
-    last two thresholds. Returns (threshold, windows, every (threshold, removed) tried).
+    last two thresholds until they are ``resolution`` apart (closer thresholds almost never change
+    the plan, and every try costs forward passes). Returns (threshold, windows, every (threshold,
+    removed) tried); when no try hits ``target`` the nearest count wins, fewer layers on a tie.
     """
     tried: list[tuple[float, int]] = []
     plans: dict[float, list[tuple[int, int]]] = {}
@@ -174,7 +176,7 @@ def search_output_threshold(plan_at: Plan, target: int, start: float = 0.99, max
             break
         high, step = t, step * 2
         t = max(t - step, 0.0)
-    while low is not None and len(tried) < max_calls:
+    while low is not None and len(tried) < max_calls and high - low > resolution:
         t = (low + high) / 2
         r = removed_at(t)
         if r == target:
@@ -216,6 +218,25 @@ def save_scores(path: Path, fingerprint: str, cache: dict) -> None:
     scores = [{"committed": [list(w) for w in c], "trial": list(t), "rule": r, "score": v}
               for (c, t, r), v in cache.items()]
     write_json(path, {"fingerprint": fingerprint, "scores": scores})
+
+
+class PlanLosses(dict):
+    """slm_global plan losses ((windows, rule, metric) -> loss), written through to a JSON file so a rerun
+    on the same model and calibration tokens (same fingerprint) measures none of them again."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        super().__init__()
+        self.path, self.fingerprint = Path(path), fingerprint
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if data.get("fingerprint") == fingerprint:
+            for e in data["losses"]:
+                super().__setitem__((tuple(map(tuple, e["windows"])), e["rule"], e["metric"]), e["loss"])
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        losses = [{"windows": [list(w) for w in windows], "rule": rule, "metric": metric, "loss": loss}
+                  for (windows, rule, metric), loss in self.items()]
+        write_json(self.path, {"fingerprint": self.fingerprint, "losses": losses})
 
 
 def _release_candidates(backend) -> None:
@@ -298,7 +319,8 @@ def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointInde
 
     search = lambda k: search_output_threshold(plan_at, k)  # noqa: E731
 
-    measured: dict = {}  # plan losses and alphas, shared by every slm_global plan of this calibration
+    # Plan losses and alphas, shared by every slm_global plan of this calibration; losses kept on disk.
+    measured: dict = {"fits": {}, "losses": PlanLosses(out_root / "plan_losses.json", fingerprint)}
 
     def global_plan(k: int, rule: str) -> planner.MergePlan:
         plan_cfg = config.plan.model_copy(update={"search": "global", "threshold": None,

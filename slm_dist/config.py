@@ -79,8 +79,9 @@ class PlanSection(_Section):
     candidates: int = Field(1, ge=1, description="search=global: plans the output-verified refinement ranks by "
                                                  "forward passes on the calibration samples; 1 = no refinement")
     local_search: int = Field(0, ge=0, description="search=global: after ranking, measure up to this many plans "
-                                                    "one move from the best (a window shifted, a layer moved "
-                                                    "between windows) and keep improvements; 0 = off")
+                                                    "one swap from the best (a removed layer kept, a kept one "
+                                                    "removed; cheapest predicted first), moving to any better "
+                                                    "one; 0 = off")
     refine_metric: Literal["nll", "cosine"] = Field(
         "nll", description="how the refinement ranks plans: calibration next-token NLL, or the published "
                            "final-hidden cosine to the original model")

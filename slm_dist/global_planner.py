@@ -303,52 +303,54 @@ def rank_plans(
 # --------------------------------------------------------------------------------------------
 
 
+def windows_removing(layers: Sequence[int]) -> tuple[Window, ...]:
+    """The windows whose ``drop`` removes exactly ``layers``: each maximal run a..b is window [a-1..b]."""
+    out: list[Window] = []
+    for layer in sorted(set(layers)):
+        if out and out[-1][1] == layer - 1:
+            out[-1] = (out[-1][0], layer)
+        else:
+            out.append((layer - 1, layer))
+    return tuple(out)
+
+
 def neighbour_plans(
     windows: Sequence[Window],
     num_layers: int,
     protect_first: int = 1,
     protect_last: int = 1,
     max_window: int | None = None,
+    layer_cost: Sequence[float] | None = None,  # [N]: predicted damage of removing each layer alone
 ) -> list[tuple[Window, ...]]:
-    """Plans one move away that remove as many layers: a window shifted by one layer, or one layer
-    handed from one window to another (a 2-layer window that gives its layer away disappears).
+    """Plans one swap away: one removed layer kept, one kept layer removed (the same count).
 
-    Each move swaps one removed layer for a kept one next to a window: the changes the statistics
-    rank least reliably (which end of a run of similar layers to cut). Deterministic order.
+    A plan is the set of layers its windows remove (window [lo..hi] removes lo+1..hi), so every
+    window set is reachable by swaps, and shifting a window or handing a layer from one window to
+    another is one swap. With ``layer_cost`` the swaps come cheapest predicted change first
+    (cost of the layer added minus cost of the layer given back), so a search with a small budget
+    measures the promising ones; without it, nearest swaps first. Plans that break max_window or
+    the protected layers are left out. Deterministic order.
     """
     _check_protect(num_layers, protect_first, protect_last)
     _check_max_window(max_window)
-    first, last = protect_first, num_layers - 1 - protect_last  # windows lie in [first, last]
+    removable = range(protect_first + 1, num_layers - protect_last)
+    removed = {layer for lo, hi in windows for layer in range(lo + 1, hi + 1)}
+    if not removed <= set(removable):
+        raise PlanError(f"windows {[list(w) for w in windows]} remove layers outside the removable "
+                        f"{protect_first + 1}..{num_layers - protect_last - 1}")
     cap = math.inf if max_window is None else max_window
-    base = tuple(sorted(windows))
-    seen: set[tuple[Window, ...]] = {base}
-    out: list[tuple[Window, ...]] = []
-
-    def offer(new: list[Window]) -> None:
-        plan = tuple(sorted(w for w in new if w[1] > w[0]))
-        if plan in seen:
-            return
-        prev = -1
-        for lo, hi in plan:
-            if lo <= prev or lo < first or hi > last or hi - lo + 1 > cap:
-                return
-            prev = hi
-        seen.add(plan)
-        out.append(plan)
-
-    for i, (lo, hi) in enumerate(base):
-        rest = list(base[:i]) + list(base[i + 1:])
-        offer(rest + [(lo - 1, hi - 1)])
-        offer(rest + [(lo + 1, hi + 1)])
-    for i, (a_lo, a_hi) in enumerate(base):  # window i grows by one layer ...
-        for j, (b_lo, b_hi) in enumerate(base):  # ... window j shrinks by one
-            if i == j:
+    moves = []
+    for out in sorted(removed):
+        for into in removable:
+            if into in removed:
                 continue
-            others = [w for k, w in enumerate(base) if k not in (i, j)]
-            for grown in ((a_lo - 1, a_hi), (a_lo, a_hi + 1)):
-                for shrunk in ((b_lo + 1, b_hi), (b_lo, b_hi - 1)):
-                    offer(others + [grown, shrunk])
-    return out
+            plan = windows_removing((removed - {out}) | {into})
+            if any(hi - lo + 1 > cap for lo, hi in plan):
+                continue
+            predicted = 0.0 if layer_cost is None else float(layer_cost[into]) - float(layer_cost[out])
+            moves.append((predicted, abs(into - out), out, into, plan))
+    moves.sort(key=lambda m: m[:4])
+    return [plan for *_, plan in moves]
 
 
 def local_search(

@@ -250,6 +250,8 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
         if key not in memo:
             score = backend.score_plan(windows, rule_used, alphas, p.refine_metric)
             memo[key] = score if p.refine_metric == "nll" else 1.0 - score
+            log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], rule_used, p.refine_metric,
+                     memo[key])
         return memo[key]
 
     stats = dict(cka=reducer.cka(), block_influence=reducer.block_influence(),
@@ -279,9 +281,12 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
     details["candidates"] = [r.to_json() for r in ranked]
     if p.local_search > 0:
         known = {r.windows: r.loss for r in ranked}
+        # Swaps are tried cheapest predicted first: by measured damage when measured, else Block Influence.
+        layer_cost = stats.get("measured", stats["block_influence"]).tolist()
         best, best_loss, steps = gp.local_search(
             best, lambda w: measure(w, rule),
-            lambda w: gp.neighbour_plans(w, n, p.protect_first, p.protect_last, p.max_window), p.local_search, known)
+            lambda w: gp.neighbour_plans(w, n, p.protect_first, p.protect_last, p.max_window, layer_cost),
+            p.local_search, known)
         details["local_search"] = [{"windows": [list(w) for w in plan], "loss": v} for plan, v in steps]
         log.info("local search: %d more plans measured; best %s (loss %.4f)", len(steps), [list(w) for w in best],
                  best_loss)

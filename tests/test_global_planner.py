@@ -301,14 +301,28 @@ def removed_set(windows) -> set[int]:
 
 
 def test_neighbours_by_hand():
-    from slm_dist.global_planner import neighbour_plans
+    from slm_dist.global_planner import neighbour_plans, windows_removing
 
+    assert windows_removing([3, 4, 6, 9]) == ((2, 4), (5, 6), (8, 9))
     assert neighbour_plans([(2, 3)], 6) == [((1, 2),), ((3, 4),)]
+    # 8 layers, removable 2..6; [1..2] + [4..5] removes {2, 5}. Nearest swaps first (then out, into).
     assert neighbour_plans([(1, 2), (4, 5)], 8) == [
-        ((2, 3), (4, 5)), ((1, 2), (3, 4)), ((1, 2), (5, 6)),  # shifts ((0, 1) leaves the mergeable range)
-        ((1, 3),), ((3, 5),), ((4, 6),)]                        # a layer handed over; the giver disappears
+        ((2, 3), (4, 5)), ((1, 2), (3, 4)), ((1, 2), (5, 6)),  # 2->3, 5->4, 5->6: window shifts
+        ((3, 5),), ((1, 3),),                                  # 2->4, 5->3: a layer handed to the other window
+        ((4, 6),)]                                             # 2->6
     assert neighbour_plans([(1, 2), (4, 5)], 8, max_window=2) == [((2, 3), (4, 5)), ((1, 2), (3, 4)),
                                                                   ((1, 2), (5, 6))]
+    # With per-layer costs: the cheapest predicted change (cost added - cost given back) first.
+    cost = [math.inf, math.inf, 0.5, 0.375, 0.25, 0.625, 0.0, math.inf]
+    assert neighbour_plans([(1, 2), (4, 5)], 8, layer_cost=cost) == [
+        ((1, 2), (5, 6)),   # 5->6: -0.625
+        ((4, 6),),          # 2->6: -0.5
+        ((1, 2), (3, 4)),   # 5->4: -0.375
+        ((3, 5),),          # 2->4: -0.25 (tie with 5->3: the lower layer given back first)
+        ((1, 3),),          # 5->3: -0.25
+        ((2, 3), (4, 5))]   # 2->3: -0.125
+    with pytest.raises(PlanError, match="outside the removable"):
+        neighbour_plans([(0, 1)], 8)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -365,3 +379,13 @@ def test_config_keys_for_the_global_search():
         load_config(None, ["plan.cost=nope"])
     with pytest.raises(ConfigError, match="merge.rule=scaled fits alphas"):
         load_config(None, ["similarity.criterion=output", "plan.threshold=0.9", "merge.rule=scaled"])
+
+
+def test_neighbours_are_every_single_swap():
+    from slm_dist.global_planner import neighbour_plans
+
+    n, windows = 12, ((2, 4), (7, 8))  # removes {3, 4, 8}; removable 2..10 (9 layers)
+    got = neighbour_plans(windows, n)
+    assert len(got) == len(set(got)) == 3 * (9 - 3)
+    assert {frozenset(removed_set(p)) for p in got} == {
+        frozenset({3, 4, 8} - {out} | {into}) for out in (3, 4, 8) for into in range(2, 11) if into not in (3, 4, 8)}
