@@ -174,11 +174,8 @@ def fit_window_alpha(
     inputs, targets = [], []
     with torch.inference_mode():
         for batch_id in batch_ids:
-            h = stage.cached_input(batch_id)
-            ctx = stage._context(h)
-            for layer_id in range(stage.spec.start, lo):
-                h = stage._run_layer(held[layer_id], layer_id, h, ctx)
-            inputs.append((h, ctx))
+            h = stage.cached_input(batch_id, lo)
+            inputs.append((h, stage._context(h)))
         outs = [h for h, _ in inputs]
         for layer_id, member in zip(range(lo, hi + 1), source):
             module = held[layer_id] if layer_id in held else scratch(layer_id, member)

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("slm_dist")
+# `slm-dist run` without a config file is the demo: the schema defaults are the demo's values,
+# except the backend, which is local in the schema (library use, tests) and Ray for the demo.
+DEMO_SETTINGS = ("cluster.backend=ray",)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 CACHE_ENV = "SLM_DIST_CACHE"
@@ -55,8 +58,9 @@ def cmd_run(args) -> int:
     from slm_dist.config import load_config
 
     path, overrides = _split_args(args.items)
-    if path is None and not overrides:
-        log.info("no config given: pruning the SmolLM2-135M demo (configs/default.yaml defaults)")
+    if path is None:
+        log.info("no config file: the SmolLM2-135M demo settings (configs/default.yaml) on a local Ray instance")
+        overrides = [*DEMO_SETTINGS, *overrides]
     config = load_config(path, overrides)
     report = pipeline.run(config, cache_dir=_cache_dir(), show_progress=_show_progress(args), force=args.force)
     log.info("done: %d -> %d layers, perplexity %s -> %s; checkpoint in %s", report["layers_before"],

@@ -482,7 +482,9 @@ class RayBackend:
     def score_candidate(self, committed: Sequence[tuple[int, int]], trial: tuple[int, int], rule: str) -> float:
         """Mean cosine (final-norm hidden, candidate vs original) over the calibration samples."""
         lo, hi = trial
-        total, count = self._score(list(committed) + ([trial] if hi > lo else []), lo, rule)
+        windows = list(committed) + ([trial] if hi > lo else [])
+        lo = min([lo, *(w[0] for w in windows)])  # below the lowest changed layer: the original model
+        total, count = self._score(windows, lo, rule)
         return total / count
 
     def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
@@ -519,8 +521,9 @@ class RayBackend:
 
     # ------------------------------------------------------------------------------ evaluation
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
-                 show_progress: bool = False, desc: str = "score") -> list[torch.Tensor]:
-        """Per batch, log p(token t+1 | prefix) for every position: [batch, seq-1] float32, in order."""
+                 show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None
+                 ) -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
         stages = self._workers(specs)
         inputs = [ray.put(ids) for _, ids in batches]
 
@@ -528,7 +531,7 @@ class RayBackend:
             x = inputs[i]
             for stage in stages[:-1]:
                 x = stage.forward_hop.remote(x)
-            return [stages[-1].token_logprobs.remote(x, inputs[i])]
+            return [stages[-1].token_logprobs.remote(x, inputs[i], 0 if starts is None else starts[i])]
 
         results = self._stream(range(len(batches)), submit, desc, show_progress)
         return [results[i][0] for i in range(len(batches))]

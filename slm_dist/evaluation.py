@@ -303,7 +303,9 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> Tensor:  # int64 [l
     return out
 
 
-Scorer = Callable[[list[tuple[int, Tensor]]], list[Tensor]]  # batches -> per batch [b, s-1] log p(next token)
+# (batches, starts) -> per batch [b, s-1] log p(next token); positions before starts[i] may be NaN
+# (None: every position). Starts spare the vocabulary projection where nothing is scored.
+Scorer = Callable[..., list[Tensor]]
 
 
 def score_requests(requests: Sequence[Request], logprobs: Scorer, batch_tokens: int = 4096,
@@ -311,8 +313,9 @@ def score_requests(requests: Sequence[Request], logprobs: Scorer, batch_tokens: 
     """Summed continuation log-likelihood of every request, in request order."""
     groups = pack_batches([len(r.tokens) for r in requests], batch_tokens)
     batches = [(b, pad_right([requests[i].tokens for i in g], pad_id)) for b, g in enumerate(groups)]
+    starts = [min(len(requests[i].tokens) - 1 - requests[i].num_continuation for i in g) for g in groups]
     out = [math.nan] * len(requests)
-    for g, lp in zip(groups, logprobs(batches)):  # lp: [b, width-1]; lp[:, t] = log p(token t+1 | tokens <= t)
+    for g, lp in zip(groups, logprobs(batches, starts)):  # lp: [b, width-1]; lp[:, t] = log p(token t+1 | tokens <= t)
         for row, i in enumerate(g):
             n, c = len(requests[i].tokens), requests[i].num_continuation
             out[i] = float(lp[row, n - 1 - c:n - 1].double().sum())
@@ -463,7 +466,7 @@ def evaluate(inputs: Inputs, logprobs: Scorer, batch_tokens: int = 4096, pad_id:
 
 def backend_scorer(backend, specs, show_progress: bool = False) -> Scorer:
     """``logprobs`` bound to a backend (local or Ray) and the stage specs of one model."""
-    return lambda batches: backend.logprobs(specs, batches, show_progress=show_progress)
+    return lambda batches, starts=None: backend.logprobs(specs, batches, show_progress=show_progress, starts=starts)
 
 
 def evaluate_model(model_dir: Path, spec: EvalSpec, config, backend, show_progress: bool = False,

@@ -15,6 +15,8 @@ Plan, validate, execute:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -46,6 +48,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
               "chat_template.json")
 OUTPUT_MARKER = ".slm-dist-output"
+LOCK_NAME = ".slm-dist.lock"
 MODEL_CARD = "README.md"
 CONFIG_NAME = "config.json"
 MANIFEST_FORMAT = "slm-dist-manifest/1"
@@ -285,8 +288,41 @@ def write_export(export: ExportPlan, run_jobs: ShardRunner | None = None, *, max
         raise ExportError(f"merge.memory_budget_bytes={memory_budget_bytes} leaves nothing to each of "
                           f"merge.max_parallel={max_parallel} jobs; raise the budget")
     check_output_dir(export.source, export.out_dir)
+    export.out_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(export.out_dir):
+        return _write_export(export, run_jobs, max_parallel, memory_each, allow_pickle, on_shard)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on the output folder while one merge writes it.
+
+    Two merges into one folder (a scheduled pipeline run overlapping a manual one) would each take
+    the other's finished shards for stale and delete or overwrite them. ``flock`` dies with its
+    process, so a killed merge never leaves a lock behind for the rerun to trip on.
+    """
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ExportError(f"another merge is writing {out} (it holds {path}, pid {holder}); wait for it to "
+                              "finish, or give this one another merge.output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message another merge prints
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock file: two finished folders of one plan stay identical
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_export(export: ExportPlan, run_jobs: ShardRunner | None, max_parallel: int, memory_each: int,
+                  allow_pickle: bool, on_shard: OnDone | None) -> ExportResult:
     out = export.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUT_MARKER).write_text(json.dumps({"source": str(export.source)}) + "\n")
 
     done = _finished_shards(export)

@@ -67,6 +67,7 @@ class LocalBackend:
         specs = [s.spec for s in self.stages]
         lo, hi = trial
         windows = list(committed) + ([trial] if hi > lo else [])
+        lo = min([lo, *(w[0] for w in windows)])  # below the lowest changed layer: the original model
         first = stage_holding(specs, lo)
         total, count = 0.0, 0
         for batch_id in self._batch_ids:
@@ -123,15 +124,16 @@ class LocalBackend:
         return [self.stages[stage_holding(specs, lo)].fit_alpha((lo, hi), batch_ids) for lo, hi in windows]
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
-                 show_progress: bool = False, desc: str = "score") -> list[torch.Tensor]:
-        """Per batch, log p(token t+1 | prefix) for every position: [batch, seq-1] float32, in order."""
+                 show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None
+                 ) -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
         stages = self._workers(specs)
         out = []
-        for _, ids in _progress(batches, show_progress, desc):
+        for i, (_, ids) in enumerate(_progress(batches, show_progress, desc)):
             x = ids
             for stage in stages[:-1]:
                 x = stage.forward(x)
-            out.append(stages[-1].token_logprobs(x, ids))
+            out.append(stages[-1].token_logprobs(x, ids, 0 if starts is None else starts[i]))
         return out
 
     def nll(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],

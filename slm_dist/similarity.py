@@ -166,9 +166,9 @@ def rbf_bandwidth_sq(sq_dist: Tensor) -> float:  # sq_dist [n, n] -> sigma^2
 
 
 def gram(x: Tensor, kernel: Kernel) -> Tensor:  # x [n, features] -> [n, n] float64
-    """Kernel matrix of the rows of x, in float64.
+    """Kernel matrix of the rows of x, returned in float64.
 
-    ``linear``: K = X X^T. ``rbf``: K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2)) with sigma^2 from
+    ``linear``: K = X X^T, products in float32 (float64 for float64 input). ``rbf`` (distances in float64: they cancel): K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2)) with sigma^2 from
     ``rbf_bandwidth_sq`` (per call, i.e. per batch and layer). A constant layer under rbf gives
     the all-ones kernel, whose unbiased HSIC is exactly 0.
     """
@@ -178,7 +178,10 @@ def gram(x: Tensor, kernel: Kernel) -> Tensor:  # x [n, features] -> [n, n] floa
             "build it with layer_representation."
         )
     if kernel == "linear":
-        return _linear_gram64(x)
+        # float32 products, float64 result: stages ship Grams as float32 anyway, and float64
+        # matmuls cost several times the forward pass on CPUs (half of it on narrow models).
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return (x @ x.T).double()
     if kernel == "rbf":
         dots = _linear_gram64(x)
         sq_norms = dots.diagonal()
@@ -422,8 +425,14 @@ def linear_cka_full(x: Tensor, y: Tensor) -> float:  # x [n, f], y [n, g]
 # --------------------------------------------------------------------------------------------
 
 
-def _row_cosines(h_in: Tensor, h_out: Tensor, skip_first: bool) -> Tensor:  # -> float64 [rows]
-    """cos(h_in_t, h_out_t) for every token row, in float64 chunks (hidden may be bf16 and wide)."""
+def _row_angles(h_in: Tensor, h_out: Tensor, skip_first: bool) -> tuple[Tensor, Tensor]:
+    """(cos, angle in radians) of (h_in_t, h_out_t) for every token row, [rows] each.
+
+    float32 chunks (float64 for float64 input; hidden may be bf16 and wide): float64 copies of every hidden state cost a
+    large share of a narrow model's forward. The angle comes from 2 atan2(|u - v|, |u + v|) of the
+    unit vectors, not arccos(cos), which near cos = 1 turns float32 rounding into 1e-4 errors.
+    One pass feeds both Block Influence and angular distance (``input_output_similarity``).
+    """
     if h_in.shape != h_out.shape or h_in.dim() != 3:
         raise SimilarityError(
             f"h_in and h_out must both be [batch, seq, hidden] of the same shape, got "
@@ -435,15 +444,31 @@ def _row_cosines(h_in: Tensor, h_out: Tensor, skip_first: bool) -> Tensor:  # ->
     a_rows = h_in.reshape(-1, width)
     b_rows = h_out.reshape(-1, width)
     step = max(1, _CHUNK_ELEMENTS // max(width, 1))
-    parts = []
+    cosines, angles = [], []
+    dtype = torch.float64 if torch.float64 in (h_in.dtype, h_out.dtype) else torch.float32
+    tiny = torch.finfo(dtype).tiny
     for start in range(0, a_rows.shape[0], step):
-        a = a_rows[start : start + step].to(torch.float64)
-        b = b_rows[start : start + step].to(torch.float64)
-        norms = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(torch.finfo(torch.float64).tiny)
-        parts.append(((a * b).sum(dim=1) / norms).clamp_(-1.0, 1.0))
-    if not parts:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat(parts)
+        a = a_rows[start : start + step].to(dtype)
+        b = b_rows[start : start + step].to(dtype)
+        na = torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(tiny)
+        nb = torch.linalg.vector_norm(b, dim=1, keepdim=True).clamp_min(tiny)
+        u, v = a / na, b / nb
+        cosines.append(torch.linalg.vecdot(u, v).clamp_(-1.0, 1.0))
+        angles.append(2.0 * torch.atan2(torch.linalg.vector_norm(u - v, dim=1), torch.linalg.vector_norm(u + v, dim=1)))
+    if not cosines:
+        empty = torch.zeros(0, dtype=dtype)
+        return empty, empty
+    return torch.cat(cosines), torch.cat(angles)
+
+
+def input_output_similarity(
+    h_in: Tensor,  # [batch, seq, hidden], a layer's input
+    h_out: Tensor,  # [batch, seq, hidden], its output
+    skip_first: bool = True,
+) -> tuple[float, float, int]:  # (sum of cosines, sum of angle/pi, token rows)
+    """Block Influence and angular distance sums from one pass (see the two below)."""
+    cos, angle = _row_angles(h_in, h_out, skip_first)
+    return float(cos.double().sum()), float(angle.double().sum() / math.pi), int(cos.numel())
 
 
 def block_influence(
@@ -457,8 +482,8 @@ def block_influence(
     row has cosine 0. With skip_first, position 0 of each sequence is left out (count 0 when
     seq_len is 1).
     """
-    cos = _row_cosines(h_in, h_out, skip_first)
-    return float(cos.sum()), int(cos.numel())
+    cos_sum, _, count = input_output_similarity(h_in, h_out, skip_first)
+    return cos_sum, count
 
 
 def angular_distance(
@@ -468,5 +493,5 @@ def angular_distance(
 ) -> tuple[float, int]:  # (sum of arccos(cos)/pi, token rows)
     """Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers"): arccos(cos)/pi
     per token row, in [0, 1], as (sum, count); the mean is sum / count."""
-    cos = _row_cosines(h_in, h_out, skip_first)
-    return float((torch.arccos(cos) / math.pi).sum()), int(cos.numel())
+    _, angular_sum, count = input_output_similarity(h_in, h_out, skip_first)
+    return angular_sum, count

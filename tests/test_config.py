@@ -13,6 +13,14 @@ def test_defaults_are_the_demo():
     assert cfg.output_dir == cfg.run.dir / "model"
 
 
+def test_demo_runs_on_ray_and_the_shipped_demo_config_matches_the_no_config_run():
+    from slm_dist.cli import DEMO_SETTINGS
+
+    shipped = load_config(ROOT / "configs" / "default.yaml")
+    assert shipped.cluster.backend == "ray"
+    assert load_config(None, list(DEMO_SETTINGS)).cluster.backend == "ray"
+
+
 @pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml"])
 def test_shipped_configs_validate(name):
     load_config(ROOT / "configs" / name)

@@ -223,6 +223,24 @@ def test_a_killed_merge_resumes_to_a_folder_identical_to_an_uninterrupted_run(ti
     assert _files(out) == _files(clean / "model")
 
 
+def test_a_second_merge_into_a_folder_being_written_is_refused_and_harms_nothing(tiny, tmp_path):
+    out = tmp_path / "out"
+    export = plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES)
+    seen = []
+
+    def second_merge(job, result):  # runs while the first merge holds the folder
+        if not seen:
+            with pytest.raises(ExportError, match=r"another merge is writing .*out.*pid \d+.*merge\.output_dir"):
+                write_export(plan_export(open_index(tiny), _plan("sum", ((1, 4),)), out, SHARD_BYTES))
+        seen.append(job.name)
+
+    write_export(export, on_shard=second_merge)
+    assert len(seen) == len(export.shards)
+    assert verify_model(out) == []
+    assert set(_tensors(out)) == set(merge_state_dict(_tensors(tiny), _plan("sum").windows, 6, LLAMA, "sum"))
+    write_export(export)  # the lock went with the first merge: a rerun proceeds
+
+
 def test_a_new_plan_in_the_same_folder_replaces_every_shard(tiny, tmp_path):
     out = tmp_path / "out"
     write_export(plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES))

@@ -63,6 +63,11 @@ def test_chained_stages_equal_full_model(tiny_model, num_stages):
     logp = workers[-1].token_logprobs(x, ids)
     ref_logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(logp, ref_logp, atol=ATOL, rtol=0)
+    # From a start position: the same values there (the head runs on fewer positions), NaN before.
+    start = ids.shape[1] // 2
+    tail = workers[-1].token_logprobs(x, ids, start)
+    assert tail.shape == logp.shape and bool(tail[:, :start].isnan().all())
+    torch.testing.assert_close(tail[:, start:], logp[:, start:], atol=1e-6, rtol=0)
 
 
 def test_stage_reads_only_its_own_tensors(tiny_model):

@@ -26,6 +26,7 @@ class LazyReader:
         self._pickles: dict[str, dict] = {}
         self.opened_files: set[str] = set()
         self.read_keys: list[str] = []
+        self._rows: RowReader | None = None  # pread-based reads for read_into
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -55,9 +56,42 @@ class LazyReader:
         except Exception as e:
             raise CheckpointError(f"cannot read {key!r} from {Path(self.index.root) / info.file}: {e}") from None
 
+    def read_into(self, key: str, out: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+        """Copy tensor ``key`` into ``out`` (any device; float dtypes cast), a bounded chunk at a time.
+
+        The point is the peak: reading a whole bf16 tensor and then casting it holds both copies,
+        and safe_open's mapped pages count as resident besides. Here the extra memory is one
+        reused ``chunk_bytes`` buffer, so a stage peaks at the weights it keeps plus a constant.
+        """
+        info = self.index.tensors.get(key)
+        if info is None:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.index.root}")
+        if tuple(out.shape) != tuple(info.shape):
+            raise CheckpointError(f"tensor {key!r} in {Path(self.index.root) / info.file} has shape "
+                                  f"{list(info.shape)}, the model expects {list(out.shape)}: config.json and "
+                                  "the weights disagree")
+        if self.index.format == "pickle" or info.offset < 0:
+            out.copy_(self.get(key))
+            return out
+        self.read_keys.append(key)
+        self.opened_files.add(info.file)
+        if self._rows is None:
+            self._rows = RowReader(Path(self.index.root))
+        numel = math.prod(info.shape)
+        flat = out.view(-1)
+        step = max(1, chunk_bytes // max(1, info.nbytes // max(numel, 1)))
+        buf = torch.empty(min(step, numel), dtype=torch_dtype(info.dtype))
+        for start in range(0, numel, step):
+            stop = min(start + step, numel)
+            flat[start:stop].copy_(self._rows.read_flat(info, start, stop, out=buf))
+        return out
+
     def close(self) -> None:
         self._handles.clear()
         self._pickles.clear()
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
 
 
 # safetensors dtype name -> torch dtype, for the raw reader below

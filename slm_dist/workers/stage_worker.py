@@ -8,6 +8,7 @@ tensors are read, so a stage of a 70B model holds its layers and nothing else.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from slm_dist import similarity
 from slm_dist.arch import ArchSpec, get_arch
 from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_index
-from slm_dist.checkpoint.reader import LazyReader
+from slm_dist.checkpoint.reader import LazyReader, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class StageWorker:
         self.arch: ArchSpec = get_arch(self.index.model_type)
         self.reader = LazyReader(self.index)
         self._build()
-        self._cached_inputs: dict[int, Tensor] = {}    # batch_id -> this stage's original input
+        # batch_id -> the original input of each layer held (index layer_id - start), kept on the
+        # host: a candidate plan reruns only from its lowest changed layer, not from the stage's start.
+        self._cached_inputs: dict[int, list[Tensor]] = {}
         self._reference_final: dict[int, Tensor] = {}  # batch_id -> original final-norm hidden (last stage)
         self._merged_layers: dict[tuple, nn.Module] = {}
 
@@ -138,7 +141,10 @@ class StageWorker:
             source = self.arch.lm_head_module
             if f"{source}.weight" not in self.index and tied:
                 source = self.arch.embed_module  # tied weights are stored once, under the embedding
-            self._load_module(self.lm_head, self.arch.lm_head_module, source_prefix=source)
+            if source == self.arch.embed_module and self.embed is not None:
+                self.lm_head.weight = self.embed.weight  # tied and both here: one tensor, as in the HF model
+            else:
+                self._load_module(self.lm_head, self.arch.lm_head_module, source_prefix=source)
         for module in self._held_modules():
             module.eval()
             module.requires_grad_(False)
@@ -157,17 +163,19 @@ class StageWorker:
             if key not in self.index:
                 raise CheckpointError(f"{self.spec.model_dir} lacks tensor {key!r} needed by layers "
                                       f"[{self.spec.start}, {self.spec.stop}); the checkpoint is incomplete")
-            value = self.reader.get(key)
-            set_module_tensor_to_device(module, name, self.device, value=value, dtype=self.dtype)
-        # Unmap the shards after each module: mapped pages count as resident while a handle lives,
-        # so a stage would otherwise peak at its weights plus every shard byte it touched.
+            source = torch_dtype(self.index.tensors[key].dtype)
+            value = torch.empty(self.index.tensors[key].shape, device=self.device,
+                                dtype=self.dtype if source.is_floating_point else source)
+            self.reader.read_into(key, value)  # straight into the kept tensor: no whole-tensor cast copy
+            set_module_tensor_to_device(module, name, self.device, value=value)
         self.reader.close()
 
     def loaded_keys(self) -> list[str]:
         return list(self.reader.read_keys)
 
     def held_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in self._held_modules() for p in m.parameters())
+        unique = {p.data_ptr(): p for m in self._held_modules() for p in m.parameters()}  # tied weights once
+        return sum(p.numel() * p.element_size() for p in unique.values())
 
     # ----------------------------------------------------------------------------------- forward
     def _inputs(self, x: Tensor) -> Tensor:
@@ -213,8 +221,9 @@ class StageWorker:
         """One calibration batch: the next stage's input plus this stage's Gram statistics."""
         spec = self.stats_spec
         h = self._inputs(x)
+        cached: list[Tensor] = []
         if cache_inputs:
-            self._cached_inputs[batch_id] = h.detach().to("cpu", copy=True)
+            self._cached_inputs[batch_id] = cached
         b, s, _ = h.shape
         token_index = None
         if spec.unit == "token":
@@ -235,10 +244,11 @@ class StageWorker:
         ctx = self._context(h)
         for layer_id, layer in zip(self.layer_ids, self.layers):
             h_in = h
+            if cache_inputs:
+                cached.append(h_in.detach().to("cpu", copy=True))
             h = self._run_layer(layer, layer_id, h, ctx)
             record(layer_id + 1, h)
-            cos_sum, count = similarity.block_influence(h_in.float(), h.float(), skip_first=spec.skip_first_token)
-            ang_sum, _ = similarity.angular_distance(h_in.float(), h.float(), skip_first=spec.skip_first_token)
+            cos_sum, ang_sum, count = similarity.input_output_similarity(h_in, h, skip_first=spec.skip_first_token)
             stats.cos_sums[layer_id], stats.angular_sums[layer_id], stats.counts[layer_id] = cos_sum, ang_sum, count
         if cache_inputs and self.spec.is_last:
             self._reference_final[batch_id] = self.norm(h).detach().to("cpu", copy=True)
@@ -246,17 +256,28 @@ class StageWorker:
         return h, stats
 
     @torch.inference_mode()
-    def token_logprobs(self, x: Tensor, input_ids: Tensor) -> Tensor:
-        """Last stage: log p(input_ids[:, t+1] | prefix) for every position, [batch, seq-1] float32."""
+    def token_logprobs(self, x: Tensor, input_ids: Tensor, start: int = 0) -> Tensor:
+        """Last stage: log p(input_ids[:, t+1] | prefix), [batch, seq-1] float32, for positions t >= start.
+
+        Positions before ``start`` come back NaN: the vocabulary projection is about a fifth of a
+        small model's forward, and a multiple-choice request scores only its last few tokens.
+        """
         if not (self.spec.is_last and self.lm_head is not None):
             raise RuntimeError("token_logprobs runs on the last stage, built with with_lm_head=True")
         h = self.forward(x) if self.layers else self._inputs(x)
-        return self._logprobs(h, input_ids)
+        return self._logprobs(h, input_ids, start)
 
-    def _logprobs(self, h: Tensor, input_ids: Tensor) -> Tensor:
-        logits = self.lm_head(self.norm(h)).float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        return logp.gather(-1, input_ids[:, 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+    def _logprobs(self, h: Tensor, input_ids: Tensor, start: int = 0) -> Tensor:
+        width = h.shape[1] - 1
+        start = min(max(int(start), 0), width)
+        logits = self.lm_head(self.norm(h[:, start:-1])).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(-1, input_ids[:, start + 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+        if start == 0:
+            return picked
+        out = torch.full((h.shape[0], width), math.nan, dtype=picked.dtype)
+        out[:, start:] = picked
+        return out
 
     # ------------------------------------------------------- the published-code criterion (output)
     def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None) -> nn.Module:
@@ -282,12 +303,16 @@ class StageWorker:
             self._merged_layers[key] = layer
         return self._merged_layers[key]
 
-    def cached_input(self, batch_id: int) -> Tensor:
-        """This stage's original input for a calibration batch, on the stage's device."""
+    def cached_input(self, batch_id: int, layer_id: int | None = None) -> Tensor:
+        """The original input of ``layer_id`` (default: this stage's first layer) for a calibration
+        batch, on the stage's device."""
+        layer_id = self.spec.start if layer_id is None else layer_id
         if batch_id not in self._cached_inputs:
             raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no cached input for batch "
                                     f"{batch_id}: run calibrate(..., cache_inputs=True) first")
-        return self._cached_inputs[batch_id].to(self.device)
+        if not self.spec.start <= layer_id < self.spec.stop:
+            raise ValueError(f"layer {layer_id} is not held by stage [{self.spec.start}, {self.spec.stop})")
+        return self._cached_inputs[batch_id][layer_id - self.spec.start].to(self.device)
 
     def fit_alpha(self, window: tuple[int, int], batch_ids: Sequence[int], grid_points: int = 6,
                   refine_steps: int = 6):
@@ -306,21 +331,22 @@ class StageWorker:
         """Run the candidate model (original layers with `windows` merged) through this stage.
 
         Layers below ``from_layer`` are unchanged by every window, so their cached original output
-        stands in for them: ``x`` is None on the stage holding ``from_layer``, which starts from its
-        cached input; later stages get the previous stage's candidate output. On the last stage the
+        stands in for them: ``x`` is None on the stage holding ``from_layer``, which starts from the
+        cached original input of ``from_layer`` (a window near the top reruns a few layers, not all); later stages get the previous stage's candidate output. On the last stage the
         result is the per-sample cosine with the original model's final-norm hidden [batch], or, when
         ``input_ids`` [batch, seq] are given, the candidate's log p(token t+1 | prefix) [batch, seq-1].
         Rule ``scaled`` takes each window's alpha from ``alphas``.
         """
         if x is None:
-            h = self.cached_input(batch_id)
+            first = max(from_layer, self.spec.start)
+            h = self.cached_input(batch_id, first)
         else:
-            h = self._inputs(x)
+            first, h = self.spec.start, self._inputs(x)
         ctx = self._context(h)
         starts = {lo: hi for lo, hi in windows}
         skipped = {i for lo, hi in windows for i in range(lo + 1, hi + 1)}
         for layer_id, layer in zip(self.layer_ids, self.layers):
-            if layer_id in skipped:
+            if layer_id < first or layer_id in skipped:
                 continue
             if layer_id in starts:
                 window = (layer_id, starts[layer_id])
