@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +33,28 @@ TASKS = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
          "winogrande": "winogrande/dev.jsonl", "hellaswag": "hellaswag/hellaswag_val_full.txt",
          "boolq": "boolq/val.jsonl"}
 SECTION = "## Quality (issue 6)"
+PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=16", "plan.refine_metric=nll")
+
+
+def seed_plans(source: Path, compare_dir: Path) -> None:
+    """Start from another compare run's plans and measured scores (bench_plans' run folder).
+
+    compare keeps a stored plan only when the model, calibration tokens and plan settings match
+    (its fingerprint), and never reuses a result row measured with other evaluation settings, so
+    this saves the planning (the published loop's threshold search above all) and nothing else.
+    """
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    plans = json.loads((Path(source) / "compare" / "compare.json").read_text())
+    mine = compare_dir / "compare.json"
+    current = json.loads(mine.read_text()) if mine.is_file() else {}
+    if current.get("plans_fingerprint") != plans.get("plans_fingerprint"):
+        current = {"plans_fingerprint": plans.get("plans_fingerprint"), "plans": {}, "rows": []}
+    current["plans"] = {**plans.get("plans", {}), **current.get("plans", {})}
+    mine.write_text(json.dumps(current, indent=1))
+    for name in ("output_scores.json", "plan_losses.json"):
+        if (Path(source) / "compare" / name).is_file() and not (compare_dir / name).is_file():
+            shutil.copy(Path(source) / "compare" / name, compare_dir / name)
+    log.info("seeded %s with %d plans from %s", compare_dir, len(plans.get("plans", {})), source)
 
 
 def write_section(path: Path, body: str) -> None:
@@ -95,6 +118,8 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print the section instead of updating RESULTS.md")
     parser.add_argument("--render-only", action="store_true",
                         help="write the section from <run-dir>/compare/compare.json as it stands (no compute)")
+    parser.add_argument("--plans-from", type=Path,
+                        help="a bench_plans run folder (runs/bench-plans) whose plans to start from")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -109,11 +134,13 @@ def main() -> int:
         sys.stdout.write(body) if args.no_write else write_section(REPO / "bench" / "RESULTS.md", body)
         return 0
     demo = prepare_demo_assets(default_cache_dir())
+    if args.plans_from:
+        seed_plans(args.plans_from, args.run_dir / "compare")
+    # The calibration and plan settings of bench/bench_plans.py, so the two tables share their plans.
     config = load_config(None, [
         f"model.path={demo.model_dir}", f"calibration.source={demo.calibration_text}", f"run.dir={args.run_dir}",
-        "calibration.num_samples=32", "calibration.seq_len=128", "calibration.batch_size=8",
-        "plan.target_layers_removed=6", "merge.max_shard_bytes=100000000",
-        "cluster.num_stages=6",  # a published-loop candidate reruns only from the stage holding its window
+        "calibration.num_samples=32", "calibration.seq_len=256", "calibration.batch_size=8",
+        "plan.target_layers_removed=6", *PLAN_SETTINGS, "merge.max_shard_bytes=100000000", "cluster.num_stages=1",
         f"eval.seq_len={args.seq_len}", f"eval.max_windows={args.ppl_windows}", "eval.batch_tokens=4096",
         *args.overrides])
     spec = evaluation.EvalSpec.from_config(config.eval, [DATA / p for p in PPL],

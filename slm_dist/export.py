@@ -6,7 +6,7 @@ Plan, validate, execute:
   keys it holds, and for each the source keys, files, byte offsets and merge rule) and fails on
   the first problem before a byte is written.
 - `write_export` runs one job per output shard (`run_jobs_local`: threads in this process;
-  `distributed_merge`: Ray tasks), each within its share of the memory budget, and records every
+  `distributed`: Ray tasks), each within its share of the memory budget, and records every
   finished shard's sha256 in `manifest.json` as it lands. A rerun of the same plan skips shards
   whose manifest entry, size and hash match and redoes the rest; `.partial` files are never taken
   for finished ones. Side files, model card, `config.json` and the index go last, then the final
@@ -37,7 +37,7 @@ from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, T
                                         plan_shards, safetensors_header, sha256_file, shard_name, write_index,
                                         write_json, write_manifest)
 from slm_dist.config import SlmConfig
-from slm_dist.merge import COPY, TensorJob, plan_tensor_jobs
+from slm_dist.merge import TensorJob, plan_tensor_jobs
 from slm_dist.planner import MergePlan, PlanError
 from slm_dist.workers.merge_worker import MergeWorker, ShardResult
 
@@ -429,9 +429,9 @@ def merge_stage(config: SlmConfig, index: CheckpointIndex, plan: MergePlan, show
     check_disk_space(export)
     runner = None
     if config.cluster.backend == "ray":
-        from slm_dist import distributed_merge
+        from slm_dist import distributed
 
-        runner = distributed_merge.shard_runner(config.cluster)
+        runner = distributed.shard_runner(config.cluster)
     bar = None
     if show_progress:
         from tqdm import tqdm

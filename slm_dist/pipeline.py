@@ -7,7 +7,6 @@ between the same `StageWorker` objects.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time

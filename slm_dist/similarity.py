@@ -425,13 +425,17 @@ def linear_cka_full(x: Tensor, y: Tensor) -> float:  # x [n, f], y [n, g]
 # --------------------------------------------------------------------------------------------
 
 
-def _row_angles(h_in: Tensor, h_out: Tensor, skip_first: bool) -> tuple[Tensor, Tensor]:
-    """(cos, angle in radians) of (h_in_t, h_out_t) for every token row, [rows] each.
+_NEAR_PARALLEL = 1.0 - 1e-3  # above this cosine, arccos amplifies float32 rounding: use the stable form
 
-    float32 chunks (float64 for float64 input; hidden may be bf16 and wide): float64 copies of every hidden state cost a
-    large share of a narrow model's forward. The angle comes from 2 atan2(|u - v|, |u + v|) of the
-    unit vectors, not arccos(cos), which near cos = 1 turns float32 rounding into 1e-4 errors.
-    One pass feeds both Block Influence and angular distance (``input_output_similarity``).
+
+def _row_angles(h_in: Tensor, h_out: Tensor, skip_first: bool) -> tuple[Tensor, Tensor]:
+    """(cos, angle in radians) of (h_in_t, h_out_t) for every token row, float64 [rows] each.
+
+    Products in float32 chunks (float64 for float64 input; hidden may be bf16 and wide): float64
+    copies of every hidden state cost a large share of a narrow model's forward. The angle is
+    arccos(cos), except for nearly parallel rows, where arccos turns float32 rounding into 1e-4
+    errors: those get 2 atan2(|u - v|, |u + v|) of the unit vectors. One pass feeds both Block
+    Influence and angular distance (``input_output_similarity``).
     """
     if h_in.shape != h_out.shape or h_in.dim() != 3:
         raise SimilarityError(
@@ -444,19 +448,25 @@ def _row_angles(h_in: Tensor, h_out: Tensor, skip_first: bool) -> tuple[Tensor, 
     a_rows = h_in.reshape(-1, width)
     b_rows = h_out.reshape(-1, width)
     step = max(1, _CHUNK_ELEMENTS // max(width, 1))
-    cosines, angles = [], []
     dtype = torch.float64 if torch.float64 in (h_in.dtype, h_out.dtype) else torch.float32
     tiny = torch.finfo(dtype).tiny
+    cosines, angles = [], []
     for start in range(0, a_rows.shape[0], step):
         a = a_rows[start : start + step].to(dtype)
         b = b_rows[start : start + step].to(dtype)
-        na = torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(tiny)
-        nb = torch.linalg.vector_norm(b, dim=1, keepdim=True).clamp_min(tiny)
-        u, v = a / na, b / nb
-        cosines.append(torch.linalg.vecdot(u, v).clamp_(-1.0, 1.0))
-        angles.append(2.0 * torch.atan2(torch.linalg.vector_norm(u - v, dim=1), torch.linalg.vector_norm(u + v, dim=1)))
+        na = torch.linalg.vector_norm(a, dim=1).clamp_min(tiny)
+        nb = torch.linalg.vector_norm(b, dim=1).clamp_min(tiny)
+        cos = (torch.linalg.vecdot(a, b) / (na * nb)).clamp_(-1.0, 1.0).double()
+        angle = torch.arccos(cos)
+        near = (cos > _NEAR_PARALLEL).nonzero().squeeze(1)
+        if near.numel():
+            u, v = a[near] / na[near, None], b[near] / nb[near, None]
+            angle[near] = 2.0 * torch.atan2(torch.linalg.vector_norm(u - v, dim=1),
+                                            torch.linalg.vector_norm(u + v, dim=1)).double()
+        cosines.append(cos)
+        angles.append(angle)
     if not cosines:
-        empty = torch.zeros(0, dtype=dtype)
+        empty = torch.zeros(0, dtype=torch.float64)
         return empty, empty
     return torch.cat(cosines), torch.cat(angles)
 
@@ -468,7 +478,7 @@ def input_output_similarity(
 ) -> tuple[float, float, int]:  # (sum of cosines, sum of angle/pi, token rows)
     """Block Influence and angular distance sums from one pass (see the two below)."""
     cos, angle = _row_angles(h_in, h_out, skip_first)
-    return float(cos.double().sum()), float(angle.double().sum() / math.pi), int(cos.numel())
+    return float(cos.sum()), float(angle.sum() / math.pi), int(cos.numel())
 
 
 def block_influence(

@@ -252,3 +252,20 @@ def test_output_folder_equal_to_or_inside_the_input_is_refused(tmp_path):
     with pytest.raises(ExportError, match="not written by slm-dist"):
         check_output_dir(src, foreign)
     check_output_dir(src, tmp_path / "fresh")  # a new folder beside the input is fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_into_casts_chunk_by_chunk_and_checks_the_shape(tmp_path, dtype):
+    weights = {"a": torch.randn(37, 5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+               "b": torch.arange(6, dtype=torch.int64)}
+    safetensors.torch.save_file(weights, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    reader = LazyReader(open_index(tmp_path))
+    out = torch.empty(37, 5, dtype=dtype)
+    reader.read_into("a", out, chunk_bytes=14)  # 7 bf16 elements per chunk: chunks straddle rows
+    assert torch.equal(out, weights["a"].to(dtype))
+    ints = reader.read_into("b", torch.empty(6, dtype=torch.int64))
+    assert torch.equal(ints, weights["b"]) and reader.read_keys == ["a", "b"]
+    with pytest.raises(CheckpointError, match=r"'a' .* has shape \[37, 5\], the model expects \[5, 37\]"):
+        reader.read_into("a", torch.empty(5, 37))
+    reader.close()

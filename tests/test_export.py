@@ -5,7 +5,6 @@ a real SIGKILL, bad inputs that must write nothing, Ray parity, and transformers
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -387,10 +386,10 @@ def ray_cluster():
 
 
 def test_ray_tasks_write_the_same_folder_and_raise_the_workers_error(tiny, tmp_path, ray_cluster):
-    from slm_dist import distributed_merge
+    from slm_dist import distributed
     from slm_dist.config import ClusterSection
 
-    runner = distributed_merge.shard_runner(ClusterSection(backend="ray"))
+    runner = distributed.shard_runner(ClusterSection(backend="ray"))
     local = write_export(plan_export(open_index(tiny), _plan("sum"), tmp_path / "local", SHARD_BYTES), max_parallel=2)
     remote = write_export(plan_export(open_index(tiny), _plan("sum"), tmp_path / "ray", SHARD_BYTES), runner,
                           max_parallel=2, memory_budget_bytes=4096)

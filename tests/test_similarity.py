@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from slm_dist import similarity as sim
 from slm_dist.similarity import (
     HsicAccumulator,
     SimilarityError,

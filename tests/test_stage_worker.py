@@ -119,3 +119,26 @@ def test_local_cka_equals_hf_hidden_states(tiny_model, unit, kernel):
     assert reducer.num_batches == 4
     bi = reducer.block_influence()
     assert bi.shape == (6,) and torch.all((bi >= 0) & (bi <= 2))
+
+
+@pytest.mark.parametrize("rule", ["reference", "mean"])
+def test_candidate_reruns_from_its_lowest_changed_layer_on_cached_inputs(tiny_model, rule):
+    # The stage keeps every layer's original input, so a window high in the stage reruns only
+    # from there: the result must equal rerunning the whole stage with the same windows applied.
+    w = StageWorker(StageSpec(str(tiny_model), 0, 6, 6), StatsSpec(unit="token", tokens_per_batch=8))
+    ids = torch.randint(0, 20, (2, 9), generator=torch.Generator().manual_seed(3))
+    w.calibrate(0, ids, cache_inputs=True)
+    for layer in range(6):  # the cache holds each layer's original input
+        expected = w._inputs(ids)
+        ctx = w._context(expected)
+        for i in range(layer):
+            expected = w._run_layer(w.layers[i], i, expected, ctx)
+        torch.testing.assert_close(w.cached_input(0, layer), expected, atol=0, rtol=0)
+    windows = [(3, 4)]
+    from_window = w.run_candidate(0, None, windows, rule, from_layer=3, input_ids=ids)
+    from_start = w.run_candidate(0, None, windows, rule, from_layer=0, input_ids=ids)
+    torch.testing.assert_close(from_window, from_start, atol=1e-6, rtol=0)
+    original = w.run_candidate(0, None, [], rule, from_layer=0, input_ids=ids)
+    assert not torch.allclose(from_window, original, atol=1e-4)  # the window did change the model
+    with pytest.raises(ValueError, match="not held"):
+        w.cached_input(0, 6)

@@ -1,7 +1,7 @@
 """Writes one output shard: reads only the source bytes that shard needs, merges, streams them out.
 
 A plain class; `export.write_export` calls `write_shard` in threads (`cluster.backend: local`)
-and `distributed_merge` runs it as Ray tasks. Memory is bounded by `memory_bytes`, whatever the
+and `distributed` runs it as Ray tasks. Memory is bounded by `memory_bytes`, whatever the
 shard or model size: each output tensor is produced in blocks of elements (every rule is
 elementwise, so merging elements [a, b) of the window gives elements [a, b) of the merged tensor,
 bit for bit) from source blocks mapped one at a time, and each block goes straight to a
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slm_dist.checkpoint.index import TensorInfo, open_index
-from slm_dist.checkpoint.reader import LazyReader, RowReader, torch_dtype
+from slm_dist.checkpoint.reader import LazyReader, RowReader
 from slm_dist.checkpoint.writer import FileRecord, ShardWriter, TensorEntry
 from slm_dist.merge import COPY, TensorJob, merge_tensor
 
