@@ -13,7 +13,7 @@ measured (<run-dir>/compare/compare.json), so an interrupted run resumes where i
 slm-dist's plan (methods ``slm_global_drop`` / ``slm_global_scaled``): ``plan.search=global``,
 ``plan.cost=measured`` (each layer's own calibration-loss damage), ``plan.candidates=8`` plans
 (two per cost, round robin) ranked by calibration NLL, then ``plan.local_search`` more plans one
-move from the best. HellaSwag and BoolQ items are long (4 x ~90 and 2 x ~180 tokens per item), so
+swap from the best. HellaSwag and BoolQ items are long (4 x ~90 and 2 x ~180 tokens per item), so
 they get ``--long-limit`` items: the first N, written to <run-dir>/data (same items for every method).
 """
 
@@ -21,50 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import shlex
 import sys
 from pathlib import Path
 
-from slm_dist import compare, evaluation
-from slm_dist.assets import default_cache_dir, prepare_demo_assets
-from slm_dist.config import load_config
+from compare_common import PLAN_SETTINGS, add_arguments, run
 
-log = logging.getLogger("bench_plans")
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-PPL = ("wikitext-2-raw/wiki.test.hf_rows.jsonl", "ptb/ptb.test.txt")
-TASKS = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
-         "arc_challenge": "arc/ARC-Challenge-Test.jsonl", "openbookqa": "openbookqa/test.jsonl",
-         "winogrande": "winogrande/dev.jsonl", "hellaswag": "hellaswag/hellaswag_val_full.txt",
-         "boolq": "boolq/val.jsonl"}
-LONG_TASKS = {"hellaswag": 6, "boolq": 1}  # lines per item in the file
+from slm_dist import compare
+
 METHODS = ("shortgpt", "angular", "laco", "last_layers", "slm_output", "slm_cka_reference", "slm_global_drop",
            "slm_global_scaled")
 OURS = ("slm_global_drop", "slm_global_scaled")
 BASELINES = ("shortgpt", "angular", "laco", "last_layers", "slm_output")
 SECTION = "## Plans that keep the model (issue 8)"
-PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=16", "plan.refine_metric=nll")
-
-
-def first_items(source: Path, out: Path, items: int, lines_per_item: int) -> Path:
-    """The first ``items`` items of a task file, as a file of its own (the same items for every method)."""
-    lines = source.read_text(encoding="utf-8").split("\n")  # as the readers split (not str.splitlines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines[:items * lines_per_item]) + "\n", encoding="utf-8")
-    return out
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    path.write_text(text)
 
 
 def verdict(result: dict) -> list[str]:
@@ -145,53 +113,9 @@ def section(result: dict, command: str, run_dir: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench-plans")
-    parser.add_argument("--limit", type=int, default=500, help="first N items of each task")
-    parser.add_argument("--long-limit", type=int, default=200, help="first N items of HellaSwag and BoolQ")
-    parser.add_argument("--ppl-windows", type=int, default=32, help="perplexity windows per text")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--removed", type=int, action="append", help="layers to remove (default: 6 and 10)")
-    parser.add_argument("--methods", help="comma-separated subset of " + ",".join(compare.METHODS))
-    parser.add_argument("--no-write", action="store_true", help="print the section instead of updating RESULTS.md")
-    parser.add_argument("--render-only", action="store_true",
-                        help="write the section from <run-dir>/compare/compare.json as it stands (no compute)")
-    parser.add_argument("overrides", nargs="*", help="config key=value overrides")
+    add_arguments(parser, "bench-plans", limit=500, long_limit=200, ppl_windows=32)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not DATA.is_dir():
-        log.warning("skipped: the evaluation data folder %s is absent (see ../shared/data/SOURCES.md)", DATA)
-        return 0
-
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]])
-    if args.render_only:
-        result = json.loads((args.run_dir / "compare" / "compare.json").read_text())
-        body = section(result, command.replace(" --render-only", ""), args.run_dir)
-        sys.stdout.write(body) if args.no_write else write_section(REPO / "bench" / "RESULTS.md", body)
-        return 0
-    demo = prepare_demo_assets(default_cache_dir())
-    config = load_config(None, [
-        f"model.path={demo.model_dir}", f"calibration.source={demo.calibration_text}", f"run.dir={args.run_dir}",
-        "calibration.num_samples=32", "calibration.seq_len=256", "calibration.batch_size=8",
-        "plan.target_layers_removed=6", *PLAN_SETTINGS, "merge.max_shard_bytes=100000000", "cluster.num_stages=1",
-        f"eval.seq_len={args.seq_len}", f"eval.max_windows={args.ppl_windows}", "eval.batch_tokens=4096",
-        *args.overrides])
-    tasks = {}
-    for name, rel in TASKS.items():
-        path = DATA / rel
-        if name in LONG_TASKS:
-            path = first_items(path, args.run_dir / "data" / f"{name}-first{args.long_limit}{path.suffix}",
-                               args.long_limit, LONG_TASKS[name])
-        tasks[name] = path
-    spec = evaluation.EvalSpec.from_config(config.eval, [DATA / p for p in PPL], tasks, args.limit)
-    methods = args.methods.split(",") if args.methods else METHODS
-    result = compare.compare(config, args.removed or [6, 10], spec, methods, show_progress=False)
-    body = section(result, command, args.run_dir)
-    if args.no_write:
-        sys.stdout.write(body)
-    else:
-        write_section(REPO / "bench" / "RESULTS.md", body)
-        log.info("wrote the %r section of %s", SECTION, REPO / "bench" / "RESULTS.md")
-    return 0
+    return run(args, SECTION, lambda result, command: section(result, command, args.run_dir), METHODS)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,29 @@
-"""The paper's comparison on SmolLM2-135M: every baseline and SLM variant at 6 and 10 of 30 layers.
+"""The paper's comparison on SmolLM2-135M: every baseline and SLM variant at 6 and 10 of 30 layers (issue 6).
 
-    python bench/bench_quality.py [--limit 100] [--ppl-windows 16] [--removed 6 --removed 10] [key=value ...]
+    python bench/bench_quality.py [--limit 100] [--ppl-windows 16] [--removed 6 --removed 10] \
+        [--plans-from runs/bench-plans] [key=value ...]
 
 Runs `slm-dist compare` (one calibration pass shared by every method; each plan merged, written
 and evaluated through the stages) on WikiText-2 and PTB perplexity and the seven zero-shot tasks in
 ../shared/data, then writes the table into the "## Quality (issue 6)" section of bench/RESULTS.md.
 Every method sees the same items (the first --limit of each task) and the same perplexity windows
-(--ppl-windows evenly spaced windows of --seq-len tokens). Rerunning with the same settings reuses
-the models already measured (<run-dir>/compare/compare.json), so an interrupted run resumes.
+(--ppl-windows evenly spaced windows of --seq-len tokens). Calibration and plan settings are
+bench_plans.py's, so ``--plans-from`` that run's folder skips the planning already done there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from slm_dist import compare, evaluation
-from slm_dist.assets import default_cache_dir, prepare_demo_assets
-from slm_dist.config import load_config
+from compare_common import add_arguments, log, run
 
-log = logging.getLogger("bench_quality")
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-PPL = ("wikitext-2-raw/wiki.test.hf_rows.jsonl", "ptb/ptb.test.txt")
-TASKS = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
-         "arc_challenge": "arc/ARC-Challenge-Test.jsonl", "openbookqa": "openbookqa/test.jsonl",
-         "winogrande": "winogrande/dev.jsonl", "hellaswag": "hellaswag/hellaswag_val_full.txt",
-         "boolq": "boolq/val.jsonl"}
+from slm_dist import compare
+
 SECTION = "## Quality (issue 6)"
-PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=16", "plan.refine_metric=nll")
 
 
 def seed_plans(source: Path, compare_dir: Path) -> None:
@@ -55,18 +45,6 @@ def seed_plans(source: Path, compare_dir: Path) -> None:
         if (Path(source) / "compare" / name).is_file() and not (compare_dir / name).is_file():
             shutil.copy(Path(source) / "compare" / name, compare_dir / name)
     log.info("seeded %s with %d plans from %s", compare_dir, len(plans.get("plans", {})), source)
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    path.write_text(text)
 
 
 def section(result: dict, command: str) -> str:
@@ -109,52 +87,12 @@ PIQA, WinoGrande, ARC-Easy; acc_norm for HellaSwag, ARC-Challenge, OpenBookQA); 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench-quality")
-    parser.add_argument("--limit", type=int, default=100, help="first N items of each task")
-    parser.add_argument("--ppl-windows", type=int, default=16, help="perplexity windows per text")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--removed", type=int, action="append", help="layers to remove (default: 6 and 10)")
-    parser.add_argument("--methods", help="comma-separated subset of " + ",".join(compare.METHODS))
-    parser.add_argument("--no-write", action="store_true", help="print the section instead of updating RESULTS.md")
-    parser.add_argument("--render-only", action="store_true",
-                        help="write the section from <run-dir>/compare/compare.json as it stands (no compute)")
+    add_arguments(parser, "bench-quality", limit=100, long_limit=None, ppl_windows=16)
     parser.add_argument("--plans-from", type=Path,
                         help="a bench_plans run folder (runs/bench-plans) whose plans to start from")
-    parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not DATA.is_dir():
-        log.warning("skipped: the evaluation data folder %s is absent (see ../shared/data/SOURCES.md)", DATA)
-        return 0
-
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]])
-    if args.render_only:
-        result = json.loads((args.run_dir / "compare" / "compare.json").read_text())
-        body = section(result, command.replace(" --render-only", ""))
-        sys.stdout.write(body) if args.no_write else write_section(REPO / "bench" / "RESULTS.md", body)
-        return 0
-    demo = prepare_demo_assets(default_cache_dir())
-    if args.plans_from:
-        seed_plans(args.plans_from, args.run_dir / "compare")
-    # The calibration and plan settings of bench/bench_plans.py, so the two tables share their plans.
-    config = load_config(None, [
-        f"model.path={demo.model_dir}", f"calibration.source={demo.calibration_text}", f"run.dir={args.run_dir}",
-        "calibration.num_samples=32", "calibration.seq_len=256", "calibration.batch_size=8",
-        "plan.target_layers_removed=6", *PLAN_SETTINGS, "merge.max_shard_bytes=100000000", "cluster.num_stages=1",
-        f"eval.seq_len={args.seq_len}", f"eval.max_windows={args.ppl_windows}", "eval.batch_tokens=4096",
-        *args.overrides])
-    spec = evaluation.EvalSpec.from_config(config.eval, [DATA / p for p in PPL],
-                                           {name: DATA / rel for name, rel in TASKS.items()}, args.limit)
-    methods = args.methods.split(",") if args.methods else compare.METHODS
-    result = compare.compare(config, args.removed or [6, 10], spec, methods, show_progress=False)
-    body = section(result, command)
-    (args.run_dir / "results.json").write_text(json.dumps(result, indent=1))
-    if args.no_write:
-        sys.stdout.write(body)
-    else:
-        write_section(REPO / "bench" / "RESULTS.md", body)
-        log.info("wrote the %r section of %s", SECTION, REPO / "bench" / "RESULTS.md")
-    return 0
+    before = (lambda: seed_plans(args.plans_from, args.run_dir / "compare")) if args.plans_from else None
+    return run(args, SECTION, section, compare.METHODS, before)
 
 
 if __name__ == "__main__":

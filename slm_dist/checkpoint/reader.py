@@ -113,6 +113,16 @@ def num_rows(info: TensorInfo) -> int:
     return info.shape[0] if info.shape else 1
 
 
+def _element_range(info: TensorInfo, start: int, stop: int) -> tuple[torch.dtype, int]:
+    """(dtype, bytes per element) of ``info`` once ``[start, stop)`` is checked to be inside it."""
+    numel = math.prod(info.shape)
+    if info.offset < 0:
+        raise CheckpointError(f"{info.key!r} in {info.file} has no byte offset (not a safetensors file)")
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(f"element range [{start}, {stop}) is outside {info.key!r} with {numel} elements")
+    return torch_dtype(info.dtype), info.nbytes // numel if numel else 1
+
+
 class RowReader:
     """Reads element or row ranges of safetensors tensors, one bounded range at a time.
 
@@ -134,13 +144,7 @@ class RowReader:
     def read_flat(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None
                   ) -> torch.Tensor:  # [stop - start] in info's dtype
         """Elements ``[start, stop)`` of ``info`` in row-major order; into ``out[:stop - start]`` if given."""
-        numel = math.prod(info.shape)
-        if info.offset < 0:
-            raise CheckpointError(f"{info.key!r} in {info.file} has no byte offset (not a safetensors file)")
-        if not 0 <= start <= stop <= numel:
-            raise ValueError(f"element range [{start}, {stop}) is outside {info.key!r} with {numel} elements")
-        dtype = torch_dtype(info.dtype)
-        itemsize = info.nbytes // numel if numel else 1
+        dtype, itemsize = _element_range(info, start, stop)
         length = (stop - start) * itemsize
         if out is None:
             buf = torch.empty(length, dtype=torch.uint8)
@@ -159,13 +163,7 @@ class RowReader:
         only this range is mapped, populated in one call, and unmapped when the view is dropped.
         A range past the end of the file (truncated after indexing) is an error here, not a SIGBUS.
         """
-        numel = math.prod(info.shape)
-        if info.offset < 0:
-            raise CheckpointError(f"{info.key!r} in {info.file} has no byte offset (not a safetensors file)")
-        if not 0 <= start <= stop <= numel:
-            raise ValueError(f"element range [{start}, {stop}) is outside {info.key!r} with {numel} elements")
-        dtype = torch_dtype(info.dtype)
-        itemsize = info.nbytes // numel if numel else 1
+        dtype, itemsize = _element_range(info, start, stop)
         begin, length = info.offset + start * itemsize, (stop - start) * itemsize
         if length == 0:
             return torch.empty(0, dtype=dtype)
