@@ -300,10 +300,9 @@ def markdown(rows: list[dict], machine: str, repeats: int, load: tuple[float, fl
                          f"tensor for tensor: {r.get('naive_equal')}.")
     lines += ["", "Where the time goes (CPU column): `cp` is one kernel copy per byte. Our merge also reads every "
               "output byte in user space to sha256 it for the manifest (copied tensors still move file to file "
-              "with `copy_file_range`, as `cp` does), merges the windows in float32, fsyncs every shard, and "
-              "imports torch (~2.5 s) before any of that, on 2 cores shared with other work. That is why it stays "
-              "under half of `cp`'s rate here while beating the in-memory path by a wide margin at a fixed "
-              "~0.4 GiB whatever the model size."]
+              "with `copy_file_range`, as `cp` does; the hash runs on its own thread, overlapping the copy of the "
+              "same bytes), merges the windows in float32, fsyncs every shard, and imports torch before any of "
+              "that. The in-memory path loads, merges and saves the whole model at once."]
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,14 @@ def seed_plans(source: Path, compare_dir: Path) -> None:
     log.info("seeded %s with %d plans from %s", compare_dir, len(plans.get("plans", {})), source)
 
 
+def plan_minutes(result: dict) -> str:
+    """', statistics and plans N min', or where the plans came from when this run made none of them."""
+    minutes = sum(result.get("seconds", {}).values()) / 60
+    if minutes >= 0.5:
+        return f", statistics and plans {minutes:.0f} min"
+    return " (plans reused from an earlier run with the same model, calibration tokens and plan settings)"
+
+
 def section(result: dict, command: str) -> str:
     settings = result["eval_settings"]
     cal = result["calibration"]
@@ -79,7 +87,7 @@ PIQA, WinoGrande, ARC-Easy; acc_norm for HellaSwag, ARC-Challenge, OpenBookQA); 
   similarity check. SLM published-code mode: the authors' loop (final-hidden cosine vs the original model,
   rule `reference`), its threshold searched to remove k ({thresholds or 'not run'}).
 - Compute: CPU (2 cores shared with other jobs), float32: {model_s / 60:.0f} min of merging and scoring over the
-  {len(rows)} models{', statistics and plans ' + str(round(sum(result.get('seconds', {}).values()) / 60)) + ' min' if result.get('seconds') else ''}.
+  {len(rows)} models{plan_minutes(result)}.
 {'- Not measured: ' + '; '.join(missing) if missing else ''}
 - Command: `{command}`
 """

@@ -1,6 +1,11 @@
-"""What the statistics add to a stage's forward pass (issue 3), on SmolLM2-135M, in one process.
+"""A stage's own costs (issue 3), on SmolLM2-135M, in one process: statistics time and load memory.
 
     python bench/bench_statistics.py [--threads 1] [--repeats 4] [--batch 4x256 --batch 8x256]
+
+Memory: the process first builds a stage of a 2-layer hidden-32 model (so torch, transformers and
+the model code are imported and warm), then the SmolLM2 stage; its peak RSS growth over the RSS
+before, divided by the bytes of the weights the stage holds, is the load overhead (no Ray here:
+bench_calibration.py measures the actors).
 
 A `StageWorker` holding all 30 layers runs `forward` and then `calibrate` (the same forward plus,
 per layer, the token-unit Gram of 512 sampled rows and the Block Influence / angular cosines) on the
@@ -13,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from slm_dist.assets import default_cache_dir, prepare_demo_assets
+from slm_dist.testing import make_tiny_model
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 
 log = logging.getLogger("bench_statistics")
@@ -27,6 +35,13 @@ def seconds(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def memory_mib() -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of this process, MiB."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    return {k: int(v.split()[0]) / 1024 for k, v in fields.items()}
 
 
 def main() -> None:
@@ -39,7 +54,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     demo = prepare_demo_assets(default_cache_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny_model(Path(tmp) / "tiny", num_layers=2, hidden=32)
+        StageWorker(StageSpec(str(Path(tmp) / "tiny"), 0, 2, 2)).forward(torch.randint(0, 20, (1, 8)))
+    before = memory_mib()
     stage = StageWorker(StageSpec(str(demo.model_dir), 0, 30, 30), StatsSpec(tokens_per_batch=args.tokens))
+    held = stage.held_bytes() / 2**20
+    growth = memory_mib()["VmHWM"] - before["VmRSS"]
+    print(f"Load: {held:.0f} MiB of weights held (float32 from a bf16 checkpoint); peak RSS grew {growth:.0f} MiB "
+          f"while loading: {growth / held:.2f}x the weights held.\n")
     print("| batch x seq | forward s | forward + statistics s | statistics / forward |")
     print("|---|---|---|---|")
     for shape in args.batch or ["4x256", "8x256"]:
