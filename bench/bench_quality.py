@@ -48,11 +48,12 @@ def seed_plans(source: Path, compare_dir: Path) -> None:
 
 
 def plan_minutes(result: dict) -> str:
-    """', statistics and plans N min', or where the plans came from when this run made none of them."""
+    """', statistics and plans N min', and where the slow plans came from when they were reused."""
     minutes = sum(result.get("seconds", {}).values()) / 60
     if minutes >= 0.5:
         return f", statistics and plans {minutes:.0f} min"
-    return " (plans reused from an earlier run with the same model, calibration tokens and plan settings)"
+    return (f", statistics and plans {minutes * 60:.0f} s (the published-loop and global-search plans were reused "
+            "from an earlier run with the same model, calibration tokens and plan settings)")
 
 
 def section(result: dict, command: str) -> str:
