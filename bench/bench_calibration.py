@@ -76,6 +76,7 @@ def child_baseline(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from slm_dist import similarity
+    from slm_dist.testing import hf_layer_outputs
 
     ids = torch.load(args.ids)
     batches = batches_of(ids, args.batch_size)
@@ -86,13 +87,7 @@ def child_baseline(args) -> dict:
         acc = similarity.HsicAccumulator(n + 1)
         start = time.perf_counter()
         for batch_id, x in batches:
-            last = {}
-            hook = model.model.layers[-1].register_forward_hook(
-                lambda mod, inp, out: last.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-            with torch.inference_mode():
-                hidden = model(x, output_hidden_states=True).hidden_states
-            hook.remove()
-            reps = [*hidden[:n], last["h"]]  # HF's last entry is after the final norm
+            reps = hf_layer_outputs(model, x)  # the last layer's output before the final norm
             b, s = x.shape
             index = similarity.sample_token_index(b, s, args.tokens, 0, batch_id, skip_first=True)
             grams = torch.stack([similarity.gram(similarity.layer_representation(r, "token", index), "linear")

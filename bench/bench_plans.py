@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from compare_common import PLAN_SETTINGS, add_arguments, run
+from compare_common import PLAN_SETTINGS, Summary, add_arguments, run
 
 from slm_dist import compare
 
@@ -80,13 +80,9 @@ def plan_notes(run_dir: Path, result: dict) -> list[str]:
 
 
 def section(result: dict, command: str, run_dir: Path) -> str:
-    settings = result["eval_settings"]
     cal = result["calibration"]
-    items = ", ".join(f"{t} {n}" for t, n in settings["items"].items())
-    windows = ", ".join(f"{Path(f).parent.name} {n} x {settings['seq_len']} tokens"
-                        for f, n in settings["ppl_windows"].items())
-    rows = [r for r in result["rows"] if "eval" in r]
-    missing = [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r]
+    summary = Summary.of(result)
+    items, windows, rows, missing = summary.items, summary.windows, summary.rows, summary.missing
     dense = next((r for r in rows if r["method"] == "dense"), None)
     dense_note = "" if dense is None else (
         "Dense: " + ", ".join(f"PPL {compare._short(f)} {v:.2f}" for f, v in dense["eval"]["ppl"].items())

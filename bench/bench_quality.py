@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from compare_common import add_arguments, log, run
+from compare_common import Summary, add_arguments, log, run
 
 from slm_dist import compare
 
@@ -59,13 +59,10 @@ def plan_minutes(result: dict) -> str:
 def section(result: dict, command: str) -> str:
     settings = result["eval_settings"]
     cal = result["calibration"]
-    items = ", ".join(f"{t} {n}" for t, n in settings["items"].items())
-    windows = ", ".join(f"{Path(f).parent.name} {n} x {settings['seq_len']} tokens"
-                        for f, n in settings["ppl_windows"].items())
-    rows = [r for r in result["rows"] if "eval" in r]
+    summary = Summary.of(result)
+    items, windows, rows, missing = summary.items, summary.windows, summary.rows, summary.missing
     outputs = [r for r in rows if r["method"] == "slm_output"]
     model_s = sum(r.get("seconds", 0) for r in rows)
-    missing = [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r]
     thresholds = "; ".join(f"k={r['target_removed']}: T={r['threshold']:.4f} removes {r['layers_removed']}"
                            for r in outputs)
     return f"""{SECTION}

@@ -13,6 +13,7 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +71,25 @@ def task_files(args) -> dict[str, Path]:
                                args.long_limit, LONG_TASKS[name])
         tasks[name] = path
     return tasks
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What both sections say of a compare result: items, windows, measured rows, failures."""
+
+    items: str          # "piqa 300, arc_easy 300, ..."
+    windows: str        # "wikitext-2-raw 16 x 512 tokens, ..."
+    rows: list[dict]    # the rows that were evaluated
+    missing: list[str]  # "label (k=K)" of the rows that failed
+
+    @classmethod
+    def of(cls, result: dict) -> "Summary":
+        settings = result["eval_settings"]
+        return cls(", ".join(f"{t} {n}" for t, n in settings["items"].items()),
+                   ", ".join(f"{Path(f).parent.name} {n} x {settings['seq_len']} tokens"
+                             for f, n in settings["ppl_windows"].items()),
+                   [r for r in result["rows"] if "eval" in r],
+                   [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r])
 
 
 def write_section(title: str, body: str, path: Path = RESULTS) -> None:

@@ -20,6 +20,23 @@ TINY_WORDS = ("the of and to in a is was for on as with by he at from his an wer
 log = logging.getLogger(__name__)
 
 
+def hf_layer_outputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The embedding output and every decoder layer's output of a full HF causal LM, as stages see them.
+
+    HF's last hidden state is after the final norm; the stages report layer outputs before it, so
+    the last layer's raw output is taken with a forward hook instead.
+    """
+    last = {}
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda mod, inp, out: last.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.inference_mode():
+            hidden = model(input_ids, output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    return [*hidden[:model.config.num_hidden_layers], last["h"]]
+
+
 def tiny_tokenizer():
     """A word-level tokenizer built offline (no hub): every word outside the list maps to <unk>."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -33,7 +33,7 @@ from slm_dist.checkpoint.index import open_index  # noqa: E402
 from slm_dist.config import ClusterSection, load_config  # noqa: E402
 from slm_dist.distributed import RayBackend, RayBackendError  # noqa: E402
 from slm_dist.local_backend import LocalBackend  # noqa: E402
-from slm_dist.testing import make_tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
+from slm_dist.testing import hf_layer_outputs, make_tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec  # noqa: E402
 from slm_dist.workers.stats_reducer import StatsReducer  # noqa: E402
 
@@ -107,8 +107,7 @@ def specs_for(model_dir: Path, slices, num_layers: int) -> list[StageSpec]:
 def hf_cka(model_dir: Path, batches, stats: StatsSpec) -> torch.Tensor:
     """The reference: CKA from the full HF model's ``output_hidden_states`` on the same batches.
 
-    HF's last hidden state is after the final norm; the stages report layer outputs before it, so
-    the last layer's raw output is taken with a forward hook instead.
+    The last layer's output is taken before the final norm, as the stages report it.
     """
     from transformers import AutoModelForCausalLM
 
@@ -116,13 +115,7 @@ def hf_cka(model_dir: Path, batches, stats: StatsSpec) -> torch.Tensor:
     n = model.config.num_hidden_layers
     acc = similarity.HsicAccumulator(n + 1)
     for batch_id, ids in batches:
-        last = {}
-        hook = model.model.layers[-1].register_forward_hook(
-            lambda mod, inp, out: last.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-        with torch.no_grad():
-            hidden = model(ids, output_hidden_states=True).hidden_states
-        hook.remove()
-        reps = [*hidden[:n], last["h"]]
+        reps = hf_layer_outputs(model, ids)
         b, s = ids.shape
         index = similarity.sample_token_index(b, s, stats.tokens_per_batch, stats.seed, batch_id,
                                               skip_first=stats.skip_first_token)

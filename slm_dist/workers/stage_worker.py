@@ -145,6 +145,7 @@ class StageWorker:
                 self.lm_head.weight = self.embed.weight  # tied and both here: one tensor, as in the HF model
             else:
                 self._load_module(self.lm_head, self.arch.lm_head_module, source_prefix=source)
+        self.reader.close()  # every weight is in memory now: release the shard files
         for module in self._held_modules():
             module.eval()
             module.requires_grad_(False)
@@ -168,7 +169,6 @@ class StageWorker:
                                 dtype=self.dtype if source.is_floating_point else source)
             self.reader.read_into(key, value)  # straight into the kept tensor: no whole-tensor cast copy
             set_module_tensor_to_device(module, name, self.device, value=value)
-        self.reader.close()
 
     def loaded_keys(self) -> list[str]:
         return list(self.reader.read_keys)
