@@ -39,7 +39,11 @@ from pathlib import Path
 
 import torch
 
+from slm_dist import host_memory
+from slm_dist.config import ClusterSection
+
 HEADING = "## Calibration (issue 3)"
+DYNAMIC = ("cluster.stage_mmap_threshold_bytes=null",)  # stage actors on glibc's dynamic mmap threshold
 log = logging.getLogger("bench_calibration")
 
 
@@ -124,16 +128,11 @@ def child_stats_cost(args) -> dict:
 
 
 # --------------------------------------------------------------------------- driver: Ray pipeline
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class RssSampler:
     """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
 
     def __enter__(self):
-        self.before = self.peak = rss_bytes()
+        self.before = self.peak = host_memory.rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -141,18 +140,18 @@ class RssSampler:
 
     def _run(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, host_memory.rss_bytes())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, host_memory.rss_bytes())
 
 
 class RayPipeline:
     """A RayBackend with its stages started and loaded, timed one whole calibration at a time."""
 
-    def __init__(self, model: Path, num_stages: int, args):
+    def __init__(self, model: Path, num_stages: int, args, overrides: tuple[str, ...] = ()):
         from slm_dist.checkpoint.index import open_index
         from slm_dist.config import load_config
         from slm_dist.distributed import RayBackend
@@ -162,7 +161,7 @@ class RayPipeline:
         cores = os.cpu_count() or 1
         cfg = load_config(None, [f"model.path={model}", "cluster.backend=ray", f"cluster.num_stages={num_stages}",
                                  f"cluster.cpus_per_stage={max(1, cores // num_stages)}",
-                                 f"cluster.max_inflight={args.max_inflight}", "model.dtype=float32"])
+                                 f"cluster.max_inflight={args.max_inflight}", "model.dtype=float32", *overrides])
         self.specs = stage_specs(cfg, open_index(model), model)
         self.stats = StatsSpec(tokens_per_batch=args.tokens)
         self.backend = RayBackend(cfg.cluster)
@@ -186,11 +185,11 @@ class RayPipeline:
             self.backend.close()
         return {"tokens_per_s": self.best, "cka": self.cka.tolist(), "driver_peak_delta": self.driver_delta,
                 "stages": [{k: r[k] for k in ("start", "stop", "held_bytes", "peak_rss_bytes", "shared_rss_bytes",
-                                              "baseline_rss_bytes")}
+                                              "baseline_rss_bytes", "mmap_threshold_bytes")}
                            for r in reports]}
 
 
-def stage_runtime_overhead(root: Path, args) -> int:
+def stage_runtime_overhead(root: Path, args, overrides: tuple[str, ...] = ()) -> int:
     """Peak RSS of a stage actor whose weights are negligible: the fixed cost of a stage process."""
     from slm_dist.testing import make_tiny_model
 
@@ -198,7 +197,7 @@ def stage_runtime_overhead(root: Path, args) -> int:
     if not (model / "config.json").exists():
         make_tiny_model(model, num_layers=2, hidden=32)
     ids = torch.randint(3, 60, (args.batch_size * 2, args.seq_len), generator=torch.Generator().manual_seed(0))
-    pipeline = RayPipeline(model, 1, args)
+    pipeline = RayPipeline(model, 1, args, overrides)
     pipeline.measure(batches_of(ids, args.batch_size))
     stage = pipeline.finish()["stages"][0]
     return stage["peak_rss_bytes"] - stage["shared_rss_bytes"]
@@ -214,15 +213,15 @@ def run_child(mode: str, model: Path, ids_path: Path, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- report
-def section(rows: list[dict], overhead: int, args) -> str:
+def section(rows: list[dict], overhead: dict[str, int], load: tuple[float, float], args) -> str:
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     lines = [HEADING, "",
              f"`python3 bench/bench_calibration.py` on {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
              f"no GPU; {args.samples} samples (wide model: {args.wide_samples}) x {args.seq_len} tokens, batches of "
              f"{args.batch_size}, token unit "
-             f"with {args.tokens} sampled tokens per batch, float32; best of {args.repeats} interleaved rounds. The "
-             "machine was shared with other jobs while this ran (load average 5-15 on 2 cores), so single "
-             "figures are noisy: read the ratios as rough.", "",
+             f"with {args.tokens} sampled tokens per batch, float32; best of {args.repeats} interleaved rounds. "
+             f"Load average (1 min) {load[0]:.1f} at the start and {load[1]:.1f} at the end: above "
+             f"{os.cpu_count()} means other jobs shared the cores, and single figures are then noisy.", "",
              "| model | params | single process tokens/s | Ray 1 stage tokens/s (ratio) "
              "| Ray 2 stages tokens/s (ratio) "
              "| statistics / forward | reducer HSIC / forward | max abs CKA diff Ray vs single |",
@@ -239,17 +238,22 @@ def section(rows: list[dict], overhead: int, args) -> str:
               "the actor had mapped (RssShmem at the end: hidden states and statistics passing through the store, "
               "which scale with batch x sequence x hidden and `cluster.max_inflight`, not with the weights). "
               "Private peak = peak - store pages. Fixed runtime of a stage process, measured the same way on a "
-              f"stage holding a 2-layer hidden-32 model: {mib(overhead)}.", "",
-              "| model | stages | stage layers | held weights | peak RSS | object-store pages | "
+              f"stage holding a 2-layer hidden-32 model: {mib(overhead['fixed'])} (glibc's dynamic threshold: "
+              f"{mib(overhead['dynamic'])}). Stage actors fix glibc's mmap threshold at "
+              f"`cluster.stage_mmap_threshold_bytes` = {mib(ClusterSection().stage_mmap_threshold_bytes)} "
+              "(slm_dist/host_memory.py); the 'dynamic' rows are the same 1-stage calibration with it null (glibc's "
+              "default, which raises the threshold after big frees), run once each in the same session.", "",
+              "| model | stages | mmap threshold | stage layers | held weights | peak RSS | object-store pages | "
               "(private peak - runtime) / held |",
-              "|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for key, label in (("ray1", 1), ("ray2", 2)):
+        for key, label, threshold in (("ray1", 1, "fixed"), ("ray2", 2, "fixed"), ("ray1_dynamic", 1, "dynamic")):
             for s in r[key]["stages"]:
                 private = s["peak_rss_bytes"] - s["shared_rss_bytes"]
-                ratio = (private - overhead) / s["held_bytes"]
-                lines.append(f"| {r['name']} | {label} | [{s['start']}, {s['stop']}) | {mib(s['held_bytes'])} | "
-                             f"{mib(s['peak_rss_bytes'])} | {mib(s['shared_rss_bytes'])} | {ratio:.2f}x |")
+                ratio = (private - overhead[threshold]) / s["held_bytes"]
+                lines.append(f"| {r['name']} | {label} | {threshold} | [{s['start']}, {s['stop']}) | "
+                             f"{mib(s['held_bytes'])} | {mib(s['peak_rss_bytes'])} | {mib(s['shared_rss_bytes'])} | "
+                             f"{ratio:.2f}x |")
     lines += ["", "Driver memory during calibration (peak RSS minus RSS before the call; the driver holds batch "
               "ids, object references and the final float64 sums, never weights or activations):", "",
               "| model | held weights (all stages) | driver peak growth, 1 stage | driver peak growth, 2 stages |",
@@ -328,8 +332,10 @@ def main() -> None:
     # Logical CPUs: the 1-stage and 2-stage pipelines each reserve every core, idle while the other runs.
     ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     rows = []
+    load_start = os.getloadavg()[0]
     try:
-        overhead = stage_runtime_overhead(args.workdir, args)
+        overhead = {"fixed": stage_runtime_overhead(args.workdir, args),
+                    "dynamic": stage_runtime_overhead(args.workdir, args, DYNAMIC)}
         for name, model_dir, text, samples in models:
             ids = calibration_ids(model_dir, text, samples, args.seq_len)
             ids_path = args.workdir / "ids.pt"
@@ -349,16 +355,20 @@ def main() -> None:
                 for pipeline in pipelines.values():
                     pipeline.measure(batches)
             ray1, ray2 = pipelines[1].finish(), pipelines[2].finish()
+            dynamic = RayPipeline(model_dir, 1, args, DYNAMIC)  # memory only: one calibration
+            dynamic.measure(batches)
+            ray1_dynamic = dynamic.finish()
             cka_diff = max(float((torch.tensor(r["cka"]) - torch.tensor(baseline["cka"])).abs().max())
                            for r in (ray1, ray2))
             from slm_dist.checkpoint.index import open_index
             from slm_dist.pipeline import layer_params
 
             rows.append({"name": name, "params": layer_params(open_index(model_dir))[0], "baseline": baseline,
-                         "stats": stats, "ray1": ray1, "ray2": ray2, "cka_diff": cka_diff})
+                         "stats": stats, "ray1": ray1, "ray2": ray2, "ray1_dynamic": ray1_dynamic,
+                         "cka_diff": cka_diff})
     finally:
         ray.shutdown()
-    text = section(rows, overhead, args)
+    text = section(rows, overhead, (load_start, os.getloadavg()[0]), args)
     print(text)
     if not args.no_write:
         update_results(args.results, text)

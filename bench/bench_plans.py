@@ -11,9 +11,9 @@ items and windows. Rerunning with the same settings reuses the plans and the mod
 measured (<run-dir>/compare/compare.json), so an interrupted run resumes where it stopped.
 
 slm-dist's plan (methods ``slm_global_drop`` / ``slm_global_scaled``): ``plan.search=global``,
-``plan.cost=measured`` (each layer's own calibration-loss damage), ``plan.candidates=8`` plans
-(two per cost, round robin) ranked by calibration NLL, then ``plan.local_search`` more plans one
-swap from the best. HellaSwag and BoolQ items are long (4 x ~90 and 2 x ~180 tokens per item), so
+``plan.cost=measured`` (each layer's own calibration-loss damage), ``plan.candidates=12`` plans
+(every cost's best plan, then every cost's best single block, then second bests) ranked by
+calibration NLL, then ``plan.local_search=32`` more plans one swap from the best. HellaSwag and BoolQ items are long (4 x ~90 and 2 x ~180 tokens per item), so
 they get ``--long-limit`` items: the first N, written to <run-dir>/data (same items for every method).
 """
 
@@ -51,12 +51,22 @@ def verdict(result: dict) -> list[str]:
         for name, score in measures:
             best = max(ours, key=score)
             rival = max(theirs, key=score)
-            won = score(best) > score(rival)
             value = (lambda r: -score(r)) if name.startswith("PPL") else (lambda r: 100 * score(r))
+            if score(best) > score(rival):
+                said = "**beats every baseline**"
+            elif score(best) == score(rival):
+                same = removed_layers(best) == removed_layers(rival)
+                said = "**ties the best baseline, does NOT beat it**" + (" (the same layers removed)" if same else "")
+            else:
+                said = "**does NOT beat every baseline**"
             lines.append(f"- k={k}, {name}: best slm-dist ({compare.LABELS[best['method']]}) "
                          f"{value(best):.2f} vs best baseline ({compare.LABELS[rival['method']]}) {value(rival):.2f}: "
-                         + ("**beats every baseline**" if won else "**does NOT beat every baseline**"))
+                         + said)
     return lines
+
+
+def removed_layers(row: dict) -> set[int]:
+    return {layer for lo, hi in row["windows"] for layer in range(lo + 1, hi + 1)}
 
 
 def plan_notes(run_dir: Path, result: dict) -> list[str]:

@@ -31,7 +31,7 @@ TASKS = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
          "winogrande": "winogrande/dev.jsonl", "hellaswag": "hellaswag/hellaswag_val_full.txt",
          "boolq": "boolq/val.jsonl"}
 LONG_TASKS = {"hellaswag": 6, "boolq": 1}  # tasks with 2-4x longer items: lines per item in the file
-PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=8", "plan.local_search=16", "plan.refine_metric=nll")
+PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=12", "plan.local_search=32", "plan.refine_metric=nll")
 CALIBRATION = ("calibration.num_samples=32", "calibration.seq_len=256", "calibration.batch_size=8")
 
 Section = Callable[[dict, str], str]  # (compare result, command line) -> the Markdown section

@@ -112,17 +112,29 @@ def calibrate(ctx: pipeline.RunContext, index: CheckpointIndex, backend, input_i
                              show_progress=ctx.show_progress, keep_for_output_criterion=keep_for_output)
 
 
+SHARED_PLAN_SETTINGS = ("protect_first", "protect_last", "max_window")  # every method reads these
+SEARCH_SETTINGS = ("cost", "candidates", "local_search", "refine_metric")  # only the global search reads these
+
+
 def plans_fingerprint(model_dir: Path, input_ids: Tensor, config: SlmConfig) -> str:
-    """What every plan depends on: the model, the calibration tokens, and the statistics/plan settings."""
+    """What every plan and every measured plan loss depends on: the model, the calibration tokens, the
+    statistics settings, the layer limits and the alpha fit. Settings one method alone reads are
+    ``method_settings``: changing them re-plans that method, not the slow published loop."""
     import hashlib
 
     h = hashlib.sha256(str(Path(model_dir).resolve()).encode())
     h.update(input_ids.numpy().tobytes())
-    plan = {k: v for k, v in config.plan.model_dump(mode="json").items()
-            if k not in ("threshold", "target_layers_removed", "target_ratio")}  # compare sets its own targets
-    h.update(json.dumps([config.similarity.model_dump(mode="json"), plan, config.model.dtype],
-                        sort_keys=True).encode())
+    plan = {k: getattr(config.plan, k) for k in SHARED_PLAN_SETTINGS}
+    h.update(json.dumps([config.similarity.model_dump(mode="json"), plan, config.model.dtype,
+                         config.merge.alpha_batches], sort_keys=True).encode())
     return h.hexdigest()
+
+
+def method_settings(method: str, config: SlmConfig) -> dict:
+    """The settings one method's plan depends on beyond ``plans_fingerprint`` (stored beside its plan)."""
+    if method.startswith("slm_global_"):
+        return {k: getattr(config.plan, k) for k in SEARCH_SETTINGS}
+    return {}
 
 
 def plan_to_json(plan) -> dict:
@@ -382,8 +394,14 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
 
     input_ids = calibration_ids(ctx)
     fingerprint = plans_fingerprint(ctx.model_dir, input_ids, config)
-    stored = previous.get("plans", {}) if previous.get("plans_fingerprint") == fingerprint else {}
+    settings_now = {f"{m}@{k}": method_settings(m, config) for m in methods for k in layers_removed}
+    stored = {}
+    if previous.get("plans_fingerprint") == fingerprint:
+        before = previous.get("plan_settings", {})
+        stored = {key: plan for key, plan in previous.get("plans", {}).items()
+                  if before.get(key, {}) == method_settings(key.split("@")[0], config)}
     result["plans_fingerprint"], result["plans"] = fingerprint, dict(stored)
+    result["plan_settings"] = {key: v for key, v in previous.get("plan_settings", {}).items() if key in stored}
 
     backend = pipeline.make_backend(config)
     try:
@@ -391,6 +409,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
         if any(missing.values()):
             new = _plan_all(ctx, config, index, backend, input_ids, missing, out_root, fingerprint)
             result["plans"].update({f"{m}@{k}": plan_to_json(plan) for k in new for m, plan in new[k].items()})
+            result["plan_settings"].update({f"{m}@{k}": settings_now[f"{m}@{k}"] for k in new for m in new[k]})
         else:
             log.info("reusing every plan in %s (same model, calibration tokens and settings)", results_path)
         plans = {k: {m: plan_from_json(result["plans"][f"{m}@{k}"], n) for m in methods} for k in layers_removed}

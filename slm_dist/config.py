@@ -77,7 +77,9 @@ class PlanSection(_Section):
                                 "measured = each layer's own calibration-loss damage (one forward pass per layer); "
                                 "with candidates > 1 every cost proposes plans, this one first")
     candidates: int = Field(1, ge=1, description="search=global: plans the output-verified refinement ranks by "
-                                                 "forward passes on the calibration samples; 1 = no refinement")
+                                                 "forward passes on the calibration samples (every cost's best "
+                                                 "plan, then every cost's best single block, then second bests); "
+                                                 "1 = no refinement")
     local_search: int = Field(0, ge=0, description="search=global: after ranking, measure up to this many plans "
                                                     "one swap from the best (a removed layer kept, a kept one "
                                                     "removed; cheapest predicted first), moving to any better "
@@ -147,6 +149,11 @@ class ClusterSection(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers for `heal` (one per GPU with device=cuda, "
                              "else one CPU process each)")
     placement_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the cluster to place the stage bundles")
+    stage_mmap_threshold_bytes: int | None = Field(
+        128 << 10, ge=4096, le=32 << 20,
+        description="ray: stage actors serve host allocations of this size or more with their own mmap, for good "
+                    "(glibc's mallopt; otherwise glibc raises the threshold after big frees and the heap keeps "
+                    "100+ MiB of freed activations); null = glibc's dynamic default")
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> "ClusterSection":

@@ -39,7 +39,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostErro
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from slm_dist import planner
+from slm_dist import host_memory, planner
 from slm_dist.config import ClusterSection
 from slm_dist.export import OnDone, ShardJob, ShardRunner, WorkerSettings
 from slm_dist.local_backend import stage_holding
@@ -58,42 +58,21 @@ class RayBackendError(RuntimeError):
     """The cluster could not do what the config asked; the message says what and how to fix it."""
 
 
-def _shared_rss_bytes() -> int:
-    """Resident shared-memory pages of this process now (RssShmem): Ray's object store mapped in.
-
-    Arguments and results of large objects live in the node's shared object store; the pages an
-    actor touched there count in its RSS while mapped, though they are the store's, not the actor's.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssShmem:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 # ------------------------------------------------------------------------------- actor bodies
 class StageActor(StageWorker):
     """A StageWorker in its own process: torch threads sized to the CPUs its bundle reserved, and a
     report of where it runs and what it holds (for tests and benchmarks)."""
 
-    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int):
+    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int, mmap_threshold: int | None = None):
+        # The process is the stage's own: fix glibc's mmap threshold before the first weight so freed
+        # activations go back to the OS instead of fragmenting the heap (see host_memory).
+        self._mmap_threshold = mmap_threshold if mmap_threshold and host_memory.fix_mmap_threshold(mmap_threshold) \
+            else None
         torch.set_num_threads(num_threads)
         import accelerate  # noqa: F401  (imported before the baseline so it counts as runtime, not weights)
         import transformers  # noqa: F401
 
-        self._baseline_rss = _rss_bytes()
+        self._baseline_rss = host_memory.rss_bytes()
         super().__init__(spec, stats)
 
     # The remote entry points. Hidden states leave a stage on the host: the object store is the
@@ -125,7 +104,8 @@ class StageActor(StageWorker):
             "loaded_keys": self.loaded_keys(),
             "baseline_rss_bytes": self._baseline_rss,  # after importing torch/transformers, before any weight
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "shared_rss_bytes": _shared_rss_bytes(),  # object-store pages inside that peak (they stay mapped)
+            "shared_rss_bytes": host_memory.shared_rss_bytes(),  # object-store pages inside that peak (stay mapped)
+            "mmap_threshold_bytes": self._mmap_threshold,  # None: glibc's dynamic threshold (or not glibc)
             "cuda_peak_bytes": cuda_peak,
         }
 
@@ -282,7 +262,7 @@ class RayBackend:
                 max_restarts=cluster.max_restarts,
                 max_task_retries=0,  # lost batches are re-sent by the driver, from stage 0
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=k),
-            ).remote(spec, stats, threads)
+            ).remote(spec, stats, threads, cluster.stage_mmap_threshold_bytes)
             for k, spec in enumerate(specs)
         ]
         self._specs, self._stats = specs, stats

@@ -9,8 +9,9 @@ layers are the fragile ones, so a layer target drags windows into them. Here eve
 the statistics, costs add over windows, and the DP returns the plan with the least total cost
 (``plan_windows_global``) or the ``count`` cheapest distinct plans (``best_plans``). The
 output-verified refinement (pipeline.plan_global) measures a shortlist drawn from every cost
-(``candidate_plans``, ranked by ``rank_plans``) and climbs from the best one (``local_search``
-over ``neighbour_plans``); only the loss callables it passes in run forward passes.
+(``candidate_plans``: each cost's best plans and its best single block, ``best_block``; ranked by
+``rank_plans``) and climbs from the best one (``local_search`` over ``neighbour_plans``); only the
+loss callables it passes in run forward passes.
 
 Window costs (0 for a window that changes nothing). With ``drop`` the window emits
 layer lo's output h_lo where the model had h_hi, so what a window loses is how far h_lo is from
@@ -237,6 +238,33 @@ def _int(value: object, name: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def best_block(
+    costs: Tensor | Sequence[Sequence[float]],  # [N, N]: costs[lo][hi] for window [lo..hi]
+    layers_removed: int,
+    protect_first: int = 1,
+    protect_last: int = 1,
+    max_window: int | None = None,
+) -> ScoredPlan | None:
+    """The least-cost plan that removes ``layers_removed`` layers in ONE window (a contiguous block),
+    or None when no single window may (max_window, protected layers, k = 0, only +inf costs).
+    Ties: the lowest window."""
+    table = _cost_rows(costs)
+    k = _int(layers_removed, "layers_removed")
+    _check_protect(len(table), protect_first, protect_last)
+    _check_max_window(max_window)
+    if k < 1 or (max_window is not None and k + 1 > max_window):
+        return None
+    stop = len(table) - protect_last  # the window [lo..lo+k] must end below the protected top
+    options = [(table[lo][lo + k], lo) for lo in range(protect_first, stop - k) if table[lo][lo + k] != math.inf]
+    if not options:
+        return None
+    cost, lo = min(options)
+    return ScoredPlan(((lo, lo + k),), cost)
+
+
+BLOCK_SUFFIX = " (one block)"
+
+
 def candidate_plans(
     cost_tables: dict[str, Tensor],  # cost name -> [N, N] window costs
     layers_removed: int,
@@ -245,24 +273,32 @@ def candidate_plans(
     protect_last: int = 1,
     max_window: int | None = None,
 ) -> list[tuple[str, ScoredPlan]]:
-    """Up to ``count`` distinct plans drawn from several costs, best of each cost first.
+    """Up to ``count`` distinct plans drawn from several costs: every cost's best plan, then every
+    cost's best one-block plan, then every cost's second best, third best, ...; duplicates dropped.
 
     Costs disagree most about which windows matter (CKA sees representational drift, Block
     Influence per-layer change), and no statistic predicts the damage reliably, so the refinement
-    gets every cost's best plan before any cost's second best (round robin), duplicates dropped.
-    Each entry names the cost that proposed it.
+    gets every cost's best plan before any cost's second best (round robin). Costs add over
+    windows but damage does not: removing a contiguous block often costs less than its layers'
+    costs summed, so the sums favour many small windows. Each cost's best single block (the shape
+    Gromov et al. choose) is offered right after the best plans, so the measured ranking sees both
+    shapes. Each entry names the cost that proposed it ("<cost> (one block)" for a block).
     """
     if count < 1:
         raise PlanError(f"count must be >= 1, got {count}")
     ranked = {name: best_plans(table, layers_removed, count, protect_first, protect_last, max_window)
               for name, table in cost_tables.items()}
+    blocks = {name + BLOCK_SUFFIX: best_block(table, layers_removed, protect_first, protect_last, max_window)
+              for name, table in cost_tables.items()}
+    tiers = [{name: plans[0] for name, plans in ranked.items()}, blocks]
+    tiers += [{name: plans[rank] for name, plans in ranked.items() if rank < len(plans)} for rank in range(1, count)]
     out: list[tuple[str, ScoredPlan]] = []
     seen: set[tuple[Window, ...]] = set()
-    for rank in range(count):
-        for name, plans in ranked.items():
-            if rank < len(plans) and plans[rank].windows not in seen and len(out) < count:
-                seen.add(plans[rank].windows)
-                out.append((name, plans[rank]))
+    for tier in tiers:
+        for name, plan in tier.items():
+            if plan is not None and plan.windows not in seen and len(out) < count:
+                seen.add(plan.windows)
+                out.append((name, plan))
     return out
 
 

@@ -188,6 +188,29 @@ def test_compare_rerun_reuses_measured_models(compared, monkeypatch):
     assert all(r["eval"] == before[r["method"]] for r in again["rows"])
 
 
+def test_a_changed_search_setting_replans_only_the_global_search(compared, monkeypatch):
+    config, spec, _ = compared
+    asked: list[dict] = []
+    plan_all = compare._plan_all
+
+    def recording(ctx, cfg, index, backend, input_ids, wanted, *rest):
+        asked.append({k: sorted(ms) for k, ms in wanted.items() if ms})
+        return plan_all(ctx, cfg, index, backend, input_ids, wanted, *rest)
+
+    monkeypatch.setattr(compare, "_plan_all", recording)
+    methods = ("shortgpt", "slm_output", "slm_global_drop")
+    with_candidates = lambda n: config.model_copy(  # noqa: E731
+        update={"plan": config.plan.model_copy(update={"candidates": n})})
+    compare.compare(with_candidates(2), [2], spec, methods=methods, show_progress=False)
+    compare.compare(with_candidates(2), [2], spec, methods=methods, show_progress=False)
+    again = compare.compare(with_candidates(3), [2], spec, methods=methods, show_progress=False)
+    # The baselines and the published loop were planned by the fixture's run; only the global
+    # search reads plan.candidates, so only it is planned again when that changes.
+    assert asked == [{2: ["slm_global_drop"]}, {2: ["slm_global_drop"]}]
+    assert again["plan_settings"]["slm_global_drop@2"]["candidates"] == 3
+    assert "shortgpt@2" in again["plans"] and "slm_output@2" in again["plans"]
+
+
 def test_compare_command_prints_one_table(compared, capsys):
     from slm_dist.cli import main
 

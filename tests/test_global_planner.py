@@ -12,6 +12,7 @@ import torch
 
 from slm_dist.global_planner import (
     COSTS,
+    best_block,
     best_plans,
     candidate_plans,
     plan_windows_global,
@@ -204,6 +205,44 @@ def test_candidates_round_robin_over_costs_without_duplicates():
     # rank 0: a's [1..2]; b's is the same plan (dropped). rank 1: a's [2..3], then b's [3..4].
     assert [(name, p.windows) for name, p in got] == [("a", ((1, 2),)), ("a", ((2, 3),)), ("b", ((3, 4),))]
     assert [p.cost for _, p in got] == pytest.approx([0.0, 0.5, 0.1])
+
+
+@pytest.mark.parametrize("n, k, protect_first, protect_last, max_window", CASES)
+def test_best_block_is_the_cheapest_single_window(n, k, protect_first, protect_last, max_window):
+    costs = random_costs(n, 100 + n + k)
+    singles = [plan for plan in brute_force(costs, n, k, protect_first, protect_last, max_window)
+               if len(plan[1]) == 1]
+    got = best_block(costs, k, protect_first, protect_last, max_window)
+    if not singles:
+        assert got is None
+    else:
+        assert got.windows == singles[0][1]
+        assert got.cost == pytest.approx(singles[0][0])
+
+
+def test_best_block_is_none_when_no_single_window_may_remove_k():
+    costs = random_costs(8, 3)
+    assert best_block(costs, 3, 1, 1, max_window=3) is None      # 4 layers in one window
+    assert best_block(costs, 6, 1, 1) is None                    # layers 1..6 leave 7 protected: 0..6 needs 0
+    assert best_block(costs, 0, 1, 1) is None
+    forbidden = [[math.inf if hi > lo else math.nan for hi in range(8)] for lo in range(8)]
+    assert best_block(forbidden, 2, 1, 1) is None
+
+
+def test_candidates_offer_each_costs_best_block_after_the_best_plans():
+    # 8 layers, protect 1/1, remove 2. Every single window [lo..lo+1] is cheap (0.1) and every
+    # two-layer window dear (1.0), so the cheapest plan is two windows; the block [3..5] is
+    # the cheapest of the dear ones.
+    a = [[math.nan] * 8 for _ in range(8)]
+    for lo in range(8):
+        for hi in range(lo + 1, 8):
+            a[lo][hi] = 0.1 if hi == lo + 1 else 1.0
+    a[3][5] = 0.9
+    got = candidate_plans({"a": torch.tensor(a)}, 2, 3)
+    assert [name for name, _ in got] == ["a", "a (one block)", "a"]
+    assert len(got[0][1].windows) == 2 and got[1][1].windows == ((3, 5),)
+    assert got[1][1].cost == pytest.approx(0.9)
+    assert len(candidate_plans({"a": torch.tensor(a)}, 2, 1)) == 1  # count still caps the list
 
 
 def test_every_cost_name_builds():
