@@ -40,10 +40,9 @@ from pathlib import Path
 import torch
 
 from slm_dist import host_memory
-from slm_dist.config import ClusterSection
 
 HEADING = "## Calibration (issue 3)"
-DYNAMIC = ("cluster.stage_mmap_threshold_bytes=null",)  # stage actors on glibc's dynamic mmap threshold
+SWEEP_FRACTIONS = (1 / 3, 2 / 3, 1.0)  # layer counts of the memory sweep, as fractions of the model's
 log = logging.getLogger("bench_calibration")
 
 
@@ -55,6 +54,32 @@ def wide_model(root: Path, hidden: int, layers: int) -> Path:
     if not (out / "config.json").exists():
         make_tiny_model(out, num_layers=layers, hidden=hidden, max_shard_size="512MB",
                         num_attention_heads=16, num_key_value_heads=4, intermediate_size=int(hidden * 2.75))
+    return out
+
+
+def first_layers_model(src: Path, root: Path, layers: int) -> Path:
+    """``src`` cut to its first ``layers`` decoder layers (embedding, final norm and head kept): a model
+    whose one stage holds fewer layers of the same shape, for the memory-per-layer sweep."""
+    from safetensors.torch import load_file, save_file
+
+    from slm_dist.arch import get_arch, prune_config
+    from slm_dist.checkpoint.index import open_index
+
+    out = root / f"{src.name}-first{layers}"
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    index = open_index(src)
+    arch = get_arch(index.model_type)
+    keep = {}
+    for file in sorted({info.file for info in index.tensors.values()}):
+        for key, value in load_file(src / file).items():
+            split = arch.split_key(key)
+            if split is None or split[0] < layers:
+                keep[key] = value
+    config = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(prune_config(config, list(range(layers)), arch), indent=2))
+    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
@@ -151,7 +176,7 @@ class RssSampler:
 class RayPipeline:
     """A RayBackend with its stages started and loaded, timed one whole calibration at a time."""
 
-    def __init__(self, model: Path, num_stages: int, args, overrides: tuple[str, ...] = ()):
+    def __init__(self, model: Path, num_stages: int, args):
         from slm_dist.checkpoint.index import open_index
         from slm_dist.config import load_config
         from slm_dist.distributed import RayBackend
@@ -161,7 +186,7 @@ class RayPipeline:
         cores = os.cpu_count() or 1
         cfg = load_config(None, [f"model.path={model}", "cluster.backend=ray", f"cluster.num_stages={num_stages}",
                                  f"cluster.cpus_per_stage={max(1, cores // num_stages)}",
-                                 f"cluster.max_inflight={args.max_inflight}", "model.dtype=float32", *overrides])
+                                 f"cluster.max_inflight={args.max_inflight}", "model.dtype=float32"])
         self.specs = stage_specs(cfg, open_index(model), model)
         self.stats = StatsSpec(tokens_per_batch=args.tokens)
         self.backend = RayBackend(cfg.cluster)
@@ -185,11 +210,11 @@ class RayPipeline:
             self.backend.close()
         return {"tokens_per_s": self.best, "cka": self.cka.tolist(), "driver_peak_delta": self.driver_delta,
                 "stages": [{k: r[k] for k in ("start", "stop", "held_bytes", "peak_rss_bytes", "shared_rss_bytes",
-                                              "baseline_rss_bytes", "mmap_threshold_bytes")}
+                                              "baseline_rss_bytes")}
                            for r in reports]}
 
 
-def stage_runtime_overhead(root: Path, args, overrides: tuple[str, ...] = ()) -> int:
+def stage_runtime_overhead(root: Path, args) -> int:
     """Peak RSS of a stage actor whose weights are negligible: the fixed cost of a stage process."""
     from slm_dist.testing import make_tiny_model
 
@@ -197,10 +222,38 @@ def stage_runtime_overhead(root: Path, args, overrides: tuple[str, ...] = ()) ->
     if not (model / "config.json").exists():
         make_tiny_model(model, num_layers=2, hidden=32)
     ids = torch.randint(3, 60, (args.batch_size * 2, args.seq_len), generator=torch.Generator().manual_seed(0))
-    pipeline = RayPipeline(model, 1, args, overrides)
+    pipeline = RayPipeline(model, 1, args)
     pipeline.measure(batches_of(ids, args.batch_size))
     stage = pipeline.finish()["stages"][0]
     return stage["peak_rss_bytes"] - stage["shared_rss_bytes"]
+
+
+def memory_sweep(model_dir: Path, num_layers: int, batches, args) -> list[dict]:
+    """One 1-stage pipeline per layer count (the model cut to its first L layers, in a child
+    process), each loaded and run over every batch: its held bytes and private peak."""
+    points = []
+    for layers in sorted({max(1, round(num_layers * f)) for f in SWEEP_FRACTIONS}):
+        cut = model_dir
+        if layers < num_layers:
+            made = subprocess.run([sys.executable, __file__, "--child", "first-layers", "--model", str(model_dir),
+                                   "--layers", str(layers), "--workdir", str(args.workdir)],
+                                  capture_output=True, text=True, check=True)
+            cut = Path(json.loads(made.stdout.strip().splitlines()[-1])["path"])
+        pipeline = RayPipeline(cut, 1, args)
+        pipeline.measure(batches)
+        stage = pipeline.finish()["stages"][0]
+        points.append({"layers": layers, "held_bytes": stage["held_bytes"],
+                       "private_peak_bytes": stage["peak_rss_bytes"] - stage["shared_rss_bytes"]})
+    return points
+
+
+def fit_line(points: list[dict]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of private peak against held bytes."""
+    xs = [p["held_bytes"] for p in points]
+    ys = [p["private_peak_bytes"] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
 
 
 def run_child(mode: str, model: Path, ids_path: Path, args) -> dict:
@@ -213,7 +266,7 @@ def run_child(mode: str, model: Path, ids_path: Path, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- report
-def section(rows: list[dict], overhead: dict[str, int], load: tuple[float, float], args) -> str:
+def section(rows: list[dict], overhead: int, load: tuple[float, float], args) -> str:
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     lines = [HEADING, "",
              f"`python3 bench/bench_calibration.py` on {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
@@ -238,22 +291,30 @@ def section(rows: list[dict], overhead: dict[str, int], load: tuple[float, float
               "the actor had mapped (RssShmem at the end: hidden states and statistics passing through the store, "
               "which scale with batch x sequence x hidden and `cluster.max_inflight`, not with the weights). "
               "Private peak = peak - store pages. Fixed runtime of a stage process, measured the same way on a "
-              f"stage holding a 2-layer hidden-32 model: {mib(overhead['fixed'])} (glibc's dynamic threshold: "
-              f"{mib(overhead['dynamic'])}). Stage actors fix glibc's mmap threshold at "
-              f"`cluster.stage_mmap_threshold_bytes` = {mib(ClusterSection().stage_mmap_threshold_bytes)} "
-              "(slm_dist/host_memory.py); the 'dynamic' rows are the same 1-stage calibration with it null (glibc's "
-              "default, which raises the threshold after big frees), run once each in the same session.", "",
-              "| model | stages | mmap threshold | stage layers | held weights | peak RSS | object-store pages | "
+              f"stage holding a 2-layer hidden-32 model: {mib(overhead)}.", "",
+              "| model | stages | stage layers | held weights | peak RSS | object-store pages | "
               "(private peak - runtime) / held |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        for key, label, threshold in (("ray1", 1, "fixed"), ("ray2", 2, "fixed"), ("ray1_dynamic", 1, "dynamic")):
+        for key, label in (("ray1", 1), ("ray2", 2)):
             for s in r[key]["stages"]:
                 private = s["peak_rss_bytes"] - s["shared_rss_bytes"]
-                ratio = (private - overhead[threshold]) / s["held_bytes"]
-                lines.append(f"| {r['name']} | {label} | {threshold} | [{s['start']}, {s['stop']}) | "
-                             f"{mib(s['held_bytes'])} | {mib(s['peak_rss_bytes'])} | {mib(s['shared_rss_bytes'])} | "
-                             f"{ratio:.2f}x |")
+                ratio = (private - overhead) / s["held_bytes"]
+                lines.append(f"| {r['name']} | {label} | [{s['start']}, {s['stop']}) | {mib(s['held_bytes'])} | "
+                             f"{mib(s['peak_rss_bytes'])} | {mib(s['shared_rss_bytes'])} | {ratio:.2f}x |")
+    lines += ["", "Memory per byte held: the same model cut to its first L layers, one 1-stage pipeline per L "
+              "(load, then every calibration batch), private peak against held bytes. The slope is what each "
+              "byte of weights costs; the intercept is what a stage costs whatever it holds: the runtime above "
+              "plus one layer's activations and the heap they leave at this batch shape (batch x seq x hidden).",
+              "", "| model | layers held | held weights | private peak |", "|---|---|---|---|"]
+    for r in rows:
+        for pt in r["sweep"]:
+            lines.append(f"| {r['name']} | {pt['layers']} | {mib(pt['held_bytes'])} | {mib(pt['private_peak_bytes'])} |")
+    lines += [""]
+    for r in rows:
+        slope, intercept = fit_line(r["sweep"])
+        lines.append(f"- {r['name']}: private peak = {slope:.2f} x held + {mib(intercept)} (least squares over "
+                     f"{len(r['sweep'])} layer counts)")
     lines += ["", "Driver memory during calibration (peak RSS minus RSS before the call; the driver holds batch "
               "ids, object references and the final float64 sums, never weights or activations):", "",
               "| model | held weights (all stages) | driver peak growth, 1 stage | driver peak growth, 2 stages |",
@@ -262,8 +323,8 @@ def section(rows: list[dict], overhead: dict[str, int], load: tuple[float, float
         lines.append(f"| {r['name']} | {mib(sum(s['held_bytes'] for s in r['ray1']['stages']))} | "
                      f"{mib(r['ray1']['driver_peak_delta'])} | {mib(r['ray2']['driver_peak_delta'])} |")
     lines += ["", "Goals (issue 3): pipeline >= 0.9x the single process on one machine; statistics <= 10% of forward "
-              "time; stage private peak <= 1.3x held weights plus the fixed runtime above; driver memory independent of "
-              "model size.", ""]
+              "time; stage private peak <= 1.3x held weights plus a fixed overhead (the sweep's slope and intercept); "
+              "driver memory independent of model size.", ""]
     return "\n".join(lines)
 
 
@@ -277,7 +338,8 @@ def update_results(path: Path, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", choices=["baseline", "stats", "make-wide"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["baseline", "stats", "make-wide", "first-layers"], help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["smollm2", "wide"], choices=["smollm2", "wide"])
@@ -300,6 +362,8 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         if args.child == "make-wide":
             result = {"path": str(wide_model(args.workdir, args.wide_hidden, args.wide_layers))}
+        elif args.child == "first-layers":
+            result = {"path": str(first_layers_model(args.model, args.workdir, args.layers))}
         else:
             result = child_baseline(args) if args.child == "baseline" else child_stats_cost(args)
         print(json.dumps(result))
@@ -334,8 +398,7 @@ def main() -> None:
     rows = []
     load_start = os.getloadavg()[0]
     try:
-        overhead = {"fixed": stage_runtime_overhead(args.workdir, args),
-                    "dynamic": stage_runtime_overhead(args.workdir, args, DYNAMIC)}
+        overhead = stage_runtime_overhead(args.workdir, args)
         for name, model_dir, text, samples in models:
             ids = calibration_ids(model_dir, text, samples, args.seq_len)
             ids_path = args.workdir / "ids.pt"
@@ -355,17 +418,16 @@ def main() -> None:
                 for pipeline in pipelines.values():
                     pipeline.measure(batches)
             ray1, ray2 = pipelines[1].finish(), pipelines[2].finish()
-            dynamic = RayPipeline(model_dir, 1, args, DYNAMIC)  # memory only: one calibration
-            dynamic.measure(batches)
-            ray1_dynamic = dynamic.finish()
+            log.info("%s: memory sweep over layer counts", name)
+            num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+            sweep = memory_sweep(model_dir, num_layers, batches, args)
             cka_diff = max(float((torch.tensor(r["cka"]) - torch.tensor(baseline["cka"])).abs().max())
                            for r in (ray1, ray2))
             from slm_dist.checkpoint.index import open_index
             from slm_dist.pipeline import layer_params
 
             rows.append({"name": name, "params": layer_params(open_index(model_dir))[0], "baseline": baseline,
-                         "stats": stats, "ray1": ray1, "ray2": ray2, "ray1_dynamic": ray1_dynamic,
-                         "cka_diff": cka_diff})
+                         "stats": stats, "ray1": ray1, "ray2": ray2, "sweep": sweep, "cka_diff": cka_diff})
     finally:
         ray.shutdown()
     text = section(rows, overhead, (load_start, os.getloadavg()[0]), args)

@@ -89,6 +89,11 @@ def plan_notes(run_dir: Path, result: dict) -> list[str]:
     return lines
 
 
+def fewer_long(result: dict) -> bool:
+    counts = result["eval_settings"]["items"]
+    return any(counts.get(t, 0) < max(counts.values()) for t in ("hellaswag", "boolq"))
+
+
 def section(result: dict, command: str, run_dir: Path) -> str:
     cal = result["calibration"]
     summary = Summary.of(result)
@@ -108,8 +113,9 @@ def section(result: dict, command: str, run_dir: Path) -> str:
         *verdict(result), "",
         "What slm-dist's global search chose (`<run-dir>/compare/<method>-<k>/plan.json` has every candidate):", "",
         *plan_notes(run_dir, result), "",
-        f"- Items (the same for every method): {items} (the first N of each file; HellaSwag and BoolQ fewer because",
-        "  their items are 2-4x longer and this ran on 2 shared CPU cores); perplexity on " + windows + ".",
+        f"- Items (the same for every method): {items} (the first N of each file"
+        + ("; HellaSwag and BoolQ fewer because their items are 2-4x longer" if fewer_long(result) else "")
+        + "); perplexity on " + windows + ".",
         f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo "
         f"Wikipedia text (seed {cal['seed']}); the global search ranks its plans on the same samples.",
         "- slm-dist settings: `" + " ".join(PLAN_SETTINGS) + "` (plan.search=global is set by the method).",

@@ -149,11 +149,6 @@ class ClusterSection(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers for `heal` (one per GPU with device=cuda, "
                              "else one CPU process each)")
     placement_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the cluster to place the stage bundles")
-    stage_mmap_threshold_bytes: int | None = Field(
-        128 << 10, ge=4096, le=32 << 20,
-        description="ray: stage actors serve host allocations of this size or more with their own mmap, for good "
-                    "(glibc's mallopt; otherwise glibc raises the threshold after big frees and the heap keeps "
-                    "100+ MiB of freed activations); null = glibc's dynamic default")
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> "ClusterSection":

@@ -29,7 +29,7 @@ import os
 import resource
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -44,7 +44,7 @@ from slm_dist.config import ClusterSection
 from slm_dist.export import OnDone, ShardJob, ShardRunner, WorkerSettings
 from slm_dist.local_backend import stage_holding
 from slm_dist.workers.merge_worker import MergeWorker, ShardResult
-from slm_dist.workers.stage_worker import StageCacheMissing, StageSpec, StageWorker, StatsSpec
+from slm_dist.workers.stage_worker import StageCacheMissing, StageSpec, StageStats, StageWorker, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,7 @@ class StageActor(StageWorker):
     """A StageWorker in its own process: torch threads sized to the CPUs its bundle reserved, and a
     report of where it runs and what it holds (for tests and benchmarks)."""
 
-    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int, mmap_threshold: int | None = None):
-        # The process is the stage's own: fix glibc's mmap threshold before the first weight so freed
-        # activations go back to the OS instead of fragmenting the heap (see host_memory).
-        self._mmap_threshold = mmap_threshold if mmap_threshold and host_memory.fix_mmap_threshold(mmap_threshold) \
-            else None
+    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int):
         torch.set_num_threads(num_threads)
         import accelerate  # noqa: F401  (imported before the baseline so it counts as runtime, not weights)
         import transformers  # noqa: F401
@@ -82,7 +78,9 @@ class StageActor(StageWorker):
     # it calls them internally with device tensors.)
     def calibrate_hop(self, batch_id: int, x: torch.Tensor, cache_inputs: bool = False):
         h, stats = self.calibrate(batch_id, x, cache_inputs)
-        return (None if self.spec.is_last else h.cpu()), stats
+        # The Grams travel as a numpy array: Ray writes those straight into the object store, where a
+        # pickled tensor is first copied whole in the actor's heap (a stage's Grams grow with its layers).
+        return (None if self.spec.is_last else h.cpu()), replace(stats, grams=stats.grams.numpy())
 
     def forward_hop(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x).cpu()
@@ -105,7 +103,6 @@ class StageActor(StageWorker):
             "baseline_rss_bytes": self._baseline_rss,  # after importing torch/transformers, before any weight
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "shared_rss_bytes": host_memory.shared_rss_bytes(),  # object-store pages inside that peak (stay mapped)
-            "mmap_threshold_bytes": self._mmap_threshold,  # None: glibc's dynamic threshold (or not glibc)
             "cuda_peak_bytes": cuda_peak,
         }
 
@@ -156,8 +153,9 @@ class ReducerActor:
     def counted(self, run: ReducerRun) -> list[int]:
         return self._for(run).hsic.batch_ids
 
-    def add(self, stats, run: ReducerRun) -> bool:
-        completed = self._for(run).add(stats)
+    def add(self, stats: StageStats, run: ReducerRun) -> bool:
+        # The Grams arrive as a read-only numpy view of the object store (calibrate_hop): copy them out.
+        completed = self._for(run).add(replace(stats, grams=torch.from_numpy(stats.grams.copy())))
         if completed:
             self.since_save += 1
             if run.checkpoint_path is not None and self.since_save >= run.checkpoint_every:
@@ -262,7 +260,7 @@ class RayBackend:
                 max_restarts=cluster.max_restarts,
                 max_task_retries=0,  # lost batches are re-sent by the driver, from stage 0
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=k),
-            ).remote(spec, stats, threads, cluster.stage_mmap_threshold_bytes)
+            ).remote(spec, stats, threads)
             for k, spec in enumerate(specs)
         ]
         self._specs, self._stats = specs, stats

@@ -268,4 +268,9 @@ def test_read_into_casts_chunk_by_chunk_and_checks_the_shape(tmp_path, dtype):
     assert torch.equal(ints, weights["b"]) and reader.read_keys == ["a", "b"]
     with pytest.raises(CheckpointError, match=r"'a' .* has shape \[37, 5\], the model expects \[5, 37\]"):
         reader.read_into("a", torch.empty(5, 37))
+    # Every cast goes through one staging buffer, allocated once; the stored dtype needs none.
+    staging = reader._staging
+    assert (staging is None) == (dtype == torch.bfloat16)
+    reader.read_into("a", out, chunk_bytes=14)
+    assert reader._staging is staging and torch.equal(out, weights["a"].to(dtype))
     reader.close()

@@ -164,7 +164,6 @@ def test_ray_equals_local_equals_hf_output_hidden_states(staged, tiny, num_stage
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for report in reports:
         assert_holds_only_its_layers(report, model, 6)
-        assert report["mmap_threshold_bytes"] == ClusterSection().stage_mmap_threshold_bytes  # fixed in the actor
     if PLACEMENT[num_stages] == "SPREAD":
         # Two nodes with equal free resources: SPREAD puts each stage on its own node.
         assert len({r["node_id"] for r in reports}) == num_stages == 2

@@ -27,6 +27,7 @@ class LazyReader:
         self.opened_files: set[str] = set()
         self.read_keys: list[str] = []
         self._rows: RowReader | None = None  # pread-based reads for read_into
+        self._staging: torch.Tensor | None = None  # read_into's reused host buffer (uint8)
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -60,8 +61,11 @@ class LazyReader:
         """Copy tensor ``key`` into ``out`` (any device; float dtypes cast), a bounded chunk at a time.
 
         The point is the peak: reading a whole bf16 tensor and then casting it holds both copies,
-        and safe_open's mapped pages count as resident besides. Here the extra memory is one
-        reused ``chunk_bytes`` buffer, so a stage peaks at the weights it keeps plus a constant.
+        and safe_open's mapped pages count as resident besides. A host tensor of the stored dtype
+        is read straight into; otherwise the bytes pass through one staging buffer of at most
+        ``chunk_bytes``, kept for the reader's life and reused by every tensor. (A buffer per
+        tensor is freed after each one; glibc then raises its mmap threshold and serves the next
+        buffers and weights from a heap that keeps the freed ones: a stage loaded 1.35x its weights.)
         """
         info = self.index.tensors.get(key)
         if info is None:
@@ -78,15 +82,26 @@ class LazyReader:
         if self._rows is None:
             self._rows = RowReader(Path(self.index.root))
         numel = math.prod(info.shape)
+        stored = torch_dtype(info.dtype)
         flat = out.view(-1)
+        if out.device.type == "cpu" and out.dtype == stored:
+            self._rows.read_flat(info, 0, numel, out=flat)  # nothing to cast: no buffer at all
+            return out
         step = max(1, chunk_bytes // max(1, info.nbytes // max(numel, 1)))
-        buf = torch.empty(min(step, numel), dtype=torch_dtype(info.dtype))
+        buf = self._staging_buffer(stored, min(step, numel))
         for start in range(0, numel, step):
             stop = min(start + step, numel)
             flat[start:stop].copy_(self._rows.read_flat(info, start, stop, out=buf))
         return out
 
+    def _staging_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self._staging[:nbytes].view(dtype)
+
     def close(self) -> None:
+        self._staging = None
         self._handles.clear()
         self._pickles.clear()
         if self._rows is not None:
