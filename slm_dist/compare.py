@@ -351,6 +351,18 @@ def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointInde
     return plans
 
 
+def model_identity(plan) -> str:
+    """Plans that build the same weights share this string. A window merged with alpha 0 writes layer
+    lo's tensors unchanged, as drop does; so ``slm_global_scaled`` with alphas 0 and the angular block
+    over the same layers are one model, evaluated once."""
+    if plan is None:
+        return "dense"
+    alphas = getattr(plan, "alphas", None) or [None] * len(plan.windows)
+    parts = [[list(w), "drop"] if plan.rule == "drop" or (plan.rule == "scaled" and a == 0.0) else [list(w), plan.rule, a]
+             for w, a in zip(plan.windows, alphas)]
+    return json.dumps(parts)
+
+
 def _row_key(method: str, plan) -> dict:
     if plan is None:
         return {"method": method, "windows": [], "rule": None}
@@ -415,16 +427,28 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
         plans = {k: {m: plan_from_json(result["plans"][f"{m}@{k}"], n) for m in methods} for k in layers_removed}
         write_json(results_path, result)
 
-        def record(row: dict) -> None:
+        by_model: dict[str, dict] = {}  # model_identity -> its measured row, this run
+
+        def record(row: dict, plan=None) -> None:
             result["rows"].append(row)
             write_json(results_path, result)
+            if "eval" in row:
+                by_model.setdefault(model_identity(plan), row)
 
         def measure(method: str, k: int, plan) -> None:
             key = _row_key(method, plan)
             done = reuse.get(json.dumps(key, sort_keys=True))
             if done is not None:
                 log.info("%s (k=%d): reusing the result in %s", method, k, results_path)
-                record(done)
+                record(done, plan)
+                return
+            twin = by_model.get(model_identity(plan))
+            if twin is not None:
+                log.info("%s (k=%d) builds the same weights as %s: its scores are reused", method, k, twin["method"])
+                record({**twin, "key": key, "method": method, "label": LABELS[method], "target_removed": k,
+                        "windows": key["windows"], "rule": key["rule"],
+                        "threshold": None if plan is None else plan.threshold,
+                        "same_model_as": twin["method"], "seconds": 0.0}, plan)
                 return
             start = time.perf_counter()
             model_dir = ctx.model_dir
@@ -449,7 +473,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
                     "layers_after": n if plan is None else plan.num_layers_after,
                     "windows": key["windows"], "rule": key["rule"],
                     "threshold": None if plan is None else plan.threshold,
-                    "eval": scores, "seconds": round(time.perf_counter() - start, 1)})
+                    "eval": scores, "seconds": round(time.perf_counter() - start, 1)}, plan)
 
         measure("dense", 0, None)
         for k in layers_removed:

@@ -104,6 +104,18 @@ def test_output_threshold_search_finds_the_target_across_the_dropped_window_quir
     assert sum(hi - lo for lo, hi in windows) == 3 and len(tried) <= 16
 
 
+def test_model_identity_equates_alpha_zero_with_drop_only():
+    drop = baselines.removal_plan("angular", 8, [3, 4])  # window [2..4], drop
+    scaled = planner.MergePlan(8, ((2, 4),), "scaled", "cka", None, alphas=(0.0,))
+    assert compare.model_identity(drop) == compare.model_identity(scaled) != compare.model_identity(None)
+    moved = planner.MergePlan(8, ((2, 4),), "scaled", "cka", None, alphas=(0.1,))
+    mean = planner.MergePlan(8, ((2, 4),), "mean", "cka", None)
+    assert len({compare.model_identity(p) for p in (drop, moved, mean)}) == 3
+    mixed = planner.MergePlan(8, ((1, 2), (4, 6)), "scaled", "cka", None, alphas=(0.1, 0.0))
+    assert compare.model_identity(mixed) != compare.model_identity(
+        planner.MergePlan(8, ((1, 2), (4, 6)), "drop", "cka", None))
+
+
 def test_published_loop_scores_survive_a_restart_only_for_the_same_calibration(tmp_path):
     cache = {(((3, 5),), (1, 2), "reference"): 0.97, ((), (4, 4), "reference"): 0.5}
     compare.save_scores(tmp_path / "s.json", "abc", cache)
@@ -209,6 +221,23 @@ def test_a_changed_search_setting_replans_only_the_global_search(compared, monke
     assert asked == [{2: ["slm_global_drop"]}, {2: ["slm_global_drop"]}]
     assert again["plan_settings"]["slm_global_drop@2"]["candidates"] == 3
     assert "shortgpt@2" in again["plans"] and "slm_output@2" in again["plans"]
+
+
+def test_two_methods_that_build_the_same_weights_are_evaluated_once(compared, tmp_path, monkeypatch):
+    config, spec, _ = compared
+    config = config.model_copy(update={"run": config.run.model_copy(update={"dir": tmp_path / "run"})})
+    same = baselines.removal_plan("angular", 6, [3, 4])
+    scaled = planner.MergePlan(6, ((2, 4),), "scaled", "cka", None, alphas=(0.0,))
+    monkeypatch.setattr(compare, "_plan_all", lambda *a: {2: {"angular": same, "slm_global_scaled": scaled}})
+    evaluated = []
+    real = compare.evaluation.evaluate_model
+    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda d, *a: evaluated.append(d) or real(d, *a))
+    result = compare.compare(config, [2], spec, methods=("angular", "slm_global_scaled"), show_progress=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert len(evaluated) == 2  # dense and angular; the scaled plan with alpha 0 is the angular model
+    assert rows["slm_global_scaled"]["same_model_as"] == "angular"
+    assert rows["slm_global_scaled"]["eval"] == rows["angular"]["eval"]
+    assert rows["slm_global_scaled"]["rule"] == "scaled"
 
 
 def test_compare_command_prints_one_table(compared, capsys):
