@@ -46,6 +46,9 @@ def verdict(result: dict) -> list[str]:
         if not ours or not theirs:
             lines.append(f"- k={k}: not measured yet ({len(ours)} slm-dist rows, {len(theirs)} baseline rows)")
             continue
+        unmeasured = [m for m in BASELINES if m in result["methods"] and m not in {r["method"] for r in theirs}]
+        if unmeasured:
+            lines.append(f"- k={k}: against the baselines measured so far; not yet: {', '.join(unmeasured)}")
         measures = [(f"PPL {compare._short(f)}", lambda r, f=f: -r["eval"]["ppl"][f]) for f in ppl_files]
         measures.append(("average accuracy", lambda r: r["eval"]["average"]))
         for name, score in measures:
@@ -120,6 +123,8 @@ def section(result: dict, command: str, run_dir: Path) -> str:
         f"Wikipedia text (seed {cal['seed']}); the global search ranks its plans on the same samples.",
         "- slm-dist settings: `" + " ".join(PLAN_SETTINGS) + "` (plan.search=global is set by the method).",
         *([f"- Not measured: {'; '.join(missing)}"] if missing else []),
+        *([f"- Not reached (the run was stopped; rerunning the command resumes it): {', '.join(summary.pending)}"]
+          if summary.pending else []),
         f"- Command: `{command}`", ""])
 
 

@@ -81,15 +81,19 @@ class Summary:
     windows: str        # "wikitext-2-raw 16 x 512 tokens, ..."
     rows: list[dict]    # the rows that were evaluated
     missing: list[str]  # "label (k=K)" of the rows that failed
+    pending: list[str]  # "method (k=K)" of the rows the run has not reached (an interrupted run)
 
     @classmethod
     def of(cls, result: dict) -> "Summary":
         settings = result["eval_settings"]
+        reached = {(r["method"], r["target_removed"]) for r in result["rows"]}
         return cls(", ".join(f"{t} {n}" for t, n in settings["items"].items()),
                    ", ".join(f"{Path(f).parent.name} {n} x {settings['seq_len']} tokens"
                              for f, n in settings["ppl_windows"].items()),
                    [r for r in result["rows"] if "eval" in r],
-                   [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r])
+                   [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r],
+                   [f"{m} (k={k})" for k in result["layers_removed"] for m in result["methods"]
+                    if (m, k) not in reached])
 
 
 def write_section(title: str, body: str, path: Path = RESULTS) -> None:
