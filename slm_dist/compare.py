@@ -355,7 +355,7 @@ def model_identity(plan) -> str:
     """Plans that build the same weights share this string. A window merged with alpha 0 writes layer
     lo's tensors unchanged, as drop does; so ``slm_global_scaled`` with alphas 0 and the angular block
     over the same layers are one model, evaluated once."""
-    if plan is None:
+    if plan is None or not plan.windows:
         return "dense"
     alphas = getattr(plan, "alphas", None) or [None] * len(plan.windows)
     parts = [[list(w), "drop"] if plan.rule == "drop" or (plan.rule == "scaled" and a == 0.0) else [list(w), plan.rule, a]

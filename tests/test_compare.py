@@ -108,6 +108,7 @@ def test_model_identity_equates_alpha_zero_with_drop_only():
     drop = baselines.removal_plan("angular", 8, [3, 4])  # window [2..4], drop
     scaled = planner.MergePlan(8, ((2, 4),), "scaled", "cka", None, alphas=(0.0,))
     assert compare.model_identity(drop) == compare.model_identity(scaled) != compare.model_identity(None)
+    assert compare.model_identity(planner.MergePlan(8, (), "sum", "cka", 0.99)) == compare.model_identity(None)
     moved = planner.MergePlan(8, ((2, 4),), "scaled", "cka", None, alphas=(0.1,))
     mean = planner.MergePlan(8, ((2, 4),), "mean", "cka", None)
     assert len({compare.model_identity(p) for p in (drop, moved, mean)}) == 3

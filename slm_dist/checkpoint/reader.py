@@ -95,7 +95,7 @@ class LazyReader:
         return out
 
     def _staging_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if self._staging is None or self._staging.numel() < nbytes:
             self._staging = torch.empty(nbytes, dtype=torch.uint8)
         return self._staging[:nbytes].view(dtype)
