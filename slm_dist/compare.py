@@ -358,8 +358,8 @@ def model_identity(plan) -> str:
     if plan is None or not plan.windows:
         return "dense"
     alphas = getattr(plan, "alphas", None) or [None] * len(plan.windows)
-    parts = [[list(w), "drop"] if plan.rule == "drop" or (plan.rule == "scaled" and a == 0.0) else [list(w), plan.rule, a]
-             for w, a in zip(plan.windows, alphas)]
+    parts = [[list(w), "drop"] if plan.rule == "drop" or (plan.rule == "scaled" and a == 0.0)
+             else [list(w), plan.rule, a] for w, a in zip(plan.windows, alphas)]
     return json.dumps(parts)
 
 
@@ -406,7 +406,6 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
 
     input_ids = calibration_ids(ctx)
     fingerprint = plans_fingerprint(ctx.model_dir, input_ids, config)
-    settings_now = {f"{m}@{k}": method_settings(m, config) for m in methods for k in layers_removed}
     stored = {}
     if previous.get("plans_fingerprint") == fingerprint:
         before = previous.get("plan_settings", {})
@@ -421,7 +420,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
         if any(missing.values()):
             new = _plan_all(ctx, config, index, backend, input_ids, missing, out_root, fingerprint)
             result["plans"].update({f"{m}@{k}": plan_to_json(plan) for k in new for m, plan in new[k].items()})
-            result["plan_settings"].update({f"{m}@{k}": settings_now[f"{m}@{k}"] for k in new for m in new[k]})
+            result["plan_settings"].update({f"{m}@{k}": method_settings(m, config) for k in new for m in new[k]})
         else:
             log.info("reusing every plan in %s (same model, calibration tokens and settings)", results_path)
         plans = {k: {m: plan_from_json(result["plans"][f"{m}@{k}"], n) for m in methods} for k in layers_removed}
