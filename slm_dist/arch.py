@@ -35,6 +35,13 @@ class ArchSpec:
     lm_head_module: str
     rotary_module: str
     layers_module: str
+    # The MLP's output projection: its output adds straight to the residual stream (no norm after
+    # it), which is what lets merge.correction=linear fold a fitted map into its weight.
+    mlp_out_module: str
+
+    def mlp_out_suffixes(self) -> tuple[str, ...]:
+        """Per-layer tensor suffixes of ``mlp_out_module`` (weight, and bias where the model has one)."""
+        return tuple(f"{self.mlp_out_module}.{name}" for name in ("weight", "bias"))
 
     @property
     def required_suffixes(self) -> tuple[str, ...]:

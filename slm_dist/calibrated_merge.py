@@ -143,31 +143,13 @@ def fit_window_alpha(
     Window members above the stage are read from the checkpoint, as ``run_candidate`` does; the
     window's source tensors are held while it is fitted (its layers once, in the checkpoint dtype).
     """
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-
-    from slm_dist.checkpoint.reader import LazyReader
     from slm_dist.merge import merge_window
 
     lo, hi = window
-    if not (stage.spec.start <= lo < stage.spec.stop) or hi <= lo or hi >= stage.spec.num_layers:
-        raise AlphaSearchError(f"window {list(window)} cannot be fitted on the stage holding layers "
-                               f"[{stage.spec.start}, {stage.spec.stop}): its lo must be on this stage and hi > lo")
+    check_window_on_stage(stage, window)
     if not batch_ids:
         raise AlphaSearchError("fit_window_alpha needs at least one calibration batch id")
-
-    def scratch(layer_idx: int, tensors: dict[str, Tensor]) -> torch.nn.Module:
-        with init_empty_weights(include_buffers=False):
-            module = stage._layer_class(stage.config, layer_idx=layer_idx)
-        for name, value in tensors.items():
-            set_module_tensor_to_device(module, name, stage.device, value=value, dtype=stage.dtype)
-        return module.eval().requires_grad_(False)
-
-    reader = LazyReader(stage.index)  # a separate reader: `loaded_keys` keeps showing the stage's own slice
-    held = dict(zip(stage.layer_ids, stage.layers))
-    suffixes = [name for name, _ in held[lo].named_parameters()]
-    source = [{s: reader.get(stage.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
-    reader.close()
+    source, member = window_members(stage, window)
 
     # The window's original input h_{lo-1} and output h_hi, per batch. Members above this stage
     # run in a scratch layer built from the checkpoint, one at a time.
@@ -177,8 +159,8 @@ def fit_window_alpha(
             h = stage.cached_input(batch_id, lo)
             inputs.append((h, stage._context(h)))
         outs = [h for h, _ in inputs]
-        for layer_id, member in zip(range(lo, hi + 1), source):
-            module = held[layer_id] if layer_id in held else scratch(layer_id, member)
+        for layer_id in range(lo, hi + 1):
+            module = member(layer_id)
             outs = [stage._run_layer(module, layer_id, x, ctx) for x, (_, ctx) in zip(outs, inputs)]
             del module
         targets = outs
@@ -188,7 +170,7 @@ def fit_window_alpha(
                                f"(||h_hi - h_lo-1||^2 = {base}); nothing to fit")
 
     def loss(alpha: float) -> float:
-        merged = scratch(lo, merge_window(source, "scaled", stage.arch.role, alpha))
+        merged = scratch_layer(stage, lo, merge_window(source, "scaled", stage.arch.role, alpha))
         with torch.inference_mode():
             error = sum(squared_error(stage._run_layer(merged, lo, h, ctx), t, skip_first)
                         for (h, ctx), t in zip(inputs, targets))
@@ -196,3 +178,42 @@ def fit_window_alpha(
 
     alpha, value, tried = search_alpha(loss, alpha_grid(hi - lo + 1, grid_points), refine_steps)
     return AlphaFit(window=(lo, hi), alpha=alpha, loss=value, tried=tuple(tried))
+
+
+def check_window_on_stage(stage: StageWorker, window: Window) -> None:
+    lo, hi = window
+    if not (stage.spec.start <= lo < stage.spec.stop) or hi <= lo or hi >= stage.spec.num_layers:
+        raise AlphaSearchError(f"window {list(window)} cannot be fitted on the stage holding layers "
+                               f"[{stage.spec.start}, {stage.spec.stop}): its lo must be on this stage and hi > lo")
+
+
+def scratch_layer(stage: StageWorker, layer_idx: int, tensors: dict[str, Tensor]) -> torch.nn.Module:
+    """A decoder layer of the stage's class holding ``tensors``, in the stage's dtype and device."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    with init_empty_weights(include_buffers=False):
+        module = stage._layer_class(stage.config, layer_idx=layer_idx)
+    for name, value in tensors.items():
+        set_module_tensor_to_device(module, name, stage.device, value=value, dtype=stage.dtype)
+    return module.eval().requires_grad_(False)
+
+
+def window_members(stage: StageWorker, window: Window) -> tuple[list[dict[str, Tensor]],
+                                                                 Callable[[int], torch.nn.Module]]:
+    """The window's source tensors (layers lo..hi, checkpoint dtype, held while one window is fitted)
+    and ``module(layer_id)``: the stage's own layer where it holds it, else a scratch layer built
+    from those tensors (as ``run_candidate`` does), one at a time so at most one copy is alive."""
+    from slm_dist.checkpoint.reader import LazyReader
+
+    lo, hi = window
+    reader = LazyReader(stage.index)  # a separate reader: `loaded_keys` keeps showing the stage's own slice
+    held = dict(zip(stage.layer_ids, stage.layers))
+    suffixes = [name for name, _ in held[lo].named_parameters()]
+    source = [{s: reader.get(stage.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
+    reader.close()
+
+    def module(layer_id: int) -> torch.nn.Module:
+        return held[layer_id] if layer_id in held else scratch_layer(stage, layer_id, source[layer_id - lo])
+
+    return source, module

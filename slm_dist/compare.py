@@ -19,8 +19,9 @@ Methods (k = layers removed):
   threshold is searched with forward passes, so k may be unreachable (the nearest is reported).
 - ``slm_global_<rule>``: slm-dist's global search (``plan.search: global``): exact least-cost windows
   from the statistics, ``plan.candidates`` of them ranked by ``plan.refine_metric`` on the
-  calibration samples; rule ``drop`` or ``scaled`` (alpha fitted per window). Each one's plan.json
-  (ranked candidates, alphas) is kept under ``<run.dir>/compare/<method>-<k>/``.
+  calibration samples; rule ``drop`` or ``scaled`` (alpha fitted per window); ``slm_global_linear``
+  is ``scaled`` with ``merge.correction: linear`` (a fitted map per window). Each one's plan.json
+  (ranked candidates, alphas, corrections) is kept under ``<run.dir>/compare/<method>-<k>/``.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ log = logging.getLogger(__name__)
 
 SLM_RULES = ("reference", "sum", "mean", "drop")
 GLOBAL_RULES = ("drop", "scaled")
+# slm_global_<method suffix> -> (merge.rule, merge.correction)
+GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES}, "slm_global_linear": ("scaled", "linear")}
 METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
-                            *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output",
-                            *(f"slm_global_{r}" for r in GLOBAL_RULES))
+                            *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS)
 LABELS = {
     "dense": "Dense (unpruned)",
     "shortgpt": "ShortGPT (lowest Block Influence)",
@@ -59,6 +61,7 @@ LABELS = {
     **{f"slm_cka_{r}": f"SLM CKA, rule {r}" for r in SLM_RULES},
     "slm_output": "SLM published code (output cos, reference)",
     **{f"slm_global_{r}": f"slm-dist global search, rule {r}" for r in GLOBAL_RULES},
+    "slm_global_linear": "slm-dist global search, scaled + linear correction",
 }
 
 
@@ -132,8 +135,11 @@ def plans_fingerprint(model_dir: Path, input_ids: Tensor, config: SlmConfig) -> 
 
 def method_settings(method: str, config: SlmConfig) -> dict:
     """The settings one method's plan depends on beyond ``plans_fingerprint`` (stored beside its plan)."""
-    if method.startswith("slm_global_"):
-        return {k: getattr(config.plan, k) for k in SEARCH_SETTINGS}
+    if method in GLOBAL_METHODS:
+        settings = {k: getattr(config.plan, k) for k in SEARCH_SETTINGS}
+        if GLOBAL_METHODS[method][1] == "linear":
+            settings["correction_batches"] = config.merge.correction_batches
+        return settings
     return {}
 
 
@@ -252,11 +258,12 @@ class PlanLosses(dict):
 
 
 def _release_candidates(backend) -> None:
-    """Free the merged layers the stages built while scoring candidates (LocalBackend holds them)."""
+    """Free the merged layers and fitted corrections the stages built while planning (the plans that
+    use corrections carry them in their own files)."""
     if hasattr(backend, "clear_candidates"):
-        backend.clear_candidates()
+        backend.clear_candidates(corrections=True)
     for stage in getattr(backend, "stages", []):
-        stage.clear_candidates()
+        stage.clear_candidates(corrections=True)
 
 
 # --------------------------------------------------------------------------------- plans
@@ -287,8 +294,8 @@ def make_plans(stats: Statistics, k: int, config: SlmConfig, methods: Sequence[s
                                                                       p.max_window)
                 plans[method] = planner.MergePlan(n, tuple(map(tuple, cka_windows)), method[len("slm_cka_"):],
                                                   "cka", threshold)
-            elif method.startswith("slm_global_"):
-                plans[method] = global_plan(k, method[len("slm_global_"):])
+            elif method in GLOBAL_METHODS:
+                plans[method] = global_plan(k, method)
             elif method == "slm_output":
                 t, windows, tried = output_plan(k)
                 plans[method] = planner.MergePlan(n, tuple(map(tuple, windows)), "reference", "output", t)
@@ -334,21 +341,34 @@ def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointInde
     # Plan losses and alphas, shared by every slm_global plan of this calibration; losses kept on disk.
     measured: dict = {"fits": {}, "losses": PlanLosses(out_root / "plan_losses.json", fingerprint)}
 
-    def global_plan(k: int, rule: str) -> planner.MergePlan:
+    def global_plan(k: int, method: str) -> planner.MergePlan:
+        rule, correction = GLOBAL_METHODS[method]
         plan_cfg = config.plan.model_copy(update={"search": "global", "threshold": None,
                                                   "target_layers_removed": k, "target_ratio": None})
-        method_config = config.model_copy(update={"plan": plan_cfg,
-                                                  "merge": config.merge.model_copy(update={"rule": rule})})
+        merge_cfg = config.merge.model_copy(update={"rule": rule, "correction": correction})
+        method_config = config.model_copy(update={"plan": plan_cfg, "merge": merge_cfg})
         method_ctx = pipeline.RunContext(method_config, ctx.model_dir, ctx.calibration_source, None, show_progress)
-        plan, details = pipeline.make_plan(method_ctx, index, reducer, backend, measured)
-        (out_root / f"slm_global_{rule}-{k}").mkdir(parents=True, exist_ok=True)
-        write_json(out_root / f"slm_global_{rule}-{k}" / "plan.json", {**plan.to_json(), "details": details})
+        out_dir = out_root / f"{method}-{k}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan, details = pipeline.make_plan(method_ctx, index, reducer, backend, measured, out_dir)
+        write_json(out_dir / "plan.json", {**plan.to_json(), "details": details})
         return plan
 
     with ctx.timed("plan"):
         plans = {k: make_plans(stats, k, config, ms, search, global_plan) for k, ms in wanted.items() if ms}
     _release_candidates(backend)
     return plans
+
+
+def keep_previous(results_path: Path, previous: dict, reused: int) -> None:
+    """Measured rows this run cannot reuse (another model, other eval items or files) are moved aside
+    to ``compare.<time>.json``, never overwritten: they may have cost hours."""
+    measured = sum(1 for r in previous.get("rows", []) + previous.get("other_rows", []) if "eval" in r)
+    if measured > reused:
+        kept = results_path.with_name(f"compare.{time.strftime('%Y%m%d-%H%M%S')}.json")
+        shutil.copyfile(results_path, kept)
+        log.warning("%s holds %d measured rows for other settings (model or evaluation differ); this run starts "
+                    "afresh and keeps them in %s", results_path, measured - reused, kept)
 
 
 def model_identity(plan) -> str:
@@ -360,13 +380,18 @@ def model_identity(plan) -> str:
     alphas = getattr(plan, "alphas", None) or [None] * len(plan.windows)
     parts = [[list(w), "drop"] if plan.rule == "drop" or (plan.rule == "scaled" and a == 0.0)
              else [list(w), plan.rule, a] for w, a in zip(plan.windows, alphas)]
+    if getattr(plan, "corrections", None):
+        parts.append(["corrections", plan.corrections_sha256])  # fitted maps change the weights
     return json.dumps(parts)
 
 
 def _row_key(method: str, plan) -> dict:
     if plan is None:
         return {"method": method, "windows": [], "rule": None}
-    return {"method": method, "windows": [list(w) for w in plan.windows], "rule": plan.rule}
+    key = {"method": method, "windows": [list(w) for w in plan.windows], "rule": plan.rule}
+    if getattr(plan, "corrections", None):
+        key["corrections"] = plan.corrections_sha256  # refitted maps are another model
+    return key
 
 
 def _method_config(config: SlmConfig, out_dir: Path) -> SlmConfig:
@@ -396,13 +421,16 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
     settings = evaluation.describe(spec, inputs)
     results_path = out_root / "compare.json"
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    reuse = {json.dumps(r["key"], sort_keys=True): r for r in previous.get("rows", [])
+    # Measured rows of the same model and evaluation are reused, and kept (``other_rows``) when this
+    # run does not ask for them, so runs over different methods or counts add up in one file.
+    reuse = {json.dumps(r["key"], sort_keys=True): r for r in previous.get("rows", []) + previous.get("other_rows", [])
              if previous.get("model") == str(ctx.model_dir) and "eval" in r
              and previous.get("eval_settings") == json.loads(json.dumps(settings))}
+    keep_previous(results_path, previous, len(reuse))
     result = {"model": str(ctx.model_dir), "num_layers": n, "layers_removed": list(layers_removed),
               "methods": list(methods), "eval_settings": settings,
               "calibration": {"source": str(ctx.calibration_source), **config.calibration.model_dump(mode="json")},
-              "rows": []}
+              "rows": [], "other_rows": list(reuse.values())}
 
     input_ids = calibration_ids(ctx)
     fingerprint = plans_fingerprint(ctx.model_dir, input_ids, config)
@@ -430,6 +458,8 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
 
         def record(row: dict, plan=None) -> None:
             result["rows"].append(row)
+            key = json.dumps(row["key"], sort_keys=True)
+            result["other_rows"] = [r for r in result["other_rows"] if json.dumps(r["key"], sort_keys=True) != key]
             write_json(results_path, result)
             if "eval" in row:
                 by_model.setdefault(model_identity(plan), row)

@@ -108,6 +108,12 @@ class MergeSection(_Section):
                                  "scaled: theta_lo + alpha * sum(theta_k - theta_lo), alpha fitted per window")
     alpha_batches: int = Field(2, ge=1, description="rule scaled: calibration batches each window's alpha is "
                                                     "fitted on (the window's stage runs only that window)")
+    correction: Literal["none", "linear"] = Field(
+        "none", description="linear: after the rule, fit one map per merged window on the calibration samples "
+                            "(ridge towards the identity, cross-validated over batches) so its layer adds what the "
+                            "whole window added, and fold it into the layer's MLP output projection (linear_correction.py)")
+    correction_batches: int = Field(8, ge=2, description="correction=linear: calibration batches each window's map "
+                                                         "is fitted and cross-validated on (up to 4 folds)")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024, description="size cap of one output safetensors shard")
     output_dir: Path | None = Field(None, description="where the pruned checkpoint goes; null = <run.dir>/model")
     max_parallel: int = Field(2, ge=1, description="output shards written at once (threads locally, Ray tasks on ray)")
@@ -218,6 +224,9 @@ class SlmConfig(_Section):
         if self.similarity.criterion == "output" and self.merge.rule == "scaled":
             raise ValueError("merge.rule=scaled fits alphas for finished windows; the published output loop "
                              "scores windows as it grows them: use similarity.criterion=cka or another rule")
+        if self.similarity.criterion == "output" and self.merge.correction != "none":
+            raise ValueError("merge.correction=linear fits finished windows; the published output loop scores "
+                             "windows as it grows them: use similarity.criterion=cka or merge.correction=none")
         if self.similarity.criterion == "output" and self.plan.threshold is None:
             raise ValueError("similarity.criterion=output needs plan.threshold: the published loop runs forward "
                              "passes per threshold, so target search is only offered for criterion=cka")

@@ -212,6 +212,7 @@ class RayBackend:
         self._specs: tuple[StageSpec, ...] = ()
         self._stats: StatsSpec | None = None
         self._calibration: list[tuple[int, ray.ObjectRef]] = []  # batches cached on stages (output criterion)
+        self._corrections: dict[tuple, torch.Tensor | None] = {}  # fitted maps, to re-install after a restart
         self._reducer = None                 # ReducerActor handle, started with the first calibrate()
         self._runs = 0
         self.counts = StreamCounts()
@@ -276,6 +277,7 @@ class RayBackend:
         for actor in self._stages:
             ray.kill(actor, no_restart=True)
         self._stages, self._specs, self._stats, self._calibration = [], (), None, []
+        self._corrections = {}
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
@@ -411,6 +413,7 @@ class RayBackend:
             ray.get(reducer.save.remote(run))
         result = ray.get(reducer.result.remote(run))
         self._calibration = [(b, inputs[b]) for b in ids_seen] if keep_for_output_criterion else []
+        self._corrections = {}  # fitted on the previous calibration's inputs
         log.info("calibrate: %d batches (%d resumed from %s, %d retried after a stage crash)", len(ids_seen),
                  self.counts.resumed, path, self.counts.retried)
         return result
@@ -444,7 +447,7 @@ class RayBackend:
 
     # ------------------------------------------------------------- published-code criterion
     def _score(self, windows: Sequence[tuple[int, int]], from_layer: int, rule: str,
-               alphas: dict | None = None, with_ids: bool = False) -> tuple[float, int]:
+               alphas: dict | None = None, with_ids: bool = False, corrected: bool = False) -> tuple[float, int]:
         """Sum and count of the last stage's per-sample (or per-token) values for a candidate model,
         run from ``from_layer`` upward on every calibration batch; batch order, as the local backend."""
         if not self._calibration:
@@ -457,7 +460,7 @@ class RayBackend:
             x = None  # the stage holding `from_layer` starts from its cached original input
             ids = inputs[batch_id] if with_ids else None
             for stage in stages:
-                x = stage.run_candidate_hop.remote(batch_id, x, windows, rule, from_layer, alphas, ids)
+                x = stage.run_candidate_hop.remote(batch_id, x, windows, rule, from_layer, alphas, ids, corrected)
             return [x]
 
         for attempt in range(self.cluster.max_restarts + 1):
@@ -470,6 +473,7 @@ class RayBackend:
                 log.warning("scoring lost a stage (%s); re-caching the calibration inputs", type(err).__name__)
                 self._await_alive(self._stages)
                 self._prime_caches()
+                self._reinstall_corrections()
         total, count = 0.0, 0
         for batch_id in inputs:
             values = results[batch_id][0]
@@ -486,14 +490,15 @@ class RayBackend:
         return total / count
 
     def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
-                   alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll") -> float:
+                   alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll",
+                   corrected: bool = False) -> float:
         """A whole plan on the calibration samples (as LocalBackend.score_plan): ``nll`` lower is better,
-        ``cosine`` (the published criterion) higher is better."""
+        ``cosine`` (the published criterion) higher is better; ``corrected`` uses the fitted corrections."""
         if metric not in ("nll", "cosine"):
             raise ValueError(f"metric must be 'nll' or 'cosine', got {metric!r}")
         windows = sorted(windows)
         lo = windows[0][0] if windows else self._specs[-1].start  # below lo the candidate is the original
-        total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll")
+        total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll", corrected=corrected)
         return -total / count if metric == "nll" else total / count
 
     def fit_alphas(self, windows: Sequence[tuple[int, int]], num_batches: int):
@@ -504,9 +509,28 @@ class RayBackend:
         return ray.get([self._stages[stage_holding(self._specs, lo)].fit_alpha.remote((lo, hi), batch_ids)
                         for lo, hi in windows])
 
-    def clear_candidates(self) -> None:
-        """Drop the merged candidate layers the stages built while scoring."""
-        ray.get([s.clear_candidates.remote() for s in self._stages])
+    def fit_corrections(self, requests: Sequence[tuple[tuple[int, int], str, float | None]], num_batches: int):
+        """merge.correction=linear: each (window, rule, alpha)'s map, fitted and kept on the stage holding its
+        lo; the driver keeps a copy to re-install on a stage Ray restarts."""
+        if not self._calibration:
+            raise RuntimeError("fit_corrections needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        batch_ids = [b for b, _ in self._calibration][:num_batches]
+        fits = ray.get([self._stages[stage_holding(self._specs, w[0])].fit_correction.remote(tuple(w), rule, alpha,
+                                                                                               batch_ids)
+                        for w, rule, alpha in requests])
+        for fit in fits:
+            self._corrections[fit.key] = fit.matrix
+        return fits
+
+    def _reinstall_corrections(self) -> None:
+        ray.get([self._stages[stage_holding(self._specs, key[0][0])].set_correction.remote(key, matrix)
+                 for key, matrix in self._corrections.items()])
+
+    def clear_candidates(self, corrections: bool = False) -> None:
+        """Drop the merged candidate layers the stages built while scoring (and the fitted corrections)."""
+        ray.get([s.clear_candidates.remote(corrections) for s in self._stages])
+        if corrections:
+            self._corrections.clear()
 
     def plan_output(self, threshold: float, rule: str, protect_first: int, protect_last: int, num_layers: int):
         if not self._stages or not self._calibration:
@@ -563,7 +587,7 @@ def _write_shard(settings: WorkerSettings, job: ShardJob) -> ShardResult:
     import torch
 
     torch.set_num_threads(1)  # one CPU per task; see export.run_jobs_local
-    worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes)
+    worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes, settings.corrections_file)
     return worker.write_shard(settings.out_dir, job)
 
 

@@ -37,6 +37,7 @@ from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, T
                                         plan_shards, safetensors_header, sha256_file, shard_name, write_index,
                                         write_json, write_manifest)
 from slm_dist.config import SlmConfig
+from slm_dist.corrections_file import checked_windows
 from slm_dist.merge import TensorJob, plan_tensor_jobs
 from slm_dist.planner import MergePlan, PlanError
 from slm_dist.workers.merge_worker import MergeWorker, ShardResult
@@ -78,7 +79,8 @@ class ShardJob:
     def to_json(self) -> dict:
         return {"name": self.name, "bytes": self.file_bytes, "source_files": list(self.source_files),
                 "tensors": [{"key": t.out_key, "sources": list(t.source_keys), "rule": t.rule,
-                             "window": list(t.window) if t.window else None} for t in self.tensors]}
+                             "window": list(t.window) if t.window else None,
+                             **({"correction": t.correction} if t.correction else {})} for t in self.tensors]}
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class WorkerSettings:
     out_dir: str
     allow_pickle: bool
     memory_bytes: int     # working memory of one job: the budget split over the parallel jobs
+    corrections_file: str | None = None  # the plan's linear corrections, read by the jobs that apply one
 
 
 OnDone = Callable[[ShardJob, ShardResult], None]
@@ -165,8 +168,9 @@ def plan_export(index: CheckpointIndex, plan: MergePlan, out_dir: Path, max_shar
         raise ExportError(f"plan is for {plan.num_layers_before} layers but {index.root} has {index.num_layers}; "
                           "the plan belongs to another model: re-run the plan stage")
     check_output_dir(index.root, out_dir)
+    corrections = checked_windows(plan, int(index.config["hidden_size"]))  # merge.correction=linear
     jobs = plan_tensor_jobs(index.tensors.keys(), plan.windows, index.num_layers, arch, plan.rule,
-                            plan.alpha_map)  # rule "scaled": per-window alphas
+                            plan.alpha_map, corrections)  # rule "scaled": per-window alphas
     for job in jobs:
         _check_job(job, [index.tensors[k] for k in job.source_keys])
     config = prune_config(index.config, plan.new_to_old, arch)
@@ -268,6 +272,8 @@ def model_card(export: ExportPlan, threshold: float | None) -> str:
             f"- merged windows (inclusive, original indices): {windows}\n"
             f"- new layer -> original layer: {plan.new_to_old}\n"
             f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else "") +
+            ("\n- linear correction (merge.correction=linear) folded into each corrected window's MLP output "
+             "projection" if plan.corrections else "") +
             f"\n- criterion: `{plan.criterion}`\n- threshold: {threshold}\n\n"
             "Sliding Layer Merging (arXiv 2502.19159): each window of consecutive layers is folded into one "
             "layer at the window's bottom position. The full plan is in `manifest.json`.\n")
@@ -345,7 +351,7 @@ def _write_export(export: ExportPlan, run_jobs: ShardRunner | None, max_parallel
         if on_shard is not None:
             on_shard(job, result)
 
-    settings = WorkerSettings(str(export.source), str(out), allow_pickle, memory_each)
+    settings = WorkerSettings(str(export.source), str(out), allow_pickle, memory_each, export.plan.corrections)
     (run_jobs or run_jobs_local)(todo, settings, max_parallel, finished)
 
     final = [records[s.name] for s in export.shards]
@@ -370,7 +376,8 @@ def run_jobs_local(jobs: Sequence[ShardJob], settings: WorkerSettings, max_paral
     """
 
     def run(job: ShardJob) -> ShardResult:
-        worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes)
+        worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes,
+                             settings.corrections_file)
         return worker.write_shard(settings.out_dir, job)
 
     threads = torch.get_num_threads()

@@ -167,6 +167,21 @@ def _describe(keys: Sequence[str] | None, n: int) -> str:
     return ", ".join(keys) if keys is not None else f"{n} tensors"
 
 
+def apply_correction(tensor: Tensor, matrix: Tensor) -> Tensor:
+    """Fold a window's linear correction T [d, d] into its MLP output projection (linear_correction).
+
+    The layer then adds m T where it added m: weight [d, d_in] -> T^T W, bias [d] -> T^T b. Computed
+    in float32 (float64 inputs stay float64) and returned in the tensor's dtype, a fresh tensor.
+    """
+    d = matrix.shape[0]
+    if matrix.dim() != 2 or matrix.shape[1] != d or tensor.dim() not in (1, 2) or tensor.shape[0] != d:
+        raise MergeError(f"a correction [{d}, {d}] applies to an output projection with {d} output rows; got "
+                         f"correction {tuple(matrix.shape)} and tensor {tuple(tensor.shape)}")
+    work = torch.promote_types(tensor.dtype, torch.float32)
+    out = matrix.to(device=tensor.device, dtype=work).T @ tensor.to(work)
+    return out.to(tensor.dtype).contiguous()
+
+
 # --------------------------------------------------------------------------------------------
 # Key mapping
 # --------------------------------------------------------------------------------------------
@@ -182,9 +197,12 @@ class TensorJob:
     rule: str  # COPY when not merged, else the merge rule
     window: Window | None
     alpha: float | None = None  # rule "scaled" only: the window's alpha
+    correction: str | None = None  # the window's linear correction (its key), applied after the rule
 
     def __post_init__(self) -> None:
         merged = self.window is not None
+        if self.correction is not None and not merged:
+            raise MergeError(f"TensorJob {self.out_key!r} has a correction but no window; only merged layers have one")
         if not self.source_keys:
             raise MergeError(f"TensorJob {self.out_key!r} has no source keys")
         if merged and self.rule not in RULES:
@@ -255,6 +273,7 @@ def plan_tensor_jobs(
     arch: ArchSpec,
     rule: str,
     alphas: Alpha = None,  # rule "scaled": one float, or {window: alpha} covering every window
+    corrections: Mapping[Window, str] | None = None,  # window -> correction key (merge.correction=linear)
 ) -> list[TensorJob]:
     """One job per output tensor, every source key consumed by exactly one job.
 
@@ -270,6 +289,8 @@ def plan_tensor_jobs(
 
     jobs = [TensorJob(key, (key,), None, COPY, None) for key in sorted(passthrough)]
     window_of = {lo: (lo, hi) for lo, hi in windows}
+    corrections = _corrections_per_window(corrections, windows)
+    corrected_suffixes = set(arch.mlp_out_suffixes())
     members = {layer for lo, hi in windows for layer in range(lo + 1, hi + 1)}
     layer_jobs: list[tuple[int, str, TensorJob]] = []
     for layer in range(num_layers):
@@ -286,7 +307,9 @@ def plan_tensor_jobs(
         _check_window_suffixes(window, layers, arch)
         for suffix in layers[layer]:
             sources = tuple(arch.layer_key(k, suffix) for k in range(window[0], window[1] + 1))
-            job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window, alpha_of[window])
+            correction = corrections.get(window) if suffix in corrected_suffixes else None
+            job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window, alpha_of[window],
+                            correction)
             layer_jobs.append((new, suffix, job))
     layer_jobs.sort(key=lambda item: (item[0], item[1]))
     return jobs + [job for _, _, job in layer_jobs]
@@ -364,9 +387,12 @@ def merge_state_dict(
     arch: ArchSpec,
     rule: str,
     alpha: Alpha = None,  # for "scaled": one float, or {window: float} covering every window
+    corrections: Mapping[Window, Tensor] | None = None,  # window -> linear correction T (merge.correction)
 ) -> dict[str, Tensor]:
     """The pruned state dict, every tensor a fresh copy (tests and small models)."""
-    jobs = plan_tensor_jobs(state_dict.keys(), windows, num_layers, arch, rule, alpha)
+    matrices = {tuple(w): t for w, t in (corrections or {}).items()}
+    jobs = plan_tensor_jobs(state_dict.keys(), windows, num_layers, arch, rule, alpha,
+                            {w: correction_name(w) for w in matrices})
     alphas = _alpha_per_window(rule, alpha, validate_windows(windows, num_layers))
     out: dict[str, Tensor] = {}
     for job in jobs:
@@ -376,7 +402,22 @@ def merge_state_dict(
         assert job.role is not None  # layer tensors always have a role
         tensors = [state_dict[key] for key in job.source_keys]
         out[job.out_key] = merge_tensor(tensors, job.role, job.rule, alphas[job.window], keys=job.source_keys)
+        if job.correction is not None:
+            out[job.out_key] = apply_correction(out[job.out_key], matrices[job.window])
     return out
+
+
+def correction_name(window: Window) -> str:
+    """The key a window's correction is stored under in a plan's corrections file."""
+    return f"window.{window[0]}-{window[1]}"
+
+
+def _corrections_per_window(corrections: Mapping[Window, str] | None, windows: Sequence[Window]) -> dict[Window, str]:
+    given = {tuple(w): key for w, key in (corrections or {}).items()}
+    stray = [w for w in given if w not in windows]
+    if stray:
+        raise MergeError(f"corrections name windows {stray} that are not in the plan {list(windows)}")
+    return given
 
 
 def _alpha_per_window(rule: str, alpha: Alpha, windows: Sequence[Window]) -> dict[Window, float | None]:

@@ -17,10 +17,11 @@ from typing import Iterator
 
 import torch
 
-from slm_dist import calibration, planner, run_state
+from slm_dist import calibration, corrections_file, planner, run_state
 from slm_dist import report as report_mod
 from slm_dist import heal as heal_mod
 from slm_dist.calibrated_merge import AlphaFit
+from slm_dist.linear_correction import correction_key
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
@@ -172,14 +173,16 @@ def similarity_json(reducer: StatsReducer, config: SlmConfig) -> dict:
 
 
 def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, backend,
-              measured: dict | None = None) -> tuple[planner.MergePlan, dict]:
+              measured: dict | None = None, out_dir: Path | None = None) -> tuple[planner.MergePlan, dict]:
     """``measured`` (optional, shared by callers that plan several times on one calibration pass, as
-    `compare` does): plan losses and fitted alphas already measured, reused instead of re-measured."""
+    `compare` does): plan losses, fitted alphas and corrections already measured, reused instead of
+    re-measured. merge.correction=linear writes the plan's maps to ``out_dir`` (default run.dir)."""
     p, cfg = ctx.config.plan, ctx.config
     n = index.num_layers
     details: dict = {}
     measured = {} if measured is None else measured
     fits: dict[tuple[int, int], AlphaFit] = measured.setdefault("fits", {})
+    corrections: dict = measured.setdefault("corrections", {})
     if cfg.similarity.criterion == "output":
         windows, trace = backend.plan_output(p.threshold, cfg.merge.rule, p.protect_first, p.protect_last, n)
         details["trace"] = [{"committed": [list(w) for w in s.committed], "trial": list(s.trial),
@@ -191,7 +194,8 @@ def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, ba
             k = layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last, p.max_window)
             details["target_ratio"] = p.target_ratio
         details["target_layers_removed"] = k
-        windows, details["global"] = plan_global(ctx, reducer, backend, k, fits, measured.setdefault("losses", {}))
+        windows, details["global"] = plan_global(ctx, reducer, backend, k, fits, measured.setdefault("losses", {}),
+                                                 corrections)
         threshold = None
     else:
         cka = reducer.cka()
@@ -211,33 +215,57 @@ def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, ba
         fit_missing_alphas(ctx, backend, windows, fits)
         alphas = tuple(fits[w].alpha for w in windows)
         details["alphas"] = [fits[w].to_json() for w in windows]
+    file = sha = None
+    if cfg.merge.correction == "linear" and windows:
+        alpha_of = dict(zip(windows, alphas)) if alphas is not None else {}
+        requests = [(w, cfg.merge.rule, alpha_of.get(w)) for w in windows]
+        fit_missing_corrections(ctx, backend, requests, corrections)
+        chosen = [corrections[correction_key(*r)] for r in requests]
+        details["corrections"] = [fit.to_json() for fit in chosen]
+        file, sha = write_corrections(out_dir or ctx.run_dir, {f.window: f.matrix for f in chosen if f.matrix is not None})
     plan = planner.MergePlan(num_layers_before=n, windows=windows, rule=cfg.merge.rule,
-                             criterion=cfg.similarity.criterion, threshold=threshold, alphas=alphas)
+                             criterion=cfg.similarity.criterion, threshold=threshold, alphas=alphas,
+                             corrections=file, corrections_sha256=sha)
     return plan, details
+
+
+def write_corrections(out_dir: Path, matrices: dict) -> tuple[str | None, str | None]:
+    """The plan's maps beside its plan.json: (absolute path, sha256), or (None, None) when every window
+    kept its plain merge (a file left by an earlier plan is removed so nothing stale lies beside it)."""
+    path = Path(out_dir) / corrections_file.FILE_NAME
+    if not matrices:
+        path.unlink(missing_ok=True)
+        return None, None
+    sha = corrections_file.save_corrections(path, matrices)
+    log.info("plan: linear corrections of %d window(s) written to %s", len(matrices), path)
+    return str(path.resolve()), sha
 
 
 def needs_cached_inputs(config: SlmConfig) -> bool:
     """Stages keep their calibration inputs when planning runs candidates or fits alphas on them."""
     p = config.plan
     return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
-            or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))
+            or config.merge.correction == "linear" or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))
 
 
 def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: dict,
-                memo: dict | None = None) -> tuple[tuple[tuple[int, int], ...], dict]:
+                memo: dict | None = None, corrections: dict | None = None) -> tuple[tuple[tuple[int, int], ...], dict]:
     """Exact least-cost windows (global_planner). With plan.candidates > 1 every cost proposes plans
     and forward passes on the calibration samples rank them; plan.local_search then tries plans one
-    move from the best; rule scaled fits each window's alpha before its plan is measured."""
+    move from the best; rule scaled fits each window's alpha, and merge.correction=linear each window's
+    map, before its plan is measured."""
     from slm_dist import global_planner as gp
 
     p, rule, n = ctx.config.plan, ctx.config.merge.rule, reducer.num_layers
-    memo = {} if memo is None else memo  # (windows, rule, metric) -> loss
+    correct = ctx.config.merge.correction == "linear"
+    memo = {} if memo is None else memo  # (windows, rule label, metric) -> loss
+    corrections = {} if corrections is None else corrections
     if needs_cached_inputs(ctx.config) and not hasattr(backend, "score_plan"):
         raise NotImplementedError(
             f"the {type(backend).__name__} cannot measure plans yet (no score_plan / fit_alphas); plan.candidates > 1, "
             "plan.local_search, plan.cost=measured and merge.rule=scaled need them: use cluster.backend=local")
 
-    def measure(windows: tuple[tuple[int, int], ...], rule_used: str) -> float:
+    def measure(windows: tuple[tuple[int, int], ...], rule_used: str, correctable: bool = True) -> float:
         """Calibration loss of a plan, lower is better (each plan measured once)."""
         alphas = None
         if rule_used == "scaled":
@@ -245,11 +273,17 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
             alphas = {w: fits[w].alpha for w in windows}
             if all(a == 0.0 for a in alphas.values()):
                 rule_used, alphas = "drop", None  # alpha 0 everywhere is the drop model: measure it once
-        key = (windows, rule_used, p.refine_metric)
+        corrected = False
+        if correct and correctable and windows:
+            requests = [(w, rule_used, None if alphas is None else alphas[w]) for w in windows]
+            fit_missing_corrections(ctx, backend, requests, corrections)
+            corrected = any(corrections[correction_key(*r)].matrix is not None for r in requests)
+        label = rule_used + ("+linear" if corrected else "")  # the memo (and compare's loss file) key
+        key = (windows, label, p.refine_metric)
         if key not in memo:
-            score = backend.score_plan(windows, rule_used, alphas, p.refine_metric)
+            score = backend.score_plan(windows, rule_used, alphas, p.refine_metric, corrected=corrected)
             memo[key] = score if p.refine_metric == "nll" else 1.0 - score
-            log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], rule_used, p.refine_metric,
+            log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], label, p.refine_metric,
                      memo[key])
         return memo[key]
 
@@ -258,9 +292,11 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
     details: dict = {"cost": p.cost, "metric": p.refine_metric}
     if p.cost == "measured":
         # Each removable layer's own damage: the loss with that layer alone removed, minus the dense loss.
+        # Uncorrected even under merge.correction=linear: it only proposes plans (those are measured
+        # corrected), and it is then shared with the uncorrected searches of the same calibration.
         dense = measure((), "drop")
         layers = gp.removable_layers(n, p.protect_first, p.protect_last)
-        per_layer = [measure(((layer - 1, layer),), "drop") - dense if layer in layers else math.inf
+        per_layer = [measure(((layer - 1, layer),), "drop", correctable=False) - dense if layer in layers else math.inf
                      for layer in range(n)]
         stats["measured"] = torch.tensor(per_layer, dtype=torch.float64)
         details["dense_loss"] = dense
@@ -291,6 +327,19 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
                  best_loss)
     details.update(windows=[list(w) for w in best], loss=best_loss)
     return best, details
+
+
+def fit_missing_corrections(ctx: RunContext, backend, requests, corrections: dict) -> None:
+    """Fit (window, rule, alpha) maps not fitted yet; ``corrections`` is keyed by ``correction_key``."""
+    missing = list(dict.fromkeys(correction_key(*r) for r in requests if correction_key(*r) not in corrections))
+    if missing:
+        if not hasattr(backend, "fit_corrections"):
+            raise NotImplementedError(f"the {type(backend).__name__} cannot fit corrections; use cluster.backend=local "
+                                      "or ray, or merge.correction=none")
+        for fit in backend.fit_corrections(missing, ctx.config.merge.correction_batches):
+            corrections[fit.key] = fit
+            log.info("correction of window %s (%s): held-out error %.3f of the plain merge's (ridge %s)",
+                     list(fit.window), fit.rule, fit.loss, fit.ridge)
 
 
 def fit_missing_alphas(ctx: RunContext, backend, windows, fits: dict) -> None:

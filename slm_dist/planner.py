@@ -32,7 +32,7 @@ Decision = Literal["grow", "commit", "slide", "stop"]
 Scorer = Callable[[Sequence[Window], Window], float]
 
 _JSON_KEYS = ("num_layers_before", "num_layers_after", "windows", "rule", "criterion", "threshold", "index_map",
-              "alphas", "details")  # "details": free-form provenance (trace, search target); ignored when parsing
+              "alphas", "corrections", "details")  # "details": free-form provenance (trace, search target); ignored when parsing
 
 
 class PlanError(ValueError):
@@ -54,6 +54,10 @@ class MergePlan:
     criterion: str  # "cka" | "output"
     threshold: float | None  # None for a plan written by hand (or found by the global search)
     alphas: tuple[float, ...] | None = None  # rule "scaled" only: one alpha per window, in window order
+    # merge.correction=linear: the safetensors file holding each corrected window's map T
+    # (linear_correction.py; keys merge.correction_name), and its sha256 so a changed file is noticed.
+    corrections: str | None = None
+    corrections_sha256: str | None = None
 
     def __post_init__(self) -> None:
         n = _as_int(self.num_layers_before, "num_layers_before")
@@ -72,6 +76,11 @@ class MergePlan:
             object.__setattr__(self, "threshold", float(self.threshold))
             _check_threshold(self.threshold)
         object.__setattr__(self, "alphas", _check_alphas(self.alphas, self.rule, windows))
+        if (self.corrections is None) != (self.corrections_sha256 is None):
+            raise PlanError("a plan's corrections need both the file and its sha256 (plan.json \"corrections\": "
+                            "{\"file\": ..., \"sha256\": ...}); regenerate the plan")
+        if self.corrections is not None and not windows:
+            raise PlanError("a plan without windows has nothing to correct; drop its \"corrections\"")
 
     @property
     def alpha_map(self) -> dict[tuple[int, int], float] | None:
@@ -124,6 +133,8 @@ class MergePlan:
             "threshold": self.threshold,
             "index_map": self.index_map,
             **({"alphas": list(self.alphas)} if self.alphas is not None else {}),
+            **({"corrections": {"file": self.corrections, "sha256": self.corrections_sha256}}
+               if self.corrections is not None else {}),
         }
 
     @classmethod
@@ -142,6 +153,7 @@ class MergePlan:
             criterion=d["criterion"],
             threshold=d["threshold"],
             alphas=d.get("alphas"),
+            **_corrections_from_json(d.get("corrections")),
         )
         if "num_layers_after" in d and d["num_layers_after"] != plan.num_layers_after:
             raise PlanError(
@@ -155,6 +167,15 @@ class MergePlan:
                 f"{[list(w) for w in plan.windows]}, which give {plan.index_map}; regenerate it with `slm-dist plan`"
             )
         return plan
+
+
+def _corrections_from_json(value: Any) -> dict[str, str | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or sorted(value) != ["file", "sha256"] or not all(
+            isinstance(v, str) for v in value.values()):
+        raise PlanError(f"plan JSON \"corrections\" must be {{\"file\": <path>, \"sha256\": <hex>}}, got {value!r}")
+    return {"corrections": value["file"], "corrections_sha256": value["sha256"]}
 
 
 def _check_alphas(alphas: Any, rule: str, windows: Sequence[Window]) -> tuple[float, ...] | None:

@@ -217,9 +217,16 @@ def render_markdown(report: Mapping) -> str:
               "original layer indices; each folds into one layer at its bottom position.", ""]
     if r["windows"]:
         new_of = plan.get("index_map") or []
-        lines += ["| window | layers merged | becomes new layer |", "|---|---:|---:|"]
-        for lo, hi in r["windows"]:
-            lines.append(f"| [{lo}..{hi}] | {hi - lo + 1} | {new_of[lo] if lo < len(new_of) else 'n/a'} |")
+        alphas = plan.get("alphas") or [None] * len(r["windows"])
+        fits = {tuple(f["window"]): f for f in (plan.get("details") or {}).get("corrections", [])}
+        lines += ["| window | layers merged | becomes new layer | alpha | linear correction |",
+                  "|---|---:|---:|---:|---|"]
+        for (lo, hi), alpha in zip(r["windows"], alphas):
+            fit = fits.get((lo, hi))
+            corrected = ("n/a" if fit is None else "kept the plain merge (no gain held out)" if fit["ridge"] is None
+                         else f"held-out error {fit['loss']:.3f} of the plain merge's, ridge {fit['ridge']:g}")
+            lines.append(f"| [{lo}..{hi}] | {hi - lo + 1} | {new_of[lo] if lo < len(new_of) else 'n/a'} | "
+                         f"{_num(alpha, 3) if alpha is not None else 'n/a'} | {corrected} |")
     else:
         lines.append("No window passed the threshold: the model is unchanged.")
     if plan.get("index_map"):

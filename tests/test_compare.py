@@ -255,3 +255,36 @@ def test_compare_command_prints_one_table(compared, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 + 3 and out[2].startswith("| Dense") and "drop 4-5" in out[3]
     assert main(["-q", "compare", f"model.path={config.model.path}", "--methods", "nope", "--removed", "1"]) == 2
+
+
+def test_rows_for_other_settings_are_moved_aside_not_lost(tmp_path):
+    path = tmp_path / "compare.json"
+    previous = {"rows": [{"key": 1, "eval": {"average": 0.4}}, {"key": 2, "eval": {"average": 0.3}}, {"key": 3}]}
+    path.write_text(json.dumps(previous))
+    compare.keep_previous(path, previous, reused=2)  # every measured row reused: nothing to keep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json"]
+    compare.keep_previous(path, previous, reused=0)
+    kept = [p for p in tmp_path.iterdir() if p.name != "compare.json"]
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == previous
+
+
+def test_model_identity_tells_corrected_plans_apart():
+    from slm_dist.planner import MergePlan
+
+    drop = MergePlan(6, ((1, 3),), "drop", "cka", None)
+    scaled0 = MergePlan(6, ((1, 3),), "scaled", "cka", None, alphas=(0.0,))
+    fixed = MergePlan(6, ((1, 3),), "scaled", "cka", None, alphas=(0.0,), corrections="/c.safetensors",
+                      corrections_sha256="ab")
+    assert compare.model_identity(drop) == compare.model_identity(scaled0) != compare.model_identity(fixed)
+
+
+def test_runs_over_other_methods_add_up_in_one_file(compared, monkeypatch):
+    config, spec, result = compared
+    monkeypatch.setattr(compare.pipeline, "merge", lambda *a: pytest.fail("a measured model was merged again"))
+    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a: pytest.fail("a measured model re-scored"))
+    only_laco = compare.compare(config, [2], spec, methods=("laco",), show_progress=False)
+    assert [r["method"] for r in only_laco["rows"]] == ["dense", "laco"]
+    assert "last_layers" in {r["method"] for r in only_laco["other_rows"]}  # kept, not dropped
+    again = compare.compare(config, [2], spec, methods=("last_layers",), show_progress=False)
+    before = {r["method"]: r["eval"] for r in result["rows"]}
+    assert again["rows"][1]["method"] == "last_layers" and again["rows"][1]["eval"] == before["last_layers"]

@@ -47,12 +47,14 @@ class ShardResult:
 
 
 class MergeWorker:
-    def __init__(self, source_dir: str, allow_pickle: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES):
+    def __init__(self, source_dir: str, allow_pickle: bool = False, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 corrections_file: str | None = None):
         if memory_bytes < 1:
             raise ValueError(f"memory_bytes must be positive, got {memory_bytes}")
         self.source_dir = Path(source_dir)
         self.allow_pickle = allow_pickle
         self.memory_bytes = memory_bytes
+        self.corrections_file = corrections_file  # the plan's linear corrections (merge.correction=linear)
         self._pickle_reader: LazyReader | None = None
 
     def write_shard(self, out_dir: str, job: ShardJob) -> ShardResult:
@@ -73,6 +75,9 @@ class MergeWorker:
         chosen = single_source(t)
         if chosen is not None:  # a copy, or a rule that keeps one window member as it is
             sources = [sources[chosen]]
+        if t.correction is not None:
+            self._write_corrected(writer, reader, t, sources)
+            return
         numel = math.prod(sources[0].shape)
         block = elements_per_block(sources[0], len(sources), self.memory_bytes)
         for a in range(0, max(numel, 1), block):
@@ -88,6 +93,46 @@ class MergeWorker:
                     writer.write(t.out_key, merge_tensor([w[c:d] for w in window], t.role, t.rule, t.alpha,
                                                          keys=t.source_keys))
             del window  # unmaps the source blocks now: a job maps at most one block per window member
+
+    def _write_corrected(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
+        """T^T W for the window's MLP output projection (``merge.apply_correction``), in output row blocks.
+
+        Rows [r0, r1) of T^T W need every row of W, so each output block (accumulated in float32) reads
+        and merges W again, one source row block at a time: memory stays within ``memory_bytes``
+        whatever the tensor, at the price of reading it (output rows / block rows) times.
+        """
+        matrix = self._correction(t.correction)
+        rows = sources[0].shape[0]
+        cols = math.prod(sources[0].shape[1:])  # 1 for a bias
+        if tuple(matrix.shape) != (rows, rows):
+            raise ValueError(f"the correction {t.correction!r} in {self.corrections_file} is {list(matrix.shape)}, "
+                             f"but {t.out_key} has {rows} output rows: the corrections belong to another model")
+        half = self.memory_bytes // 2
+        rows_out = max(1, min(rows, half // (cols * 4)))
+        itemsize = sources[0].nbytes // max(math.prod(sources[0].shape), 1)
+        rows_in = max(1, min(rows, half // (cols * (itemsize * len(sources) + 4))))
+        for r0 in range(0, rows, rows_out):
+            r1 = min(r0 + rows_out, rows)
+            acc = torch.zeros(r1 - r0, cols, dtype=torch.float32)
+            dtype = None
+            for e0 in range(0, rows, rows_in):
+                e1 = min(e0 + rows_in, rows)
+                blocks = [self._read(reader, s, e0 * cols, e1 * cols) for s in sources]
+                w = blocks[0] if len(blocks) == 1 else merge_tensor(blocks, t.role, t.rule, t.alpha, keys=t.source_keys)
+                dtype = w.dtype
+                acc += matrix[e0:e1, r0:r1].T @ w.float().view(e1 - e0, cols)
+                del blocks, w
+            writer.write(t.out_key, acc.to(dtype).reshape(-1))
+
+    def _correction(self, key: str) -> torch.Tensor:
+        import safetensors  # the module, not `from safetensors import safe_open`: see checkpoint/reader.py
+
+        if self.corrections_file is None:
+            raise ValueError(f"the shard job needs the correction {key!r} but no corrections file was given")
+        with safetensors.safe_open(self.corrections_file, framework="pt") as f:
+            if key not in f.keys():
+                raise ValueError(f"{self.corrections_file} has no correction {key!r}; regenerate the plan")
+            return f.get_tensor(key).float()
 
     def _read(self, reader: RowReader, info: TensorInfo, a: int, b: int) -> torch.Tensor:
         if info.offset >= 0:

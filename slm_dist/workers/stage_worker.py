@@ -101,6 +101,8 @@ class StageWorker:
         self._cached_inputs: dict[int, list[Tensor]] = {}
         self._reference_final: dict[int, Tensor] = {}  # batch_id -> original final-norm hidden (last stage)
         self._merged_layers: dict[tuple, nn.Module] = {}
+        # merge.correction=linear: (window, rule, alpha) -> fitted map T, or None where the identity won
+        self._corrections: dict[tuple, Tensor | None] = {}
 
     # ----------------------------------------------------------------------------------- loading
     def _build(self) -> None:
@@ -286,27 +288,33 @@ class StageWorker:
         return out
 
     # ------------------------------------------------------- the published-code criterion (output)
-    def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None) -> nn.Module:
-        from accelerate import init_empty_weights
-        from accelerate.utils import set_module_tensor_to_device
+    def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None,
+                      corrected: bool = False) -> nn.Module:
+        from slm_dist.calibrated_merge import scratch_layer
+        from slm_dist.linear_correction import correction_key
+        from slm_dist.merge import apply_correction, merge_window
 
-        from slm_dist.merge import merge_window
-
-        key = (window, rule, alpha)
+        key = (window, rule, alpha, corrected)
         if key not in self._merged_layers:
             lo, hi = window
-            with init_empty_weights(include_buffers=False):
-                layer = self._layer_class(self.config, layer_idx=lo)
-            suffixes = [name for name, _ in layer.named_parameters()]
+            suffixes = [name for name, _ in self.layers[self.layer_ids.index(lo)].named_parameters()]
             # Window members above this stage live on other stages: read them from the checkpoint
             # (a separate reader, so `loaded_keys` still shows only this stage's own slice).
             window_reader = LazyReader(self.index)
             per_layer = [{s: window_reader.get(self.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
+            window_reader.close()
             merged = merge_window(per_layer, rule, self.arch.role, alpha)
-            for name, value in merged.items():
-                set_module_tensor_to_device(layer, name, self.device, value=value, dtype=self.dtype)
-            layer.eval().requires_grad_(False)
-            self._merged_layers[key] = layer
+            if corrected:
+                fitted = correction_key(window, rule, alpha)
+                if fitted not in self._corrections:
+                    raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no correction fitted for "
+                                            f"window {list(window)} (rule {rule}, alpha {alpha}): run fit_correction first")
+                matrix = self._corrections[fitted]
+                if matrix is not None:
+                    for suffix in self.arch.mlp_out_suffixes():
+                        if suffix in merged:
+                            merged[suffix] = apply_correction(merged[suffix], matrix)
+            self._merged_layers[key] = scratch_layer(self, lo, merged)
         return self._merged_layers[key]
 
     def cached_input(self, batch_id: int, layer_id: int | None = None) -> Tensor:
@@ -327,13 +335,29 @@ class StageWorker:
 
         return fit_window_alpha(self, window, batch_ids, grid_points, refine_steps, self.stats_spec.skip_first_token)
 
-    def clear_candidates(self) -> None:
+    def fit_correction(self, window: tuple[int, int], rule: str, alpha: float | None, batch_ids: Sequence[int]):
+        """merge.correction=linear: fit the window's map on cached inputs (linear_correction) and keep it
+        for ``run_candidate(..., corrected=True)``; returns the fit, map included."""
+        from slm_dist.linear_correction import fit_window_correction
+
+        fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token)
+        self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
+        return fit
+
+    def set_correction(self, key: tuple, matrix: Tensor | None) -> None:
+        """Install a map fitted earlier (the Ray driver re-installs them on a restarted stage)."""
+        self._corrections[key] = matrix
+
+    def clear_candidates(self, corrections: bool = False) -> None:
+        """Drop the merged layers built for candidate plans (and, with ``corrections``, the fitted maps)."""
         self._merged_layers.clear()
+        if corrections:
+            self._corrections.clear()
 
     @torch.inference_mode()
     def run_candidate(self, batch_id: int, x: Tensor | None, windows: Sequence[tuple[int, int]], rule: str,
                       from_layer: int, alphas: Mapping[tuple[int, int], float] | None = None,
-                      input_ids: Tensor | None = None) -> Tensor:
+                      input_ids: Tensor | None = None, corrected: bool = False) -> Tensor:
         """Run the candidate model (original layers with `windows` merged) through this stage.
 
         Layers below ``from_layer`` are unchanged by every window, so their cached original output
@@ -341,7 +365,8 @@ class StageWorker:
         cached original input of ``from_layer`` (a window near the top reruns a few layers, not all); later stages get the previous stage's candidate output. On the last stage the
         result is the per-sample cosine with the original model's final-norm hidden [batch], or, when
         ``input_ids`` [batch, seq] are given, the candidate's log p(token t+1 | prefix) [batch, seq-1].
-        Rule ``scaled`` takes each window's alpha from ``alphas``.
+        Rule ``scaled`` takes each window's alpha from ``alphas``; ``corrected`` applies the linear
+        corrections ``fit_correction`` fitted on this stage.
         """
         if x is None:
             first = max(from_layer, self.spec.start)
@@ -357,8 +382,8 @@ class StageWorker:
             if layer_id in starts:
                 window = (layer_id, starts[layer_id])
                 alpha = alphas[window] if rule == "scaled" else None
-                if rule != "drop" and alpha != 0.0:  # drop (or alpha 0) keeps layer lo exactly as it is
-                    layer = self._merged_layer(window, rule, alpha)
+                if corrected or (rule != "drop" and alpha != 0.0):  # drop (or alpha 0) keeps layer lo as it is
+                    layer = self._merged_layer(window, rule, alpha, corrected)
             h = self._run_layer(layer, layer_id, h, ctx)
         if not self.spec.is_last:
             return h

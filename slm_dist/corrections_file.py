@@ -1,0 +1,80 @@
+"""The file beside plan.json that holds a plan's linear corrections (``merge.correction: linear``).
+
+One float32 [hidden, hidden] tensor per corrected window, keyed ``merge.correction_name(window)``;
+windows whose fit kept the identity have no entry. The plan records the file's path and sha256,
+and the export checks both before it writes a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from slm_dist.merge import correction_name
+from slm_dist.planner import MergePlan, PlanError
+
+FILE_NAME = "corrections.safetensors"
+
+Window = tuple[int, int]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_corrections(path: Path, matrices: Mapping[Window, Tensor]) -> str:
+    """Write the corrections (temporary name, then rename) and return the file's sha256."""
+    import safetensors.torch  # the module: see checkpoint/reader.py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    safetensors.torch.save_file({correction_name(w): t.detach().float().cpu().contiguous()
+                                 for w, t in sorted(matrices.items())}, str(tmp))
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def checked_windows(plan: MergePlan, hidden_size: int) -> dict[Window, str]:
+    """Window -> key of each correction in the plan's file, after checking the file is the one the
+    plan was made with, names only the plan's windows and holds [hidden, hidden] maps."""
+    if plan.corrections is None:
+        return {}
+    import safetensors  # the module: see checkpoint/reader.py
+
+    path = Path(plan.corrections)
+    if not path.is_file():
+        raise PlanError(f"the plan's corrections file {path} is missing; re-run the plan stage (it writes "
+                        f"{FILE_NAME} beside plan.json)")
+    if sha256_file(path) != plan.corrections_sha256:
+        raise PlanError(f"{path} changed since the plan was made (sha256 differs from plan.json); re-run the plan "
+                        "stage rather than merge with corrections that belong to another plan")
+    names = {correction_name(w): w for w in plan.windows}
+    out = {}
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key not in names:
+                raise PlanError(f"{path} holds {key!r}, which is not a window of the plan {list(plan.windows)}")
+            shape = list(f.get_slice(key).get_shape())
+            if shape != [hidden_size, hidden_size]:
+                raise PlanError(f"{path}: {key} is {shape}, but the model's hidden size is {hidden_size}: "
+                                "the corrections belong to another model")
+            out[names[key]] = key
+    return out
+
+
+def load_corrections(plan: MergePlan, hidden_size: int) -> dict[Window, Tensor]:
+    """Every correction of the plan as float32 tensors (checked as ``checked_windows`` does)."""
+    import safetensors  # the module: see checkpoint/reader.py
+
+    keys = checked_windows(plan, hidden_size)
+    with safetensors.safe_open(str(plan.corrections), framework="pt") as f:
+        return {w: f.get_tensor(key).to(torch.float32) for w, key in keys.items()}

@@ -1,0 +1,203 @@
+"""Linear correction of a merged window (``merge.correction: linear``).
+
+A window (lo, hi) becomes one layer at lo. Whatever the merge rule, that layer's MLP adds its output
+m to the residual stream once, where the original window added hi - lo + 1 layers' worth of change.
+The correction fits one map T [hidden, hidden] so that the merged layer adds m T instead, with m T as
+close as possible (least squares over the calibration tokens) to what the whole window added after
+the merged layer's attention: r = h_hi - h_mid, with h_mid the residual stream the MLP adds to.
+
+T is folded into the MLP's output projection (W' = T^T W, b' = T^T b: ``merge.apply_correction``), so
+the pruned checkpoint keeps the architecture and loads in ``transformers`` unchanged. The idea is
+the linear-transform step of ReplaceMe (Shopkhoev et al. 2025) applied to every window of a plan.
+
+Overfitting is the risk (T has hidden^2 entries), so T is ridge-regularised towards the identity
+(T = I is the merge without correction) and the ridge is chosen by cross-validation over
+calibration batches; when no ridge beats the identity on held-out batches, the window keeps its
+plain merge. The fit uses only sufficient statistics (m^T m, m^T r, ||r||^2 per batch in float64),
+so a stage never holds more than one window's hidden states.
+
+Layout: the math (normal equations, ridge, cross-validation) is PURE; ``fit_window_correction`` at
+the bottom is the stage glue, run by ``StageWorker.fit_correction`` on the stage holding lo.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from slm_dist.workers.stage_worker import StageWorker
+
+Window = tuple[int, int]
+
+# Ridge strengths, relative to the mean eigenvalue of m^T m (trace / hidden): scale-free.
+RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+FOLDS = 4  # cross-validation folds over calibration batches (fewer when there are fewer batches)
+
+
+class CorrectionError(ValueError):
+    """The correction fit got unusable inputs (too few batches, mismatched shapes, a non-finite fit)."""
+
+
+@dataclass(frozen=True)
+class NormalEquations:
+    """Least-squares statistics of rows m [N, d] against targets r [N, d], in float64."""
+
+    gram: Tensor    # [d, d]  m^T m
+    cross: Tensor   # [d, d]  m^T r
+    target: float   # sum of ||r||^2
+    rows: int
+
+    @classmethod
+    def from_rows(cls, m: Tensor, r: Tensor) -> NormalEquations:
+        if m.shape != r.shape or m.dim() != 2:
+            raise CorrectionError(f"rows and targets must both be [N, hidden], got {tuple(m.shape)} and {tuple(r.shape)}")
+        m, r = m.double(), r.double()
+        return cls(m.T @ m, m.T @ r, float((r * r).sum()), m.shape[0])
+
+    def __add__(self, other: NormalEquations) -> NormalEquations:
+        return NormalEquations(self.gram + other.gram, self.cross + other.cross, self.target + other.target,
+                               self.rows + other.rows)
+
+    def error(self, matrix: Tensor | None) -> float:
+        """sum ||m T - r||^2 over the rows, from the statistics alone (T = None: the identity)."""
+        if matrix is None:
+            return float(self.gram.trace() - 2.0 * self.cross.trace() + self.target)
+        t = matrix.double()
+        return float(((self.gram @ t) * t).sum() - 2.0 * (self.cross * t).sum() + self.target)
+
+
+def ridge_to_identity(eq: NormalEquations, ridge: float) -> Tensor:
+    """argmin_T ||m T - r||^2 + lam ||T - I||^2 with lam = ridge * trace(m^T m) / d; float64 [d, d]."""
+    d = eq.gram.shape[0]
+    lam = ridge * float(eq.gram.trace()) / d
+    eye = torch.eye(d, dtype=torch.float64, device=eq.gram.device)
+    return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * eye)
+
+
+def choose_correction(folds: Sequence[NormalEquations], grid: Sequence[float] = RIDGE_GRID
+                      ) -> tuple[float | None, float, list[tuple[float, float]], Tensor | None]:
+    """Cross-validated ridge: each fold is scored by the T fitted on the others.
+
+    Returns (ridge, loss, tried, T): loss is the held-out error relative to the identity's (1.0 = no
+    better than the plain merge); ridge and T are None when no ridge beats the identity held out.
+    T is refitted on every fold together.
+    """
+    if len(folds) < 2:
+        raise CorrectionError(f"cross-validation needs at least 2 folds of calibration batches, got {len(folds)}; "
+                              "raise merge.correction_batches")
+    total = folds[0]
+    for f in folds[1:]:
+        total = total + f
+    identity = sum(f.error(None) for f in folds)
+    if not identity > 0.0:
+        raise CorrectionError("the window adds nothing beyond its merged layer on these batches; nothing to fit")
+    tried = []
+    for ridge in grid:
+        held_out = 0.0
+        for i, fold in enumerate(folds):
+            rest = None
+            for j, other in enumerate(folds):
+                if j != i:
+                    rest = other if rest is None else rest + other
+            held_out += fold.error(ridge_to_identity(rest, ridge))
+        if not math.isfinite(held_out):
+            raise CorrectionError(f"the correction fit is not finite at ridge {ridge}; check the compute dtype")
+        tried.append((float(ridge), held_out / identity))
+    ridge, loss = min(tried, key=lambda t: (t[1], -t[0]))  # ties: the stronger ridge
+    if loss >= 1.0:
+        return None, 1.0, tried, None
+    return ridge, loss, tried, ridge_to_identity(total, ridge)
+
+
+@dataclass(frozen=True)
+class CorrectionFit:
+    """The fitted map of one merged window, and the cross-validation that chose it."""
+
+    window: Window
+    rule: str
+    alpha: float | None
+    ridge: float | None        # None: the identity won held out; the window keeps its plain merge
+    loss: float                # held-out error relative to the plain merge's (1.0 = no gain)
+    tried: tuple[tuple[float, float], ...]
+    matrix: Tensor | None      # T [hidden, hidden] float32 on the CPU, None with ridge None
+
+    @property
+    def key(self) -> tuple[Window, str, float | None]:
+        return correction_key(self.window, self.rule, self.alpha)
+
+    def to_json(self) -> dict:
+        return {"window": list(self.window), "ridge": self.ridge, "loss": self.loss,
+                "tried": [[r, v] for r, v in self.tried]}
+
+
+def correction_key(window: Sequence[int], rule: str, alpha: float | None) -> tuple[Window, str, float | None]:
+    """What a correction was fitted for: the same window merged another way needs its own. Scaled with
+    alpha 0 builds the drop layer bit for bit, so the two share one."""
+    if rule == "scaled" and alpha == 0.0:
+        rule, alpha = "drop", None
+    return (tuple(window), rule, None if alpha is None else float(alpha))
+
+
+def fold_of(position: int, folds: int) -> int:
+    return position % folds
+
+
+# --------------------------------------------------------------------------------------------
+# Stage glue: runs inside the StageWorker that holds the window's lo
+# --------------------------------------------------------------------------------------------
+
+
+def fit_window_correction(stage: StageWorker, window: Window, rule: str, alpha: float | None,
+                          batch_ids: Sequence[int], skip_first: bool = True) -> CorrectionFit:
+    """Fit T for the window merged by ``rule`` (``alpha`` for scaled) on cached calibration inputs.
+
+    The targets are the ORIGINAL window's outputs on its original inputs, as for the alpha fit;
+    members above this stage are read from the checkpoint. Position 0 is left out of the fit when
+    ``skip_first`` (its massive activations would swamp the least squares).
+    """
+    from slm_dist.calibrated_merge import check_window_on_stage, scratch_layer, window_members
+    from slm_dist.merge import merge_window
+
+    lo, hi = window
+    check_window_on_stage(stage, window)
+    if len(batch_ids) < 2:
+        raise CorrectionError(f"the correction of window {list(window)} needs at least 2 calibration batches for "
+                              f"cross-validation, got {len(batch_ids)}; raise merge.correction_batches")
+    source, member = window_members(stage, window)
+    merged = scratch_layer(stage, lo, merge_window(source, rule, stage.arch.role, alpha))
+    del source
+    captured: list[Tensor] = []
+    hook = merged.get_submodule(stage.arch.mlp_out_module).register_forward_hook(
+        lambda module, args, out: captured.append(out))
+    start = 1 if skip_first else 0
+    folds: list[NormalEquations | None] = [None] * min(FOLDS, len(batch_ids))
+    try:
+        with torch.inference_mode():
+            inputs = [stage.cached_input(b, lo) for b in batch_ids]
+            contexts = [stage._context(h) for h in inputs]
+            targets = list(inputs)
+            for layer_id in range(lo, hi + 1):
+                module = member(layer_id)
+                targets = [stage._run_layer(module, layer_id, x, ctx) for x, ctx in zip(targets, contexts)]
+                del module
+            for position, (h, ctx, target) in enumerate(zip(inputs, contexts, targets)):
+                captured.clear()
+                out = stage._run_layer(merged, lo, h, ctx)
+                (m,) = captured
+                # The merged layer's output is h_mid + m; the window should have added r on top of h_mid.
+                r = target - out + m
+                d = m.shape[-1]
+                eq = NormalEquations.from_rows(m[:, start:].reshape(-1, d), r[:, start:].reshape(-1, d))
+                f = fold_of(position, len(folds))
+                folds[f] = eq if folds[f] is None else folds[f] + eq
+    finally:
+        hook.remove()
+    ridge, loss, tried, matrix = choose_correction([f for f in folds if f is not None])
+    return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
+                         matrix=None if matrix is None else matrix.float().cpu())

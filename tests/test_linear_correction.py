@@ -1,0 +1,255 @@
+"""Linear correction (merge.correction=linear): the least-squares math against direct computation,
+cross-validation that keeps the identity when there is nothing to learn, the stage's corrected layer
+against the in-memory merge, the streamed export against ``merge_state_dict`` and a transformers load,
+and the plan file checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from slm_dist.arch import get_arch
+from slm_dist.calibrated_merge import squared_error
+from slm_dist.checkpoint.index import open_index
+from slm_dist.corrections_file import checked_windows, load_corrections, save_corrections
+from slm_dist.export import plan_export, write_export
+from slm_dist.linear_correction import (CorrectionError, NormalEquations, choose_correction, correction_key,
+                                        ridge_to_identity)
+from slm_dist.merge import MergeError, apply_correction, correction_name, merge_state_dict
+from slm_dist.planner import MergePlan, PlanError
+from slm_dist.workers.stage_worker import StageSpec, StageWorker
+from tests.test_calibrated_merge import hf_hidden, state_dict
+
+LLAMA = get_arch("llama")
+
+
+def rows(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------- pure math
+def test_normal_equations_error_equals_the_direct_sum():
+    m, r, t = rows(50, 6, 0), rows(50, 6, 1), rows(6, 6, 2)
+    eq = NormalEquations.from_rows(m[:30], r[:30]) + NormalEquations.from_rows(m[30:], r[30:])
+    assert eq.rows == 50
+    assert eq.error(t) == pytest.approx(float(((m @ t - r) ** 2).sum()), rel=1e-10)
+    assert eq.error(None) == pytest.approx(float(((m - r) ** 2).sum()), rel=1e-10)
+    with pytest.raises(CorrectionError, match=r"\[N, hidden\]"):
+        NormalEquations.from_rows(m, r[:, :5])
+
+
+def test_ridge_runs_from_least_squares_to_the_identity():
+    m, r = rows(80, 5, 3), rows(80, 5, 4)
+    eq = NormalEquations.from_rows(m, r)
+    lstsq = torch.linalg.lstsq(m, r).solution
+    assert torch.allclose(ridge_to_identity(eq, 1e-12), lstsq, atol=1e-8)
+    assert torch.allclose(ridge_to_identity(eq, 1e9), torch.eye(5, dtype=torch.float64), atol=1e-6)
+
+
+def test_cross_validation_recovers_a_planted_map():
+    planted = torch.eye(8, dtype=torch.float64) + 0.5 * rows(8, 8, 5)
+    folds = []
+    for seed in range(4):
+        m = rows(200, 8, 10 + seed)
+        folds.append(NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 20 + seed)))
+    ridge, loss, tried, matrix = choose_correction(folds)
+    assert ridge is not None and loss < 0.01 and len(tried) > 3
+    assert torch.allclose(matrix, planted, atol=0.02)
+
+
+def test_cross_validation_keeps_the_identity_when_there_is_nothing_to_learn():
+    # r = m + noise: the identity is the truth, any fitted map only learns the noise of its folds.
+    folds = []
+    for seed in range(4):
+        m = rows(12, 8, 30 + seed)
+        folds.append(NormalEquations.from_rows(m, m + rows(12, 8, 40 + seed)))
+    ridge, loss, tried, matrix = choose_correction(folds, grid=(1e-6, 1e-4))
+    assert (ridge, loss, matrix) == (None, 1.0, None)
+    assert all(v >= 1.0 for _, v in tried)
+    with pytest.raises(CorrectionError, match="at least 2 folds"):
+        choose_correction(folds[:1])
+
+
+def test_correction_key_shares_scaled_alpha_zero_with_drop():
+    assert correction_key((2, 4), "scaled", 0.0) == correction_key([2, 4], "drop", None)
+    assert correction_key((2, 4), "scaled", 0.5) != correction_key((2, 4), "drop", None)
+
+
+def test_apply_correction_folds_the_map_into_the_projection():
+    g = torch.Generator().manual_seed(6)
+    weight, bias, x = torch.randn(4, 7, generator=g), torch.randn(4, generator=g), torch.randn(3, 7, generator=g)
+    t = torch.randn(4, 4, generator=g)
+    # The layer then adds (x W^T + b) T where it added x W^T + b.
+    folded = x @ apply_correction(weight, t).T + apply_correction(bias, t)
+    assert torch.allclose(folded, (x @ weight.T + bias) @ t, atol=1e-5)
+    assert apply_correction(weight.bfloat16(), t).dtype == torch.bfloat16
+    with pytest.raises(MergeError, match="output rows"):
+        apply_correction(torch.randn(5, 7), t)
+
+
+# ----------------------------------------------------------------------------------- stage glue
+def cached_stages(tiny_model, dtype="float32"):
+    stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, dtype=dtype)),
+              StageWorker(StageSpec(str(tiny_model), 3, 6, 6, dtype=dtype))]
+    batches = [torch.randint(3, 60, (4, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    for batch_id, ids in enumerate(batches):
+        x = ids
+        for stage in stages:
+            x, _ = stage.calibrate(batch_id, x, cache_inputs=True)
+    return stages, batches
+
+
+@pytest.mark.parametrize("rule, alpha", [("drop", None), ("scaled", 0.4)])
+def test_stage_correction_is_the_merge_with_the_map_folded_in(tiny_model, rule, alpha):
+    """Window [2..4] straddles both stages. The corrected candidate equals the HF model holding
+    merge_state_dict(..., corrections) (what the export writes), and it is closer to the window's
+    output than the plain merge on the batches it was fitted on."""
+    window = (2, 4)
+    stages, batches = cached_stages(tiny_model)
+    fit = stages[0].fit_correction(window, rule, alpha, [0, 1, 2, 3])
+    assert fit.key == correction_key(window, rule, alpha) and fit.window == window
+    assert fit.matrix is not None and 0.0 < fit.loss < 1.0 and fit.matrix.shape == (32, 32)
+
+    sd = state_dict(tiny_model)
+    alphas = {window: alpha} if rule == "scaled" else None
+    plain = merge_state_dict(sd, [window], 6, LLAMA, rule, alphas)
+    corrected = merge_state_dict(sd, [window], 6, LLAMA, rule, alphas, corrections={window: fit.matrix})
+    changed = [k for k in plain if not torch.equal(plain[k], corrected[k])]
+    assert changed == ["model.layers.2.mlp.down_proj.weight"]
+
+    def hf_model(weights):
+        config = AutoConfig.from_pretrained(tiny_model)
+        config.num_hidden_layers = 4
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model.load_state_dict(weights)
+        return model.eval()
+
+    model = hf_model(corrected)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for batch_id, ids in enumerate(batches):
+            x = None
+            for stage in stages:
+                x = stage.run_candidate(batch_id, x, [window], rule, from_layer=2, alphas=alphas, input_ids=ids,
+                                        corrected=True)
+            expected = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+            expected = expected.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(x, expected, atol=1e-4), batch_id
+    # The corrected layer's output is closer to the window's output than the plain merge's.
+    err_plain = err_fixed = 0.0
+    for ids in batches:
+        target = hf_hidden(original, ids)[4]
+        err_plain += squared_error(hf_hidden(hf_model(plain), ids)[2], target)
+        err_fixed += squared_error(hf_hidden(model, ids)[2], target)
+    assert err_fixed < err_plain
+
+
+def test_corrected_scoring_needs_a_fitted_map(tiny_model):
+    stages, batches = cached_stages(tiny_model)
+    with pytest.raises(RuntimeError, match="no correction fitted for window"):
+        stages[0].run_candidate(0, None, [(1, 2)], "drop", from_layer=1, corrected=True)
+    with pytest.raises(CorrectionError, match="at least 2 calibration batches"):
+        stages[0].fit_correction((1, 2), "drop", None, [0])
+
+
+# ----------------------------------------------------------------------------------- export
+def corrected_plan(tmp_path, rule="drop", alpha=None, windows=((1, 3),), hidden=32, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    matrices = {w: torch.eye(hidden) + 0.3 * torch.randn(hidden, hidden, generator=g) for w in windows}
+    path = tmp_path / "corrections.safetensors"
+    sha = save_corrections(path, matrices)
+    alphas = tuple(alpha for _ in windows) if rule == "scaled" else None
+    plan = MergePlan(6, tuple(windows), rule, "cka", None, alphas=alphas, corrections=str(path),
+                     corrections_sha256=sha)
+    return plan, matrices
+
+
+@pytest.mark.parametrize("rule, alpha, budget", [("drop", None, 512 * 1024**2), ("scaled", 0.3, 4096),
+                                                 ("mean", None, 4096)])
+def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_model, tmp_path, rule, alpha, budget):
+    """A tiny memory budget forces the streamed T^T W into many row blocks; the result equals the
+    in-memory reference (float32 sums in another order: close, not bit-equal) and loads."""
+    windows = ((1, 3), (4, 5))
+    plan, matrices = corrected_plan(tmp_path, rule, alpha, windows)
+    index = open_index(tiny_model)
+    export = plan_export(index, plan, tmp_path / "out", max_shard_bytes=64 * 1024)
+    write_export(export, max_parallel=2, memory_budget_bytes=budget)
+    got = state_dict(tmp_path / "out")
+    expected = merge_state_dict(state_dict(tiny_model), windows, 6, LLAMA, rule, plan.alpha_map, corrections=matrices)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        if "mlp.down_proj" in key and key.split(".")[2] in ("1", "2"):
+            assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-5), key
+            assert not torch.equal(got[key], state_dict(tiny_model)[f"model.layers.{ {'1': 1, '2': 4}[key.split('.')[2]] }.mlp.down_proj.weight"])
+        else:
+            assert torch.equal(got[key], expected[key]), key
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 3
+    assert "linear correction" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_plan_corrections_round_trip_and_file_checks(tiny_model, tmp_path):
+    plan, matrices = corrected_plan(tmp_path)
+    assert MergePlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    assert checked_windows(plan, 32) == {(1, 3): correction_name((1, 3))}
+    assert torch.equal(load_corrections(plan, 32)[(1, 3)], matrices[(1, 3)])
+    with pytest.raises(PlanError, match="hidden size is 64"):
+        checked_windows(plan, 64)
+    with pytest.raises(PlanError, match="both the file and its sha256"):
+        MergePlan(6, ((1, 3),), "drop", "cka", None, corrections=plan.corrections)
+    with pytest.raises(PlanError, match="corrections\" must be"):
+        MergePlan.from_json({**plan.to_json(), "corrections": "x.safetensors"})
+    stray, _ = corrected_plan(tmp_path, windows=((0, 1),))  # rewrites the file with another window
+    with pytest.raises(PlanError, match="changed since the plan was made"):
+        checked_windows(plan, 32)
+    with pytest.raises(PlanError, match="not a window of the plan"):
+        checked_windows(MergePlan(6, ((1, 3),), "drop", "cka", None, corrections=stray.corrections,
+                                  corrections_sha256=stray.corrections_sha256), 32)
+    (tmp_path / "corrections.safetensors").unlink()
+    with pytest.raises(PlanError, match="is missing"):
+        plan_export(open_index(tiny_model), stray, tmp_path / "out", 64 * 1024)
+
+
+# ----------------------------------------------------------------------------------- the run
+def test_linear_run_writes_fits_and_a_checkpoint_with_them(tiny_model, tiny_text_file, tmp_path):
+    from slm_dist import pipeline
+    from slm_dist.config import load_config
+    from tests.test_pipeline import tiny_overrides
+
+    config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
+                                              "plan.search=global", "merge.rule=scaled", "merge.correction=linear",
+                                              "merge.correction_batches=4", "eval.enabled=false"))
+    pipeline.run(config, show_progress=False)
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    plan = MergePlan.from_json({k: v for k, v in raw.items() if k != "details"})
+    fits = raw["details"]["corrections"]
+    assert [f["window"] for f in fits] == [list(w) for w in plan.windows]
+    kept = [f for f in fits if f["ridge"] is not None]
+    assert kept, "on these calibration batches a map beats the plain merge held out"
+    assert plan.corrections == str((tmp_path / "corrections.safetensors").resolve())
+    matrices = load_corrections(plan, 32)
+    assert sorted(matrices) == sorted(tuple(f["window"]) for f in kept)
+    expected = merge_state_dict(state_dict(tiny_model), plan.windows, 6, LLAMA, "scaled", plan.alpha_map,
+                                corrections=matrices)
+    got = state_dict(tmp_path / "model")
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-5), key
+
+
+def test_output_criterion_rejects_the_correction():
+    from slm_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="merge.correction=linear fits finished windows"):
+        load_config(None, ["similarity.criterion=output", "plan.threshold=0.9", "merge.correction=linear"])
+
+
+def test_a_plan_whose_windows_all_keep_the_plain_merge_leaves_no_file(tmp_path):
+    from slm_dist.pipeline import write_corrections
+
+    file, sha = write_corrections(tmp_path, {(1, 3): torch.eye(4)})
+    assert file == str((tmp_path / "corrections.safetensors").resolve()) and len(sha) == 64
+    assert write_corrections(tmp_path, {}) == (None, None)
+    assert not (tmp_path / "corrections.safetensors").exists()  # an earlier plan's maps are not left behind
