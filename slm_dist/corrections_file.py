@@ -7,27 +7,19 @@ and the export checks both before it writes a byte.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from slm_dist.assets import sha256_file
 from slm_dist.merge import correction_name
 from slm_dist.planner import MergePlan, PlanError
 
 FILE_NAME = "corrections.safetensors"
 
 Window = tuple[int, int]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_corrections(path: Path, matrices: Mapping[Window, Tensor]) -> str:
