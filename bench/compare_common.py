@@ -96,6 +96,16 @@ class Summary:
                     if (m, k) not in reached])
 
 
+def gathered(result: dict, methods: list[str], removed: list[int]) -> dict:
+    """The result as one run over ``methods`` at ``removed`` would report it, from every row compare.json
+    holds for its settings (those of the last run and those kept from earlier runs over other methods)."""
+    pool = {}
+    for row in result.get("rows", []) + result.get("other_rows", []):
+        pool.setdefault((row["method"], row["target_removed"]), row)
+    rows = [pool[m, k] for m, k in [("dense", 0)] + [(m, k) for k in removed for m in methods] if (m, k) in pool]
+    return {**result, "rows": rows, "methods": list(methods), "layers_removed": list(removed)}
+
+
 def write_section(title: str, body: str, path: Path = RESULTS) -> None:
     """Replace (or append) the section headed ``title`` in RESULTS.md, leaving other sections alone."""
     text = path.read_text() if path.is_file() else "# Benchmark results\n"
@@ -118,6 +128,7 @@ def run(args, title: str, section: Section, methods: tuple[str, ...],
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]])
     if args.render_only:
         result = json.loads((args.run_dir / "compare" / "compare.json").read_text())
+        result = gathered(result, args.methods.split(",") if args.methods else methods, args.removed or [6, 10])
         body = section(result, command.replace(" --render-only", ""))
     else:
         demo = prepare_demo_assets(default_cache_dir())

@@ -278,7 +278,8 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
             requests = [(w, rule_used, None if alphas is None else alphas[w]) for w in windows]
             fit_missing_corrections(ctx, backend, requests, corrections)
             corrected = any(corrections[correction_key(*r)].matrix is not None for r in requests)
-        label = rule_used + ("+linear" if corrected else "")  # the memo (and compare's loss file) key
+        # The memo (and compare's loss file) key: what the plan's weights depend on.
+        label = rule_used + (f"+linear(batches={ctx.config.merge.correction_batches})" if corrected else "")
         key = (windows, label, p.refine_metric)
         if key not in memo:
             score = backend.score_plan(windows, rule_used, alphas, p.refine_metric, corrected=corrected)

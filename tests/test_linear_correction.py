@@ -16,7 +16,7 @@ from slm_dist.calibrated_merge import squared_error
 from slm_dist.checkpoint.index import open_index
 from slm_dist.corrections_file import checked_windows, load_corrections, save_corrections
 from slm_dist.export import plan_export, write_export
-from slm_dist.linear_correction import (CorrectionError, NormalEquations, choose_correction, correction_key,
+from slm_dist.linear_correction import (CorrectionError, Fold, NormalEquations, choose_correction, correction_key,
                                         ridge_to_identity)
 from slm_dist.merge import MergeError, apply_correction, correction_name, merge_state_dict
 from slm_dist.planner import MergePlan, PlanError
@@ -54,7 +54,7 @@ def test_cross_validation_recovers_a_planted_map():
     folds = []
     for seed in range(4):
         m = rows(200, 8, 10 + seed)
-        folds.append(NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 20 + seed)))
+        folds.append(Fold(NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 20 + seed))))
     ridge, loss, tried, matrix = choose_correction(folds)
     assert ridge is not None and loss < 0.01 and len(tried) > 3
     assert torch.allclose(matrix, planted, atol=0.02)
@@ -65,12 +65,39 @@ def test_cross_validation_keeps_the_identity_when_there_is_nothing_to_learn():
     folds = []
     for seed in range(4):
         m = rows(12, 8, 30 + seed)
-        folds.append(NormalEquations.from_rows(m, m + rows(12, 8, 40 + seed)))
+        folds.append(Fold(NormalEquations.from_rows(m, m + rows(12, 8, 40 + seed))))
     ridge, loss, tried, matrix = choose_correction(folds, grid=(1e-6, 1e-4))
     assert (ridge, loss, matrix) == (None, 1.0, None)
     assert all(v >= 1.0 for _, v in tried)
     with pytest.raises(CorrectionError, match="at least 2 folds"):
         choose_correction(folds[:1])
+
+
+def test_massive_position_zero_rows_are_kept_by_the_fit_but_do_not_pick_the_ridge():
+    """SmolLM2's layer 11 writes norm-2e4 vectors at position 0: a map fitted on the other rows alone
+    sends them anywhere (and broke the model); fitted with them, it keeps them."""
+    planted = torch.eye(8, dtype=torch.float64) + 0.5 * rows(8, 8, 50)
+    massive = torch.zeros(8, dtype=torch.float64)
+    massive[3] = 2e4
+    folds, blind = [], []
+    for seed in range(4):
+        m = rows(200, 8, 60 + seed)
+        rest = NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 70 + seed))
+        m0 = massive + rows(4, 8, 80 + seed)
+        first = NormalEquations.from_rows(m0, m0 + rows(4, 8, 90 + seed))  # the window keeps them as they are
+        folds.append(Fold(rest, first))
+        blind.append(Fold(rest))
+    ridge, loss, _, matrix = choose_correction(folds)
+    _, _, _, blind_matrix = choose_correction(blind)
+    assert ridge is not None and loss < 0.15  # 0.08: the planted map, bent a little by the massive rows
+    assert torch.allclose(massive @ matrix, massive, rtol=1e-3, atol=2.0)  # kept, to within noise
+    assert not torch.allclose(massive @ blind_matrix, massive, rtol=0.1, atol=100.0)  # what went wrong before
+    # A map that would wreck held-out position-0 rows is vetoed, whatever it gains elsewhere: here
+    # one fold's massive rows want the opposite of what the others teach.
+    flipped = [Fold(folds[0].rest, NormalEquations.from_rows(massive[None] + rows(4, 8, 99),
+                                                              -massive[None] + rows(4, 8, 98)))] + folds[1:]
+    vetoed = choose_correction(flipped, grid=(1e-3,))
+    assert vetoed[2] == [(1e-3, float("inf"))] and vetoed[3] is None
 
 
 def test_correction_key_shares_scaled_alpha_zero_with_drop():
