@@ -111,7 +111,9 @@ class MergeSection(_Section):
     correction: Literal["none", "linear"] = Field(
         "none", description="linear: after the rule, fit one map per merged window on the calibration samples "
                             "(ridge towards the identity, cross-validated over batches) so its layer adds what the "
-                            "whole window added, and fold it into the layer's MLP output projection (linear_correction.py)")
+                            "whole window added, and fold it into the layer's MLP output projection (linear_correction.py). "
+                            "Planning holds one hidden x hidden float32 map per window it fits, on the window's stage "
+                            "and on the driver (256 MiB each at hidden 8192)")
     correction_batches: int = Field(8, ge=2, description="correction=linear: calibration batches each window's map "
                                                          "is fitted and cross-validated on (up to 4 folds)")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024, description="size cap of one output safetensors shard")

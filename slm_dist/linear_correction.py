@@ -110,8 +110,8 @@ def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID
 
     Returns (ridge, loss, tried, T): loss is the held-out error on ordinary rows relative to the
     identity's (1.0 = no better than the plain merge); a ridge whose map loses to the identity on
-    all held-out rows together (position 0 included) is vetoed (its loss shows as inf). ridge and T are None when no
-    ridge beats the identity held out; otherwise T is refitted on every fold together.
+    all held-out rows together (position 0 included) is vetoed (its loss shows as inf). ridge and T
+    are None when no ridge beats the identity held out; otherwise T is refitted on every fold.
     """
     if len(folds) < 2:
         raise CorrectionError(f"cross-validation needs at least 2 folds of calibration batches, got {len(folds)}; "
@@ -167,7 +167,7 @@ class CorrectionFit:
 
     def to_json(self) -> dict:
         return {"window": list(self.window), "ridge": self.ridge, "loss": self.loss,
-                "tried": [[r, v] for r, v in self.tried]}
+                "tried": [[r, v if math.isfinite(v) else None] for r, v in self.tried]}  # None: vetoed
 
 
 def correction_key(window: Sequence[int], rule: str, alpha: float | None) -> tuple[Window, str, float | None]:

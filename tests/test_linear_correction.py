@@ -280,3 +280,17 @@ def test_a_plan_whose_windows_all_keep_the_plain_merge_leaves_no_file(tmp_path):
     assert file == str((tmp_path / "corrections.safetensors").resolve()) and len(sha) == 64
     assert write_corrections(tmp_path, {}) == (None, None)
     assert not (tmp_path / "corrections.safetensors").exists()  # an earlier plan's maps are not left behind
+
+
+def test_the_sliding_rule_plan_is_corrected_too(tiny_model, tiny_text_file, tmp_path):
+    from slm_dist import pipeline
+    from slm_dist.config import load_config
+    from tests.test_pipeline import tiny_overrides
+
+    config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
+                                              "merge.rule=mean", "merge.correction=linear",
+                                              "merge.correction_batches=4", "eval.enabled=false"))
+    out = pipeline.run(config, show_progress=False, stop_after="plan")
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    assert raw["rule"] == "mean" and out["plan"]["windows"] == raw["windows"]
+    assert [f["window"] for f in raw["details"]["corrections"]] == raw["windows"]
