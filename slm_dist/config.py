@@ -317,3 +317,12 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
 
 def to_yaml(config: SlmConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def needs_cached_inputs(config: SlmConfig) -> bool:
+    """Stages keep their calibration inputs when planning runs candidates, fits alphas or fits
+    corrections on them (host memory: every batch's input to every stage)."""
+    p = config.plan
+    return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
+            or config.merge.correction == "linear"
+            or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))

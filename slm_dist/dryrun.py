@@ -20,7 +20,7 @@ from typing import Any
 from slm_dist import planner, sizing
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, CheckpointError, open_index
-from slm_dist.config import SlmConfig
+from slm_dist.config import SlmConfig, needs_cached_inputs
 from slm_dist.partition import PartitionError, partition_layers
 
 GiB = 2**30
@@ -317,11 +317,15 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     artifacts = _artifact_bytes(config, n)
     disk = int(out_bytes * OUTPUT_SLACK) + OUTPUT_FIXED_BYTES + artifacts
     host = 0
-    if config.similarity.criterion == "output":
+    if needs_cached_inputs(config):
         cal = config.calibration
         host = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype)
-        notes.append(f"criterion=output caches every stage's calibration inputs in host memory: "
-                     f"{host / GiB:.2f} GiB per stage")
+        why = "criterion=output" if config.similarity.criterion == "output" else "planning on calibration samples"
+        notes.append(f"{why} caches every stage's calibration inputs in host memory: {host / GiB:.2f} GiB per stage")
+    if config.merge.correction == "linear":
+        per_map = int(hf["hidden_size"]) ** 2 * 4
+        notes.append(f"merge.correction=linear: each window's fitted map is {per_map / GiB:.2f} GiB (float32), held "
+                     "on the window's stage and on the driver while planning")
     if config.eval.enabled and config.eval.max_windows is None:
         notes.append(f"eval.max_windows=null: eval time assumes {eval_tokens(config):,} tokens (the held-out "
                      "text at ~4 bytes per token when it is here, else 32 windows)")

@@ -25,7 +25,7 @@ from slm_dist.linear_correction import correction_key
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
-from slm_dist.config import SlmConfig, to_yaml
+from slm_dist.config import SlmConfig, needs_cached_inputs, to_yaml
 from slm_dist.export import check_output_dir, load_plan, merge_stage  # noqa: F401 (load_plan: re-exported)
 from slm_dist.partition import DTYPE_BYTES, ModelBytes, model_bytes_from_tensors, partition_layers
 from slm_dist.verify import verify_model
@@ -239,13 +239,6 @@ def write_corrections(out_dir: Path, matrices: dict) -> tuple[str | None, str | 
     sha = corrections_file.save_corrections(path, matrices)
     log.info("plan: linear corrections of %d window(s) written to %s", len(matrices), path)
     return str(path.resolve()), sha
-
-
-def needs_cached_inputs(config: SlmConfig) -> bool:
-    """Stages keep their calibration inputs when planning runs candidates or fits alphas on them."""
-    p = config.plan
-    return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
-            or config.merge.correction == "linear" or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))
 
 
 def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: dict,

@@ -231,3 +231,13 @@ def test_merge_bytes_by_rule(rule, reads_folded):
     assert out == 2 * (PARAMS_70B - 16 * LAYER_PARAMS_70B)
     # the folded layers' projections: every weight of a layer but its two norms
     assert read - out == (16 * 2 * (LAYER_PARAMS_70B - 2 * 8192) if reads_folded else 0)
+
+
+def test_correction_and_planning_caches_are_in_the_notes():
+    plain = dryrun.dry_run(config_70b(), LLAMA3_70B)
+    fitted = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=linear"),
+                            LLAMA3_70B)
+    cal = config_70b().calibration
+    assert fitted.host_bytes_per_stage == cal.num_samples * cal.seq_len * 8192 * 2  # bf16 inputs, every batch
+    assert any("0.25 GiB (float32)" in n for n in fitted.notes)  # 8192 x 8192 x 4 bytes per window
+    assert not any("merge.correction" in n for n in plain.notes)
