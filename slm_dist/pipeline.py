@@ -21,12 +21,12 @@ from slm_dist import calibration, corrections_file, planner, run_state
 from slm_dist import report as report_mod
 from slm_dist import heal as heal_mod
 from slm_dist.calibrated_merge import AlphaFit
-from slm_dist.linear_correction import correction_key
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.config import SlmConfig, needs_cached_inputs, to_yaml
 from slm_dist.export import check_output_dir, load_plan, merge_stage  # noqa: F401 (load_plan: re-exported)
+from slm_dist.linear_correction import correction_key
 from slm_dist.partition import DTYPE_BYTES, ModelBytes, model_bytes_from_tensors, partition_layers
 from slm_dist.verify import verify_model
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec
