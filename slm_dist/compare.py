@@ -613,7 +613,7 @@ def format_table(result: dict) -> str:
         else:
             ev = row["eval"]
             cells = [row["label"], str(row["layers_removed"]), str(row["layers_after"]),
-                     describe_plan(row["windows"], row["rule"]),
+                     describe_plan(row["windows"], row["rule"]) + (" + linear" if row["key"].get("corrections") else ""),
                      *(_fmt(ev["ppl"].get(f)) for f in ppl_files),
                      *(_fmt(100 * ev["tasks"][t][metric[t]], 1) if t in ev["tasks"] else "n/a" for t in tasks),
                      _fmt(None if ev["average"] is None else 100 * ev["average"], 1)]
