@@ -122,20 +122,24 @@ def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID
     identity = sum(f.rest.error(None) for f in folds)
     if not identity > 0.0:
         raise CorrectionError("the window adds nothing beyond its merged layer on these batches; nothing to fit")
+    first_identity = sum(f.first.error(None) for f in folds if f.first is not None)
+    # Each fold's training statistics: every other fold, summed once for the whole grid.
+    trains = []
+    for i in range(len(folds)):
+        others = [f for j, f in enumerate(folds) if j != i]
+        train = others[0]
+        for f in others[1:]:
+            train = train + f
+        trains.append(train)
+    d = total.rest.gram.shape[0]
     tried = []
     for ridge in grid:
-        held_out, first, first_identity = 0.0, 0.0, 0.0
-        for i, fold in enumerate(folds):
-            rest = None
-            for j, other in enumerate(folds):
-                if j != i:
-                    rest = other if rest is None else rest + other
-            d = rest.rest.gram.shape[0]
-            matrix = ridge_to_identity(rest.all, ridge, float(rest.rest.gram.trace()) / d)
+        held_out, first = 0.0, 0.0
+        for fold, train in zip(folds, trains):
+            matrix = ridge_to_identity(train.all, ridge, float(train.rest.gram.trace()) / d)
             held_out += fold.rest.error(matrix)
             if fold.first is not None:
                 first += fold.first.error(matrix)
-                first_identity += fold.first.error(None)
         if not math.isfinite(held_out) or not math.isfinite(first):
             raise CorrectionError(f"the correction fit is not finite at ridge {ridge}; check the compute dtype")
         # The veto: on every held-out row together the map must not lose to the identity. Only a map
@@ -145,7 +149,6 @@ def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID
     ridge, loss = min(tried, key=lambda t: (t[1], -t[0]))  # ties: the stronger ridge
     if loss >= 1.0:
         return None, 1.0, tried, None
-    d = total.rest.gram.shape[0]
     return ridge, loss, tried, ridge_to_identity(total.all, ridge, float(total.rest.gram.trace()) / d)
 
 

@@ -325,7 +325,8 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
 
 def fit_missing_corrections(ctx: RunContext, backend, requests, corrections: dict) -> None:
     """Fit (window, rule, alpha) maps not fitted yet; ``corrections`` is keyed by ``correction_key``."""
-    missing = list(dict.fromkeys(correction_key(*r) for r in requests if correction_key(*r) not in corrections))
+    keys = [correction_key(*r) for r in requests]
+    missing = list(dict.fromkeys(k for k in keys if k not in corrections))
     if missing:
         if not hasattr(backend, "fit_corrections"):
             raise NotImplementedError(f"the {type(backend).__name__} cannot fit corrections; use cluster.backend=local "

@@ -290,19 +290,14 @@ class StageWorker:
     # ------------------------------------------------------- the published-code criterion (output)
     def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None,
                       corrected: bool = False) -> nn.Module:
-        from slm_dist.calibrated_merge import scratch_layer
+        from slm_dist.calibrated_merge import scratch_layer, window_members
         from slm_dist.linear_correction import correction_key
         from slm_dist.merge import apply_correction, merge_window
 
         key = (window, rule, alpha, corrected)
         if key not in self._merged_layers:
-            lo, hi = window
-            suffixes = [name for name, _ in self.layers[self.layer_ids.index(lo)].named_parameters()]
-            # Window members above this stage live on other stages: read them from the checkpoint
-            # (a separate reader, so `loaded_keys` still shows only this stage's own slice).
-            window_reader = LazyReader(self.index)
-            per_layer = [{s: window_reader.get(self.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
-            window_reader.close()
+            # Window members above this stage live on other stages: read from the checkpoint.
+            per_layer, _ = window_members(self, window)
             merged = merge_window(per_layer, rule, self.arch.role, alpha)
             if corrected:
                 fitted = correction_key(window, rule, alpha)
@@ -314,7 +309,7 @@ class StageWorker:
                     for suffix in self.arch.mlp_out_suffixes():
                         if suffix in merged:
                             merged[suffix] = apply_correction(merged[suffix], matrix)
-            self._merged_layers[key] = scratch_layer(self, lo, merged)
+            self._merged_layers[key] = scratch_layer(self, window[0], merged)
         return self._merged_layers[key]
 
     def cached_input(self, batch_id: int, layer_id: int | None = None) -> Tensor:
