@@ -378,6 +378,7 @@ class RayBackend:
         if len(set(ids_seen)) != len(ids_seen):
             raise ValueError(f"calibration batch ids must be unique (the reducer dedupes by id), got {ids_seen}")
         stages = self._workers(specs, stats)
+        self.clear_candidates(corrections=True)  # maps fitted on an earlier calibration's inputs
         self.counts = StreamCounts()
         inputs = {bid: ray.put(ids) for bid, ids in batches}  # once; retries reuse the same object
         path = Path(run_dir) / STATS_FILE if run_dir is not None else None
@@ -413,7 +414,6 @@ class RayBackend:
             ray.get(reducer.save.remote(run))
         result = ray.get(reducer.result.remote(run))
         self._calibration = [(b, inputs[b]) for b in ids_seen] if keep_for_output_criterion else []
-        self._corrections = {}  # fitted on the previous calibration's inputs
         log.info("calibrate: %d batches (%d resumed from %s, %d retried after a stage crash)", len(ids_seen),
                  self.counts.resumed, path, self.counts.retried)
         return result

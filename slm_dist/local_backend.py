@@ -52,6 +52,8 @@ class LocalBackend:
                   run_dir: Path | None = None, show_progress: bool = False,
                   keep_for_output_criterion: bool = False) -> StatsReducer:
         stages = self._workers(specs, stats)
+        for stage in stages:
+            stage.clear_candidates(corrections=True)  # maps fitted on an earlier calibration's inputs
         reducer = StatsReducer(specs[0].num_layers)
         for batch_id, ids in _progress(batches, show_progress, "calibrate"):
             x = ids

@@ -294,3 +294,18 @@ def test_the_sliding_rule_plan_is_corrected_too(tiny_model, tiny_text_file, tmp_
     raw = json.loads((tmp_path / "plan.json").read_text())
     assert raw["rule"] == "mean" and out["plan"]["windows"] == raw["windows"]
     assert [f["window"] for f in raw["details"]["corrections"]] == raw["windows"]
+
+
+def test_a_new_calibration_forgets_the_maps_fitted_on_the_old_one(tiny_model):
+    from slm_dist.local_backend import LocalBackend
+    from slm_dist.workers.stage_worker import StatsSpec
+
+    specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
+    batches = [(b, torch.randint(3, 60, (4, 32), generator=torch.Generator().manual_seed(b))) for b in range(2)]
+    backend = LocalBackend()
+    backend.calibrate(specs, StatsSpec(), batches, keep_for_output_criterion=True)
+    backend.fit_corrections([((1, 3), "drop", None)], 2)
+    backend.score_plan([(1, 3)], "drop", None, "nll", corrected=True)
+    backend.calibrate(specs, StatsSpec(), batches[::-1], keep_for_output_criterion=True)  # same stages reused
+    with pytest.raises(RuntimeError, match="no correction fitted for window"):
+        backend.score_plan([(1, 3)], "drop", None, "nll", corrected=True)
