@@ -10,8 +10,8 @@ PTB perplexity and the seven zero-shot tasks in ../shared/data, then writes the 
 items and windows. Rerunning with the same settings reuses the plans and the models already
 measured (<run-dir>/compare/compare.json), so an interrupted run resumes where it stopped.
 
-slm-dist's plan (methods ``slm_global_drop`` / ``slm_global_scaled`` / ``slm_global_linear``, the last
-with ``merge.correction=linear``): ``plan.search=global``,
+slm-dist's plan (methods ``slm_global_drop`` / ``slm_global_scaled`` / ``slm_global_linear`` /
+``slm_global_refit``, the last two with ``merge.correction=linear`` / ``refit``): ``plan.search=global``,
 ``plan.cost=measured`` (each layer's own calibration-loss damage), ``plan.candidates=12`` plans
 (every cost's best plan, then every cost's best single block, then second bests) ranked by
 calibration NLL, then ``plan.local_search=32`` more plans one swap from the best. HellaSwag and BoolQ items are long (4 x ~90 and 2 x ~180 tokens per item), so
@@ -30,8 +30,8 @@ from compare_common import PLAN_SETTINGS, Summary, add_arguments, run
 from slm_dist import compare
 
 METHODS = ("shortgpt", "angular", "laco", "last_layers", "slm_output", "slm_cka_reference", "slm_global_drop",
-           "slm_global_scaled", "slm_global_linear")
-OURS = ("slm_global_drop", "slm_global_scaled", "slm_global_linear")
+           "slm_global_scaled", "slm_global_linear", "slm_global_refit")
+OURS = ("slm_global_drop", "slm_global_scaled", "slm_global_linear", "slm_global_refit")
 BASELINES = ("shortgpt", "angular", "laco", "last_layers", "slm_output")
 SECTION = "## Plans that keep the model (issue 8)"
 
@@ -91,7 +91,7 @@ def plan_notes(run_dir: Path, result: dict) -> list[str]:
                 note += f"; alphas {[round(a, 4) for a in plan['alphas']]}"
             fits = plan["details"].get("corrections")
             if fits:
-                note += "; linear corrections: held-out error " + ", ".join(
+                note += f"; {fits[0].get('kind', 'linear')} corrections: held-out error " + ", ".join(
                     f"{f['window']} {f['loss']:.3f}" + ("" if f["ridge"] is not None else " (plain merge kept)")
                     for f in fits) + " of the plain merge's"
             lines.append(note)

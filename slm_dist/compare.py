@@ -20,7 +20,8 @@ Methods (k = layers removed):
 - ``slm_global_<rule>``: slm-dist's global search (``plan.search: global``): exact least-cost windows
   from the statistics, ``plan.candidates`` of them ranked by ``plan.refine_metric`` on the
   calibration samples; rule ``drop`` or ``scaled`` (alpha fitted per window); ``slm_global_linear``
-  is ``scaled`` with ``merge.correction: linear`` (a fitted map per window). Each one's plan.json
+  and ``slm_global_refit`` are ``scaled`` with ``merge.correction: linear`` (a fitted map per window)
+  or ``refit`` (each window's MLP output projection refitted). Each one's plan.json
   (ranked candidates, alphas, corrections) is kept under ``<run.dir>/compare/<method>-<k>/``.
 """
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slm_dist import baselines, calibration, evaluation, pipeline, planner
+from slm_dist import baselines, calibration, corrections_file, evaluation, pipeline, planner
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.config import ConfigError, SlmConfig
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 SLM_RULES = ("reference", "sum", "mean", "drop")
 GLOBAL_RULES = ("drop", "scaled")
 # slm_global_<method suffix> -> (merge.rule, merge.correction)
-GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES}, "slm_global_linear": ("scaled", "linear")}
+GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES},
+                  **{f"slm_global_{c}": ("scaled", c) for c in ("linear", "refit")}}
 METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
                             *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS)
 LABELS = {
@@ -62,6 +64,7 @@ LABELS = {
     "slm_output": "SLM published code (output cos, reference)",
     **{f"slm_global_{r}": f"slm-dist global search, rule {r}" for r in GLOBAL_RULES},
     "slm_global_linear": "slm-dist global search, scaled + linear correction",
+    "slm_global_refit": "slm-dist global search, scaled + refitted projection",
 }
 
 
@@ -137,7 +140,7 @@ def method_settings(method: str, config: SlmConfig) -> dict:
     """The settings one method's plan depends on beyond ``plans_fingerprint`` (stored beside its plan)."""
     if method in GLOBAL_METHODS:
         settings = {k: getattr(config.plan, k) for k in SEARCH_SETTINGS}
-        if GLOBAL_METHODS[method][1] == "linear":
+        if GLOBAL_METHODS[method][1] != "none":
             settings["correction_batches"] = config.merge.correction_batches
         return settings
     return {}
@@ -391,6 +394,11 @@ def _row_key(method: str, plan) -> dict:
     key = {"method": method, "windows": [list(w) for w in plan.windows], "rule": plan.rule}
     if getattr(plan, "corrections", None):
         key["corrections"] = plan.corrections_sha256  # refitted maps are another model
+        # Rows written before refit existed hold linear maps and no kind. A missing file is left to the
+        # merge, which names it.
+        kind = corrections_file.kind_of(plan.corrections) if Path(plan.corrections).is_file() else "linear"
+        if kind != "linear":
+            key["correction_kind"] = kind
     return key
 
 
@@ -598,6 +606,11 @@ def describe_plan(windows: Sequence[Sequence[int]], rule: str | None) -> str:
     return f"{rule} " + ", ".join(f"{lo}-{hi}" for lo, hi in windows)
 
 
+def correction_label(key: dict) -> str:
+    """' + linear' / ' + refit' for a row whose plan carries corrections, else ''."""
+    return f" + {key.get('correction_kind', 'linear')}" if key.get("corrections") else ""
+
+
 def format_table(result: dict) -> str:
     """One Markdown table: a row per model, perplexities, each task's reported metric (%), average."""
     ppl_files = list(result["eval_settings"]["ppl_windows"])
@@ -613,7 +626,7 @@ def format_table(result: dict) -> str:
         else:
             ev = row["eval"]
             cells = [row["label"], str(row["layers_removed"]), str(row["layers_after"]),
-                     describe_plan(row["windows"], row["rule"]) + (" + linear" if row["key"].get("corrections") else ""),
+                     describe_plan(row["windows"], row["rule"]) + correction_label(row["key"]),
                      *(_fmt(ev["ppl"].get(f)) for f in ppl_files),
                      *(_fmt(100 * ev["tasks"][t][metric[t]], 1) if t in ev["tasks"] else "n/a" for t in tasks),
                      _fmt(None if ev["average"] is None else 100 * ev["average"], 1)]

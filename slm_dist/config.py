@@ -108,14 +108,17 @@ class MergeSection(_Section):
                                  "scaled: theta_lo + alpha * sum(theta_k - theta_lo), alpha fitted per window")
     alpha_batches: int = Field(2, ge=1, description="rule scaled: calibration batches each window's alpha is "
                                                     "fitted on (the window's stage runs only that window)")
-    correction: Literal["none", "linear"] = Field(
-        "none", description="linear: after the rule, fit one map per merged window on the calibration samples "
-                            "(ridge towards the identity, cross-validated over batches) so its layer adds what the "
-                            "whole window added, and fold it into the layer's MLP output projection (linear_correction.py). "
-                            "Planning holds one hidden x hidden float32 map per window it fits, on the window's stage "
-                            "and on the driver (256 MiB each at hidden 8192)")
-    correction_batches: int = Field(8, ge=2, description="correction=linear: calibration batches each window's map "
-                                                         "is fitted and cross-validated on (up to 4 folds)")
+    correction: Literal["none", "linear", "refit"] = Field(
+        "none", description="after the rule, fit each merged window's MLP output projection on the calibration "
+                            "samples (ridge towards the plain merge, cross-validated over batches) so its layer adds "
+                            "what the whole window added (linear_correction.py). linear: one hidden x hidden map on "
+                            "the projection's output (256 MiB float32 per window at hidden 8192); refit: the "
+                            "projection itself, from its intermediate-size input (fits better; its statistics are "
+                            "intermediate^2 float64 on the window's stage, 6.6 GiB per copy at intermediate 28672: "
+                            "see `slm-dist dryrun`). Planning keeps every fitted correction on its stage and on "
+                            "the driver")
+    correction_batches: int = Field(8, ge=2, description="correction linear|refit: calibration batches each window's "
+                                                         "correction is fitted and cross-validated on (up to 4 folds)")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024, description="size cap of one output safetensors shard")
     output_dir: Path | None = Field(None, description="where the pruned checkpoint goes; null = <run.dir>/model")
     max_parallel: int = Field(2, ge=1, description="output shards written at once (threads locally, Ray tasks on ray)")
@@ -227,7 +230,7 @@ class SlmConfig(_Section):
             raise ValueError("merge.rule=scaled fits alphas for finished windows; the published output loop "
                              "scores windows as it grows them: use similarity.criterion=cka or another rule")
         if self.similarity.criterion == "output" and self.merge.correction != "none":
-            raise ValueError("merge.correction=linear fits finished windows; the published output loop scores "
+            raise ValueError(f"merge.correction={self.merge.correction} fits finished windows; the published output loop scores "
                              "windows as it grows them: use similarity.criterion=cka or merge.correction=none")
         if self.similarity.criterion == "output" and self.plan.threshold is None:
             raise ValueError("similarity.criterion=output needs plan.threshold: the published loop runs forward "
@@ -324,5 +327,5 @@ def needs_cached_inputs(config: SlmConfig) -> bool:
     corrections on them (host memory: every batch's input to every stage)."""
     p = config.plan
     return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
-            or config.merge.correction == "linear"
+            or config.merge.correction != "none"
             or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))

@@ -1,8 +1,9 @@
-"""The file beside plan.json that holds a plan's linear corrections (``merge.correction: linear``).
+"""The file beside plan.json that holds a plan's corrections (``merge.correction: linear | refit``).
 
-One float32 [hidden, hidden] tensor per corrected window, keyed ``merge.correction_name(window)``;
-windows whose fit kept the identity have no entry. The plan records the file's path and sha256,
-and the export checks both before it writes a byte.
+One float32 tensor per corrected window, keyed ``merge.correction_name(window)``: linear T [hidden,
+hidden], or refit X [intermediate (+1), hidden]; the metadata says which (``kind``, linear when
+absent). Windows whose fit kept the plain merge have no entry. The plan records the file's path and
+sha256, and the export checks both before it writes a byte.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from slm_dist.assets import sha256_file
+from slm_dist.linear_correction import KINDS
 from slm_dist.merge import correction_name
 from slm_dist.planner import MergePlan, PlanError
 
@@ -22,22 +24,37 @@ FILE_NAME = "corrections.safetensors"
 Window = tuple[int, int]
 
 
-def save_corrections(path: Path, matrices: Mapping[Window, Tensor]) -> str:
+def save_corrections(path: Path, matrices: Mapping[Window, Tensor], kind: str = "linear") -> str:
     """Write the corrections (temporary name, then rename) and return the file's sha256."""
     import safetensors.torch  # the module: see checkpoint/reader.py
 
+    if kind not in KINDS:
+        raise ValueError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     safetensors.torch.save_file({correction_name(w): t.detach().float().cpu().contiguous()
-                                 for w, t in sorted(matrices.items())}, str(tmp))
+                                 for w, t in sorted(matrices.items())}, str(tmp), metadata={"kind": kind})
     tmp.replace(path)
     return sha256_file(path)
 
 
+def kind_of(path: Path | str) -> str:
+    """Which correction family the file holds (its metadata ``kind``; files without one are linear)."""
+    import safetensors  # the module: see checkpoint/reader.py
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        kind = (f.metadata() or {}).get("kind", "linear")
+    if kind not in KINDS:
+        raise PlanError(f"{path} holds corrections of kind {kind!r}, which this slm-dist does not know "
+                        f"(known: {list(KINDS)}); re-run the plan stage")
+    return kind
+
+
 def checked_windows(plan: MergePlan, hidden_size: int) -> dict[Window, str]:
     """Window -> key of each correction in the plan's file, after checking the file is the one the
-    plan was made with, names only the plan's windows and holds [hidden, hidden] maps."""
+    plan was made with, names only the plan's windows and holds maps of the model's hidden size
+    (linear [hidden, hidden]; refit [intermediate (+1), hidden])."""
     if plan.corrections is None:
         return {}
     import safetensors  # the module: see checkpoint/reader.py
@@ -50,17 +67,26 @@ def checked_windows(plan: MergePlan, hidden_size: int) -> dict[Window, str]:
         raise PlanError(f"{path} changed since the plan was made (sha256 differs from plan.json); re-run the plan "
                         "stage rather than merge with corrections that belong to another plan")
     names = {correction_name(w): w for w in plan.windows}
+    kind = kind_of(path)
     out = {}
     with safetensors.safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             if key not in names:
                 raise PlanError(f"{path} holds {key!r}, which is not a window of the plan {list(plan.windows)}")
             shape = list(f.get_slice(key).get_shape())
-            if shape != [hidden_size, hidden_size]:
+            if len(shape) != 2 or shape[1] != hidden_size or (kind == "linear" and shape[0] != hidden_size):
                 raise PlanError(f"{path}: {key} is {shape}, but the model's hidden size is {hidden_size}: "
                                 "the corrections belong to another model")
             out[names[key]] = key
     return out
+
+
+def matrix_shapes(path: Path | str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every correction in the file (headers only)."""
+    import safetensors  # the module: see checkpoint/reader.py
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 def load_corrections(plan: MergePlan, hidden_size: int) -> dict[Window, Tensor]:

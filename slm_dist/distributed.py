@@ -447,7 +447,7 @@ class RayBackend:
 
     # ------------------------------------------------------------- published-code criterion
     def _score(self, windows: Sequence[tuple[int, int]], from_layer: int, rule: str,
-               alphas: dict | None = None, with_ids: bool = False, corrected: bool = False) -> tuple[float, int]:
+               alphas: dict | None = None, with_ids: bool = False, correction: str | None = None) -> tuple[float, int]:
         """Sum and count of the last stage's per-sample (or per-token) values for a candidate model,
         run from ``from_layer`` upward on every calibration batch; batch order, as the local backend."""
         if not self._calibration:
@@ -460,7 +460,7 @@ class RayBackend:
             x = None  # the stage holding `from_layer` starts from its cached original input
             ids = inputs[batch_id] if with_ids else None
             for stage in stages:
-                x = stage.run_candidate_hop.remote(batch_id, x, windows, rule, from_layer, alphas, ids, corrected)
+                x = stage.run_candidate_hop.remote(batch_id, x, windows, rule, from_layer, alphas, ids, correction)
             return [x]
 
         for attempt in range(self.cluster.max_restarts + 1):
@@ -491,14 +491,15 @@ class RayBackend:
 
     def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
                    alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll",
-                   corrected: bool = False) -> float:
+                   correction: str | None = None) -> float:
         """A whole plan on the calibration samples (as LocalBackend.score_plan): ``nll`` lower is better,
-        ``cosine`` (the published criterion) higher is better; ``corrected`` uses the fitted corrections."""
+        ``cosine`` (the published criterion) higher is better; ``correction`` uses the fitted corrections
+        of that kind."""
         if metric not in ("nll", "cosine"):
             raise ValueError(f"metric must be 'nll' or 'cosine', got {metric!r}")
         windows = sorted(windows)
         lo = windows[0][0] if windows else self._specs[-1].start  # below lo the candidate is the original
-        total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll", corrected=corrected)
+        total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll", correction=correction)
         return -total / count if metric == "nll" else total / count
 
     def fit_alphas(self, windows: Sequence[tuple[int, int]], num_batches: int):
@@ -509,15 +510,15 @@ class RayBackend:
         return ray.get([self._stages[stage_holding(self._specs, lo)].fit_alpha.remote((lo, hi), batch_ids)
                         for lo, hi in windows])
 
-    def fit_corrections(self, requests: Sequence[tuple[tuple[int, int], str, float | None]], num_batches: int):
-        """merge.correction=linear: each (window, rule, alpha)'s map, fitted and kept on the stage holding its
-        lo; the driver keeps a copy to re-install on a stage Ray restarts."""
+    def fit_corrections(self, requests: Sequence[tuple[tuple[int, int], str, float | None, str]], num_batches: int):
+        """merge.correction=linear|refit: each (window, rule, alpha, kind)'s correction, fitted and kept on
+        the stage holding its lo; the driver keeps a copy to re-install on a stage Ray restarts."""
         if not self._calibration:
             raise RuntimeError("fit_corrections needs a calibrate(..., keep_for_output_criterion=True) pass first")
         batch_ids = [b for b, _ in self._calibration][:num_batches]
         fits = ray.get([self._stages[stage_holding(self._specs, w[0])].fit_correction.remote(tuple(w), rule, alpha,
-                                                                                               batch_ids)
-                        for w, rule, alpha in requests])
+                                                                                               batch_ids, kind)
+                        for w, rule, alpha, kind in requests])
         for fit in fits:
             self._corrections[fit.key] = fit.matrix
         return fits

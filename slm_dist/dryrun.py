@@ -322,10 +322,8 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
         host = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype)
         why = "criterion=output" if config.similarity.criterion == "output" else "planning on calibration samples"
         notes.append(f"{why} caches every stage's calibration inputs in host memory: {host / GiB:.2f} GiB per stage")
-    if config.merge.correction == "linear":
-        per_map = int(hf["hidden_size"]) ** 2 * 4
-        notes.append(f"merge.correction=linear: each window's fitted map is {per_map / GiB:.2f} GiB (float32), held "
-                     "on the window's stage and on the driver while planning")
+    if config.merge.correction != "none":
+        notes.append(correction_note(config.merge.correction, int(hf["hidden_size"]), hf.get("intermediate_size")))
     if config.eval.enabled and config.eval.max_windows is None:
         notes.append(f"eval.max_windows=null: eval time assumes {eval_tokens(config):,} tokens (the held-out "
                      "text at ~4 bytes per token when it is here, else 32 windows)")
@@ -445,3 +443,23 @@ def format_dry_run(d: DryRun) -> str:
               + f"; total {sum(d.seconds.values()):,.1f}"]
     lines += [f"note: {n}" for n in d.notes]
     return "\n".join(lines)
+
+
+# The refit fit's peak on a stage, in copies of one set of least-squares statistics: 4 folds and the
+# total (each ordinary rows + position 0), one training set (both parts and their sum), one solve.
+REFIT_STAT_COPIES = 14
+
+
+def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
+    if kind == "linear":
+        return (f"merge.correction=linear: each window's fitted map is {hidden ** 2 * 4 / GiB:.2f} GiB (float32), "
+                "held on the window's stage and on the driver while planning")
+    if intermediate is None:
+        return ("merge.correction=refit: the config has no intermediate_size, so the size of its statistics is "
+                "unknown here")
+    stats = REFIT_STAT_COPIES * (intermediate ** 2 + (intermediate + 1) * hidden) * 8
+    fitted = (intermediate + 1) * hidden * 4
+    return (f"merge.correction=refit: fitting a window holds about {stats / GiB:.2f} GiB of float64 statistics "
+            f"({REFIT_STAT_COPIES} copies of intermediate^2 + intermediate x hidden) on the window's stage device; "
+            f"each fitted projection is {fitted / GiB:.2f} GiB (float32), held on the stage and on the driver while "
+            "planning. Use merge.correction=linear where that does not fit")

@@ -37,8 +37,8 @@ from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, T
                                         plan_shards, safetensors_header, sha256_file, shard_name, write_index,
                                         write_json, write_manifest)
 from slm_dist.config import SlmConfig
-from slm_dist.corrections_file import checked_windows
-from slm_dist.merge import TensorJob, plan_tensor_jobs
+from slm_dist.corrections_file import checked_windows, kind_of, matrix_shapes
+from slm_dist.merge import MergeError, TensorJob, plan_tensor_jobs, refit_rows
 from slm_dist.planner import MergePlan, PlanError
 from slm_dist.workers.merge_worker import MergeWorker, ShardResult
 
@@ -168,11 +168,18 @@ def plan_export(index: CheckpointIndex, plan: MergePlan, out_dir: Path, max_shar
         raise ExportError(f"plan is for {plan.num_layers_before} layers but {index.root} has {index.num_layers}; "
                           "the plan belongs to another model: re-run the plan stage")
     check_output_dir(index.root, out_dir)
-    corrections = checked_windows(plan, int(index.config["hidden_size"]))  # merge.correction=linear
+    corrections = checked_windows(plan, int(index.config["hidden_size"]))  # merge.correction=linear|refit
     jobs = plan_tensor_jobs(index.tensors.keys(), plan.windows, index.num_layers, arch, plan.rule,
                             plan.alpha_map, corrections)  # rule "scaled": per-window alphas
+    refits = matrix_shapes(plan.corrections) if corrections and kind_of(plan.corrections) == "refit" else {}
     for job in jobs:
         _check_job(job, [index.tensors[k] for k in job.source_keys])
+        if job.correction in refits:
+            try:
+                refit_rows(index.tensors[job.source_keys[0]].shape, refits[job.correction])
+            except MergeError as err:
+                raise ExportError(f"{plan.corrections}: {job.correction} cannot replace {job.out_key}: {err}; the "
+                                  "corrections belong to another model: re-run the plan stage") from None
     config = prune_config(index.config, plan.new_to_old, arch)
     _check_coverage(jobs, index, config, arch)
 
@@ -272,8 +279,8 @@ def model_card(export: ExportPlan, threshold: float | None) -> str:
             f"- merged windows (inclusive, original indices): {windows}\n"
             f"- new layer -> original layer: {plan.new_to_old}\n"
             f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else "") +
-            ("\n- linear correction (merge.correction=linear) folded into each corrected window's MLP output "
-             "projection" if plan.corrections else "") +
+            (f"\n- {kind_of(plan.corrections)} correction (merge.correction={kind_of(plan.corrections)}) folded "
+             "into each corrected window's MLP output projection" if plan.corrections else "") +
             f"\n- criterion: `{plan.criterion}`\n- threshold: {threshold}\n\n"
             "Sliding Layer Merging (arXiv 2502.19159): each window of consecutive layers is folded into one "
             "layer at the window's bottom position. The full plan is in `manifest.json`.\n")

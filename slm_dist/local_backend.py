@@ -92,12 +92,12 @@ class LocalBackend:
 
     def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
                    alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll",
-                   corrected: bool = False) -> float:
+                   correction: str | None = None) -> float:
         """A whole plan scored on the calibration samples, run from its lowest window upward on cached inputs.
 
         ``nll``: mean next-token NLL of the candidate model (lower is better); ``cosine``: the published
         criterion, mean cosine of the final-norm hidden to the original model's (higher is better).
-        ``corrected``: with the linear corrections fitted for these windows (``fit_corrections``).
+        ``correction``: with the corrections of that kind fitted for these windows (``fit_corrections``).
         """
         if not self.stages or not self._input_ids:
             raise RuntimeError("score_plan needs a calibrate(..., keep_for_output_criterion=True) pass first")
@@ -113,7 +113,7 @@ class LocalBackend:
             for stage in self.stages[first:]:
                 x = stage.run_candidate(batch_id, x, windows, rule, from_layer=lo, alphas=alphas,
                                         input_ids=self._input_ids[batch_id] if metric == "nll" else None,
-                                        corrected=corrected)
+                                        correction=correction)
             total += float(x.double().sum())
             count += x.numel()
         for stage in self.stages:
@@ -128,15 +128,15 @@ class LocalBackend:
         batch_ids = self._batch_ids[:num_batches]
         return [self.stages[stage_holding(specs, lo)].fit_alpha((lo, hi), batch_ids) for lo, hi in windows]
 
-    def fit_corrections(self, requests: Sequence[tuple[tuple[int, int], str, float | None]], num_batches: int):
-        """merge.correction=linear: each (window, rule, alpha)'s map, fitted and kept on the stage holding
-        its lo (first ``num_batches`` calibration batches)."""
+    def fit_corrections(self, requests: Sequence[tuple[tuple[int, int], str, float | None, str]], num_batches: int):
+        """merge.correction=linear|refit: each (window, rule, alpha, kind)'s correction, fitted and kept on
+        the stage holding its lo (first ``num_batches`` calibration batches)."""
         if not self.stages or not self._input_ids:
             raise RuntimeError("fit_corrections needs a calibrate(..., keep_for_output_criterion=True) pass first")
         specs = [s.spec for s in self.stages]
         batch_ids = self._batch_ids[:num_batches]
-        return [self.stages[stage_holding(specs, w[0])].fit_correction(tuple(w), rule, alpha, batch_ids)
-                for w, rule, alpha in requests]
+        return [self.stages[stage_holding(specs, w[0])].fit_correction(tuple(w), rule, alpha, batch_ids, kind)
+                for w, rule, alpha, kind in requests]
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
                  show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None

@@ -167,12 +167,18 @@ def _describe(keys: Sequence[str] | None, n: int) -> str:
     return ", ".join(keys) if keys is not None else f"{n} tensors"
 
 
-def apply_correction(tensor: Tensor, matrix: Tensor) -> Tensor:
-    """Fold a window's linear correction T [d, d] into its MLP output projection (linear_correction).
+def apply_correction(tensor: Tensor, matrix: Tensor, kind: str = "linear") -> Tensor:
+    """Fold a window's correction (linear_correction) into its MLP output projection.
 
-    The layer then adds m T where it added m: weight [d, d_in] -> T^T W, bias [d] -> T^T b. Computed
-    in float32 (float64 inputs stay float64) and returned in the tensor's dtype, a fresh tensor.
+    ``linear``: T [d, d]; the layer then adds m T where it added m: weight [d, d_in] -> T^T W, bias
+    [d] -> T^T b. ``refit``: X [d_in (+1), d] replaces the projection: weight -> X[:d_in]^T, bias ->
+    X[d_in] (X has that last row only when the projection has a bias). Computed in float32 (float64
+    inputs stay float64) and returned in the tensor's dtype, a fresh tensor.
     """
+    if kind == "refit":
+        return _refitted(tensor, matrix)
+    if kind != "linear":
+        raise MergeError(f"unknown correction kind {kind!r}; known: linear, refit")
     d = matrix.shape[0]
     if matrix.dim() != 2 or matrix.shape[1] != d or tensor.dim() not in (1, 2) or tensor.shape[0] != d:
         raise MergeError(f"a correction [{d}, {d}] applies to an output projection with {d} output rows; got "
@@ -180,6 +186,24 @@ def apply_correction(tensor: Tensor, matrix: Tensor) -> Tensor:
     work = torch.promote_types(tensor.dtype, torch.float32)
     out = matrix.to(device=tensor.device, dtype=work).T @ tensor.to(work)
     return out.to(tensor.dtype).contiguous()
+
+
+def _refitted(tensor: Tensor, matrix: Tensor) -> Tensor:
+    picked = matrix[refit_rows(tuple(tensor.shape), tuple(matrix.shape))]
+    picked = picked.T if picked.dim() == 2 else picked  # X[:d_in] is the weight transposed; X[d_in] the bias
+    return picked.to(device=tensor.device, dtype=tensor.dtype).contiguous()
+
+
+def refit_rows(tensor_shape: tuple[int, ...], matrix_shape: tuple[int, ...]) -> slice | int:
+    """Which rows of a refit X [d_in (+1), d] make this tensor: all d_in for the weight [d, d_in], the
+    last for the bias [d]. Raises MergeError when the shapes do not belong together."""
+    ok = len(matrix_shape) == 2 and len(tensor_shape) in (1, 2) and tensor_shape[0] == matrix_shape[1]
+    if ok and len(tensor_shape) == 2 and matrix_shape[0] in (tensor_shape[1], tensor_shape[1] + 1):
+        return slice(0, tensor_shape[1])
+    if ok and len(tensor_shape) == 1 and matrix_shape[0] >= 2:
+        return matrix_shape[0] - 1
+    raise MergeError(f"a refit [d_in (+1 with a bias), d] replaces an output projection weight [d, d_in] (and its "
+                     f"bias [d]); got refit {list(matrix_shape)} and tensor {list(tensor_shape)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +411,8 @@ def merge_state_dict(
     arch: ArchSpec,
     rule: str,
     alpha: Alpha = None,  # for "scaled": one float, or {window: float} covering every window
-    corrections: Mapping[Window, Tensor] | None = None,  # window -> linear correction T (merge.correction)
+    corrections: Mapping[Window, Tensor] | None = None,  # window -> its correction (merge.correction)
+    correction_kind: str = "linear",
 ) -> dict[str, Tensor]:
     """The pruned state dict, every tensor a fresh copy (tests and small models)."""
     matrices = {tuple(w): t for w, t in (corrections or {}).items()}
@@ -403,7 +428,7 @@ def merge_state_dict(
         tensors = [state_dict[key] for key in job.source_keys]
         out[job.out_key] = merge_tensor(tensors, job.role, job.rule, alphas[job.window], keys=job.source_keys)
         if job.correction is not None:
-            out[job.out_key] = apply_correction(out[job.out_key], matrices[job.window])
+            out[job.out_key] = apply_correction(out[job.out_key], matrices[job.window], correction_kind)
     return out
 
 

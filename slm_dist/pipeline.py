@@ -176,7 +176,7 @@ def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, ba
               measured: dict | None = None, out_dir: Path | None = None) -> tuple[planner.MergePlan, dict]:
     """``measured`` (optional, shared by callers that plan several times on one calibration pass, as
     `compare` does): plan losses, fitted alphas and corrections already measured, reused instead of
-    re-measured. merge.correction=linear writes the plan's maps to ``out_dir`` (default run.dir)."""
+    re-measured. merge.correction=linear|refit writes the plan's corrections to ``out_dir`` (default run.dir)."""
     p, cfg = ctx.config.plan, ctx.config
     n = index.num_layers
     details: dict = {}
@@ -216,28 +216,29 @@ def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, ba
         alphas = tuple(fits[w].alpha for w in windows)
         details["alphas"] = [fits[w].to_json() for w in windows]
     file = sha = None
-    if cfg.merge.correction == "linear" and windows:
+    if cfg.merge.correction != "none" and windows:
         alpha_of = dict(zip(windows, alphas)) if alphas is not None else {}
-        requests = [(w, cfg.merge.rule, alpha_of.get(w)) for w in windows]
+        requests = [(w, cfg.merge.rule, alpha_of.get(w), cfg.merge.correction) for w in windows]
         fit_missing_corrections(ctx, backend, requests, corrections)
         chosen = [corrections[correction_key(*r)] for r in requests]
         details["corrections"] = [fit.to_json() for fit in chosen]
-        file, sha = write_corrections(out_dir or ctx.run_dir, {f.window: f.matrix for f in chosen if f.matrix is not None})
+        file, sha = write_corrections(out_dir or ctx.run_dir, {f.window: f.matrix for f in chosen if f.matrix is not None},
+                                      cfg.merge.correction)
     plan = planner.MergePlan(num_layers_before=n, windows=windows, rule=cfg.merge.rule,
                              criterion=cfg.similarity.criterion, threshold=threshold, alphas=alphas,
                              corrections=file, corrections_sha256=sha)
     return plan, details
 
 
-def write_corrections(out_dir: Path, matrices: dict) -> tuple[str | None, str | None]:
+def write_corrections(out_dir: Path, matrices: dict, kind: str = "linear") -> tuple[str | None, str | None]:
     """The plan's maps beside its plan.json: (absolute path, sha256), or (None, None) when every window
     kept its plain merge (a file left by an earlier plan is removed so nothing stale lies beside it)."""
     path = Path(out_dir) / corrections_file.FILE_NAME
     if not matrices:
         path.unlink(missing_ok=True)
         return None, None
-    sha = corrections_file.save_corrections(path, matrices)
-    log.info("plan: linear corrections of %d window(s) written to %s", len(matrices), path)
+    sha = corrections_file.save_corrections(path, matrices, kind)
+    log.info("plan: %s corrections of %d window(s) written to %s", kind, len(matrices), path)
     return str(path.resolve()), sha
 
 
@@ -245,12 +246,13 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
                 memo: dict | None = None, corrections: dict | None = None) -> tuple[tuple[tuple[int, int], ...], dict]:
     """Exact least-cost windows (global_planner). With plan.candidates > 1 every cost proposes plans
     and forward passes on the calibration samples rank them; plan.local_search then tries plans one
-    move from the best; rule scaled fits each window's alpha, and merge.correction=linear each window's
-    map, before its plan is measured."""
+    move from the best; rule scaled fits each window's alpha, and merge.correction=linear|refit each
+    window's correction, before its plan is measured."""
     from slm_dist import global_planner as gp
 
     p, rule, n = ctx.config.plan, ctx.config.merge.rule, reducer.num_layers
-    correct = ctx.config.merge.correction == "linear"
+    kind = ctx.config.merge.correction
+    correct = kind != "none"
     memo = {} if memo is None else memo  # (windows, rule label, metric) -> loss
     corrections = {} if corrections is None else corrections
     if needs_cached_inputs(ctx.config) and not hasattr(backend, "score_plan"):
@@ -268,14 +270,15 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
                 rule_used, alphas = "drop", None  # alpha 0 everywhere is the drop model: measure it once
         corrected = False
         if correct and correctable and windows:
-            requests = [(w, rule_used, None if alphas is None else alphas[w]) for w in windows]
+            requests = [(w, rule_used, None if alphas is None else alphas[w], kind) for w in windows]
             fit_missing_corrections(ctx, backend, requests, corrections)
             corrected = any(corrections[correction_key(*r)].matrix is not None for r in requests)
         # The memo (and compare's loss file) key: what the plan's weights depend on.
-        label = rule_used + (f"+linear(batches={ctx.config.merge.correction_batches})" if corrected else "")
+        label = rule_used + (f"+{kind}(batches={ctx.config.merge.correction_batches})" if corrected else "")
         key = (windows, label, p.refine_metric)
         if key not in memo:
-            score = backend.score_plan(windows, rule_used, alphas, p.refine_metric, corrected=corrected)
+            score = backend.score_plan(windows, rule_used, alphas, p.refine_metric,
+                                       correction=kind if corrected else None)
             memo[key] = score if p.refine_metric == "nll" else 1.0 - score
             log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], label, p.refine_metric,
                      memo[key])
@@ -286,7 +289,7 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
     details: dict = {"cost": p.cost, "metric": p.refine_metric}
     if p.cost == "measured":
         # Each removable layer's own damage: the loss with that layer alone removed, minus the dense loss.
-        # Uncorrected even under merge.correction=linear: it only proposes plans (those are measured
+        # Uncorrected even under merge.correction: it only proposes plans (those are measured
         # corrected), and it is then shared with the uncorrected searches of the same calibration.
         dense = measure((), "drop")
         layers = gp.removable_layers(n, p.protect_first, p.protect_last)
@@ -324,7 +327,7 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
 
 
 def fit_missing_corrections(ctx: RunContext, backend, requests, corrections: dict) -> None:
-    """Fit (window, rule, alpha) maps not fitted yet; ``corrections`` is keyed by ``correction_key``."""
+    """Fit (window, rule, alpha, kind) corrections not fitted yet; ``corrections`` is keyed by ``correction_key``."""
     keys = [correction_key(*r) for r in requests]
     missing = list(dict.fromkeys(k for k in keys if k not in corrections))
     if missing:
@@ -333,8 +336,8 @@ def fit_missing_corrections(ctx: RunContext, backend, requests, corrections: dic
                                       "or ray, or merge.correction=none")
         for fit in backend.fit_corrections(missing, ctx.config.merge.correction_batches):
             corrections[fit.key] = fit
-            log.info("correction of window %s (%s): held-out error %.3f of the plain merge's (ridge %s)",
-                     list(fit.window), fit.rule, fit.loss, fit.ridge)
+            log.info("%s correction of window %s (%s): held-out error %.3f of the plain merge's (ridge %s)",
+                     fit.kind, list(fit.window), fit.rule, fit.loss, fit.ridge)
 
 
 def fit_missing_alphas(ctx: RunContext, backend, windows, fits: dict) -> None:

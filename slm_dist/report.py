@@ -219,12 +219,13 @@ def render_markdown(report: Mapping) -> str:
         new_of = plan.get("index_map") or []
         alphas = plan.get("alphas") or [None] * len(r["windows"])
         fits = {tuple(f["window"]): f for f in (plan.get("details") or {}).get("corrections", [])}
-        lines += ["| window | layers merged | becomes new layer | alpha | linear correction |",
+        lines += ["| window | layers merged | becomes new layer | alpha | correction |",
                   "|---|---:|---:|---:|---|"]
         for (lo, hi), alpha in zip(r["windows"], alphas):
             fit = fits.get((lo, hi))
             corrected = ("n/a" if fit is None else "kept the plain merge (no gain held out)" if fit["ridge"] is None
-                         else f"held-out error {fit['loss']:.3f} of the plain merge's, ridge {fit['ridge']:g}")
+                         else f"{fit.get('kind', 'linear')}: held-out error {fit['loss']:.3f} of the plain merge's, "
+                              f"ridge {fit['ridge']:g}")
             lines.append(f"| [{lo}..{hi}] | {hi - lo + 1} | {new_of[lo] if lo < len(new_of) else 'n/a'} | "
                          f"{_num(alpha, 3) if alpha is not None else 'n/a'} | {corrected} |")
     else:

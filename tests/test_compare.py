@@ -278,6 +278,23 @@ def test_model_identity_tells_corrected_plans_apart():
     assert compare.model_identity(drop) == compare.model_identity(scaled0) != compare.model_identity(fixed)
 
 
+def test_rows_of_corrected_plans_say_their_kind(tmp_path):
+    from slm_dist.corrections_file import save_corrections
+    from slm_dist.planner import MergePlan
+
+    def plan(kind):
+        path = tmp_path / f"{kind}.safetensors"
+        sha = save_corrections(path, {(1, 3): torch.eye(4)}, kind)
+        return MergePlan(6, ((1, 3),), "scaled", "cka", None, alphas=(0.0,), corrections=str(path),
+                         corrections_sha256=sha)
+
+    linear, refit = compare._row_key("slm_global_linear", plan("linear")), compare._row_key("slm_global_refit", plan("refit"))
+    assert "correction_kind" not in linear  # the key rows measured before refit existed were stored under
+    assert refit["correction_kind"] == "refit"
+    assert compare.correction_label(linear) == " + linear" and compare.correction_label(refit) == " + refit"
+    assert compare.correction_label(compare._row_key("angular", MergePlan(6, ((1, 3),), "drop", "cka", None))) == ""
+
+
 def test_runs_over_other_methods_add_up_in_one_file(compared, monkeypatch):
     config, spec, result = compared
     monkeypatch.setattr(compare.pipeline, "merge", lambda *a: pytest.fail("a measured model was merged again"))

@@ -344,15 +344,16 @@ def test_ray_output_criterion_matches_brute_force_and_survives_a_stage_restart(c
         fits, local_fits = backend.fit_alphas(plan, 1), local.fit_alphas(plan, 1)
         assert [f.window for f in fits] == [f.window for f in local_fits] == plan
         assert [f.alpha for f in fits] == pytest.approx([f.alpha for f in local_fits], abs=1e-6)
-        # Linear corrections: fitted and kept on the stages; a stage that restarts gets its maps back.
-        requests = [(w, "sum", None) for w in plan]
+        # Corrections of both kinds: fitted and kept on the stages; a stage that restarts gets them back.
+        requests = [(w, "sum", None, kind) for kind in ("linear", "refit") for w in plan]
         fits, local_fits = backend.fit_corrections(requests, 2), local.fit_corrections(requests, 2)
         assert [f.loss for f in fits] == pytest.approx([f.loss for f in local_fits], abs=1e-6)
         assert any(f.matrix is not None for f in fits)
         os.kill(backend.stage_reports()[1]["pid"], signal.SIGKILL)  # holds window (4, 6)
-        assert backend.score_plan(plan, "sum", None, "nll", corrected=True) == pytest.approx(
-            local.score_plan(plan, "sum", None, "nll", corrected=True), abs=1e-6)
-        assert local.score_plan(plan, "sum", None, "nll", corrected=True) != local.score_plan(plan, "sum", None, "nll")
+        for kind in ("linear", "refit"):
+            assert backend.score_plan(plan, "sum", None, "nll", correction=kind) == pytest.approx(
+                local.score_plan(plan, "sum", None, "nll", correction=kind), abs=1e-6)
+            assert local.score_plan(plan, "sum", None, "nll", correction=kind) != local.score_plan(plan, "sum", None, "nll")
     finally:
         backend.close()
 

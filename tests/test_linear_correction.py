@@ -1,4 +1,4 @@
-"""Linear correction (merge.correction=linear): the least-squares math against direct computation,
+"""Least-squares corrections (merge.correction=linear|refit): the math against direct computation,
 cross-validation that keeps the identity when there is nothing to learn, the stage's corrected layer
 against the in-memory merge, the streamed export against ``merge_state_dict`` and a transformers load,
 and the plan file checks."""
@@ -14,10 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from slm_dist.arch import get_arch
 from slm_dist.calibrated_merge import squared_error
 from slm_dist.checkpoint.index import open_index
-from slm_dist.corrections_file import checked_windows, load_corrections, save_corrections
-from slm_dist.export import plan_export, write_export
+from slm_dist.corrections_file import checked_windows, kind_of, load_corrections, save_corrections
+from slm_dist.export import ExportError, plan_export, write_export
 from slm_dist.linear_correction import (CorrectionError, Fold, NormalEquations, choose_correction, correction_key,
-                                        ridge_to_identity)
+                                        projection_prior, ridge_towards)
 from slm_dist.merge import MergeError, apply_correction, correction_name, merge_state_dict
 from slm_dist.planner import MergePlan, PlanError
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
@@ -37,16 +37,22 @@ def test_normal_equations_error_equals_the_direct_sum():
     assert eq.rows == 50
     assert eq.error(t) == pytest.approx(float(((m @ t - r) ** 2).sum()), rel=1e-10)
     assert eq.error(None) == pytest.approx(float(((m - r) ** 2).sum()), rel=1e-10)
-    with pytest.raises(CorrectionError, match=r"\[N, hidden\]"):
-        NormalEquations.from_rows(m, r[:, :5])
+    with pytest.raises(CorrectionError, match=r"one N"):
+        NormalEquations.from_rows(m, r[:40])
+    # Rectangular (refit: intermediate features, hidden targets), against a prior.
+    u, x = rows(50, 9, 3), rows(9, 6, 4)
+    wide = NormalEquations.from_rows(u, r)
+    assert wide.error(x) == pytest.approx(float(((u @ x - r) ** 2).sum()), rel=1e-10)
+    assert (wide - NormalEquations.from_rows(u[:20], r[:20])).error(x) == pytest.approx(
+        float(((u[20:] @ x - r[20:]) ** 2).sum()), rel=1e-8)
 
 
 def test_ridge_runs_from_least_squares_to_the_identity():
     m, r = rows(80, 5, 3), rows(80, 5, 4)
     eq = NormalEquations.from_rows(m, r)
     lstsq = torch.linalg.lstsq(m, r).solution
-    assert torch.allclose(ridge_to_identity(eq, 1e-12), lstsq, atol=1e-8)
-    assert torch.allclose(ridge_to_identity(eq, 1e9), torch.eye(5, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(ridge_towards(eq, 1e-12), lstsq, atol=1e-8)
+    assert torch.allclose(ridge_towards(eq, 1e9), torch.eye(5, dtype=torch.float64), atol=1e-6)
 
 
 def test_cross_validation_recovers_a_planted_map():
@@ -103,6 +109,9 @@ def test_massive_position_zero_rows_are_kept_by_the_fit_but_do_not_pick_the_ridg
 def test_correction_key_shares_scaled_alpha_zero_with_drop():
     assert correction_key((2, 4), "scaled", 0.0) == correction_key([2, 4], "drop", None)
     assert correction_key((2, 4), "scaled", 0.5) != correction_key((2, 4), "drop", None)
+    assert correction_key((2, 4), "drop", None, "refit") != correction_key((2, 4), "drop", None, "linear")
+    with pytest.raises(CorrectionError, match="unknown correction kind"):
+        correction_key((2, 4), "drop", None, "affine")
 
 
 def test_apply_correction_folds_the_map_into_the_projection():
@@ -117,6 +126,43 @@ def test_apply_correction_folds_the_map_into_the_projection():
         apply_correction(torch.randn(5, 7), t)
 
 
+def test_refit_replaces_the_projection_and_contains_every_linear_map():
+    g = torch.Generator().manual_seed(8)
+    weight, bias, t = torch.randn(4, 7, generator=g), torch.randn(4, generator=g), torch.randn(4, 4, generator=g)
+    prior = projection_prior(weight, bias)  # the plain merge as X [d_in + 1, d]
+    assert prior.shape == (8, 4)
+    assert torch.equal(apply_correction(weight, prior, "refit"), weight)
+    assert torch.equal(apply_correction(bias, prior, "refit"), bias)
+    # X = [W^T; b^T] T is the linear correction T: refit's family holds linear's.
+    as_refit = prior @ t.double()
+    assert torch.allclose(apply_correction(weight, as_refit, "refit"), apply_correction(weight, t), atol=1e-5)
+    assert torch.allclose(apply_correction(bias, as_refit, "refit"), apply_correction(bias, t), atol=1e-5)
+    assert torch.equal(apply_correction(weight, projection_prior(weight, None), "refit"), weight)
+    assert apply_correction(weight.bfloat16(), prior, "refit").dtype == torch.bfloat16
+    with pytest.raises(MergeError, match="replaces an output projection"):
+        apply_correction(torch.randn(4, 9), prior, "refit")
+    with pytest.raises(MergeError, match="unknown correction kind"):
+        apply_correction(weight, t, "affine")
+
+
+def test_cross_validation_recovers_a_planted_projection_against_its_prior():
+    """Refit: features wider than the targets, pulled towards a prior, not the identity."""
+    g = torch.Generator().manual_seed(9)
+    prior = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    planted = prior + 0.5 * torch.randn(12, 5, generator=g, dtype=torch.float64)
+    folds = []
+    for b in range(4):
+        u = torch.randn(300, 12, generator=g, dtype=torch.float64)
+        folds.append(Fold(NormalEquations.from_rows(u, u @ planted + 0.01 * torch.randn(300, 5, generator=g))))
+    ridge, loss, _, matrix = choose_correction(folds, prior=prior)
+    assert ridge is not None and loss < 1e-3
+    assert torch.allclose(matrix, planted, atol=1e-2)
+    # Targets the prior already explains (plus noise): the prior is kept.
+    still = [Fold(NormalEquations.from_rows(u := torch.randn(20, 12, generator=g, dtype=torch.float64),
+                                            u @ prior + torch.randn(20, 5, generator=g))) for _ in range(4)]
+    assert choose_correction(still, grid=(1e-6,), prior=prior)[0] is None
+
+
 # ----------------------------------------------------------------------------------- stage glue
 def cached_stages(tiny_model, dtype="float32"):
     stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, dtype=dtype)),
@@ -129,21 +175,24 @@ def cached_stages(tiny_model, dtype="float32"):
     return stages, batches
 
 
+@pytest.mark.parametrize("kind", ["linear", "refit"])
 @pytest.mark.parametrize("rule, alpha", [("drop", None), ("scaled", 0.4)])
-def test_stage_correction_is_the_merge_with_the_map_folded_in(tiny_model, rule, alpha):
+def test_stage_correction_is_the_merge_with_the_map_folded_in(tiny_model, rule, alpha, kind):
     """Window [2..4] straddles both stages. The corrected candidate equals the HF model holding
     merge_state_dict(..., corrections) (what the export writes), and it is closer to the window's
     output than the plain merge on the batches it was fitted on."""
     window = (2, 4)
     stages, batches = cached_stages(tiny_model)
-    fit = stages[0].fit_correction(window, rule, alpha, [0, 1, 2, 3])
-    assert fit.key == correction_key(window, rule, alpha) and fit.window == window
-    assert fit.matrix is not None and 0.0 < fit.loss < 1.0 and fit.matrix.shape == (32, 32)
+    fit = stages[0].fit_correction(window, rule, alpha, [0, 1, 2, 3], kind)
+    assert fit.key == correction_key(window, rule, alpha, kind) and fit.window == window and fit.kind == kind
+    assert fit.matrix is not None and 0.0 < fit.loss < 1.0
+    assert fit.matrix.shape == ((32, 32) if kind == "linear" else (64, 32))  # refit: [intermediate, hidden]
 
     sd = state_dict(tiny_model)
     alphas = {window: alpha} if rule == "scaled" else None
     plain = merge_state_dict(sd, [window], 6, LLAMA, rule, alphas)
-    corrected = merge_state_dict(sd, [window], 6, LLAMA, rule, alphas, corrections={window: fit.matrix})
+    corrected = merge_state_dict(sd, [window], 6, LLAMA, rule, alphas, corrections={window: fit.matrix},
+                                 correction_kind=kind)
     changed = [k for k in plain if not torch.equal(plain[k], corrected[k])]
     assert changed == ["model.layers.2.mlp.down_proj.weight"]
 
@@ -161,7 +210,7 @@ def test_stage_correction_is_the_merge_with_the_map_folded_in(tiny_model, rule, 
             x = None
             for stage in stages:
                 x = stage.run_candidate(batch_id, x, [window], rule, from_layer=2, alphas=alphas, input_ids=ids,
-                                        corrected=True)
+                                        correction=kind)
             expected = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
             expected = expected.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             assert torch.allclose(x, expected, atol=1e-4), batch_id
@@ -176,36 +225,41 @@ def test_stage_correction_is_the_merge_with_the_map_folded_in(tiny_model, rule, 
 
 def test_corrected_scoring_needs_a_fitted_map(tiny_model):
     stages, batches = cached_stages(tiny_model)
-    with pytest.raises(RuntimeError, match="no correction fitted for window"):
-        stages[0].run_candidate(0, None, [(1, 2)], "drop", from_layer=1, corrected=True)
+    with pytest.raises(RuntimeError, match="no linear correction fitted for window"):
+        stages[0].run_candidate(0, None, [(1, 2)], "drop", from_layer=1, correction="linear")
     with pytest.raises(CorrectionError, match="at least 2 calibration batches"):
         stages[0].fit_correction((1, 2), "drop", None, [0])
 
 
 # ----------------------------------------------------------------------------------- export
-def corrected_plan(tmp_path, rule="drop", alpha=None, windows=((1, 3),), hidden=32, seed=7):
+def corrected_plan(tmp_path, rule="drop", alpha=None, windows=((1, 3),), hidden=32, seed=7, kind="linear",
+                   rows=None):
     g = torch.Generator().manual_seed(seed)
-    matrices = {w: torch.eye(hidden) + 0.3 * torch.randn(hidden, hidden, generator=g) for w in windows}
+    rows = (hidden if kind == "linear" else 2 * hidden) if rows is None else rows  # refit: tiny intermediate 64
+    matrices = {w: torch.eye(rows, hidden) + 0.3 * torch.randn(rows, hidden, generator=g) for w in windows}
     path = tmp_path / "corrections.safetensors"
-    sha = save_corrections(path, matrices)
+    sha = save_corrections(path, matrices, kind)
     alphas = tuple(alpha for _ in windows) if rule == "scaled" else None
     plan = MergePlan(6, tuple(windows), rule, "cka", None, alphas=alphas, corrections=str(path),
                      corrections_sha256=sha)
     return plan, matrices
 
 
-@pytest.mark.parametrize("rule, alpha, budget", [("drop", None, 512 * 1024**2), ("scaled", 0.3, 4096),
-                                                 ("mean", None, 4096)])
-def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_model, tmp_path, rule, alpha, budget):
-    """A tiny memory budget forces the streamed T^T W into many row blocks; the result equals the
-    in-memory reference (float32 sums in another order: close, not bit-equal) and loads."""
+@pytest.mark.parametrize("rule, alpha, budget, kind", [("drop", None, 512 * 1024**2, "linear"),
+                                                       ("scaled", 0.3, 4096, "linear"), ("mean", None, 4096, "linear"),
+                                                       ("scaled", 0.3, 4096, "refit"), ("sum", None, 512 * 1024**2, "refit")])
+def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_model, tmp_path, rule, alpha, budget,
+                                                                          kind):
+    """A tiny memory budget forces the streamed T^T W (or refit's X^T) into many row blocks; the result
+    equals the in-memory reference (float32 sums in another order: close, not bit-equal) and loads."""
     windows = ((1, 3), (4, 5))
-    plan, matrices = corrected_plan(tmp_path, rule, alpha, windows)
+    plan, matrices = corrected_plan(tmp_path, rule, alpha, windows, kind=kind)
     index = open_index(tiny_model)
     export = plan_export(index, plan, tmp_path / "out", max_shard_bytes=64 * 1024)
     write_export(export, max_parallel=2, memory_budget_bytes=budget)
     got = state_dict(tmp_path / "out")
-    expected = merge_state_dict(state_dict(tiny_model), windows, 6, LLAMA, rule, plan.alpha_map, corrections=matrices)
+    expected = merge_state_dict(state_dict(tiny_model), windows, 6, LLAMA, rule, plan.alpha_map, corrections=matrices,
+                                correction_kind=kind)
     assert got.keys() == expected.keys()
     for key in expected:
         if "mlp.down_proj" in key and key.split(".")[2] in ("1", "2"):
@@ -215,7 +269,7 @@ def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_m
             assert torch.equal(got[key], expected[key]), key
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.num_hidden_layers == 3
-    assert "linear correction" in (tmp_path / "out" / "README.md").read_text()
+    assert f"{kind} correction" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_plan_corrections_round_trip_and_file_checks(tiny_model, tmp_path):
@@ -240,27 +294,45 @@ def test_plan_corrections_round_trip_and_file_checks(tiny_model, tmp_path):
         plan_export(open_index(tiny_model), stray, tmp_path / "out", 64 * 1024)
 
 
+def test_refit_files_say_their_kind_and_are_checked_against_the_projection(tiny_model, tmp_path):
+    plan, matrices = corrected_plan(tmp_path, kind="refit")
+    assert kind_of(plan.corrections) == "refit"
+    assert checked_windows(plan, 32) == {(1, 3): correction_name((1, 3))}  # [intermediate, hidden] passes
+    with pytest.raises(PlanError, match="hidden size is 64"):
+        checked_windows(plan, 64)
+    wrong, _ = corrected_plan(tmp_path, kind="refit", rows=48)  # not the projection's 64 inputs
+    with pytest.raises(ExportError, match="cannot replace model.layers.1.mlp.down_proj.weight"):
+        plan_export(open_index(tiny_model), wrong, tmp_path / "out", 64 * 1024)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    linear, _ = corrected_plan(tmp_path, rows=64)  # a linear map must be square
+    with pytest.raises(PlanError, match="hidden size is 32"):
+        checked_windows(linear, 32)
+
+
 # ----------------------------------------------------------------------------------- the run
-def test_linear_run_writes_fits_and_a_checkpoint_with_them(tiny_model, tiny_text_file, tmp_path):
+@pytest.mark.parametrize("kind", ["linear", "refit"])
+def test_corrected_run_writes_fits_and_a_checkpoint_with_them(tiny_model, tiny_text_file, tmp_path, kind):
     from slm_dist import pipeline
     from slm_dist.config import load_config
     from tests.test_pipeline import tiny_overrides
 
     config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
-                                              "plan.search=global", "merge.rule=scaled", "merge.correction=linear",
+                                              "plan.search=global", "merge.rule=scaled", f"merge.correction={kind}",
                                               "merge.correction_batches=4", "eval.enabled=false"))
     pipeline.run(config, show_progress=False)
     raw = json.loads((tmp_path / "plan.json").read_text())
     plan = MergePlan.from_json({k: v for k, v in raw.items() if k != "details"})
     fits = raw["details"]["corrections"]
     assert [f["window"] for f in fits] == [list(w) for w in plan.windows]
+    assert {f["kind"] for f in fits} == {kind}
     kept = [f for f in fits if f["ridge"] is not None]
     assert kept, "on these calibration batches a map beats the plain merge held out"
     assert plan.corrections == str((tmp_path / "corrections.safetensors").resolve())
     matrices = load_corrections(plan, 32)
     assert sorted(matrices) == sorted(tuple(f["window"]) for f in kept)
+    assert kind_of(plan.corrections) == kind
     expected = merge_state_dict(state_dict(tiny_model), plan.windows, 6, LLAMA, "scaled", plan.alpha_map,
-                                corrections=matrices)
+                                corrections=matrices, correction_kind=kind)
     got = state_dict(tmp_path / "model")
     for key in expected:
         assert torch.allclose(got[key], expected[key], atol=1e-5), key
@@ -304,8 +376,8 @@ def test_a_new_calibration_forgets_the_maps_fitted_on_the_old_one(tiny_model):
     batches = [(b, torch.randint(3, 60, (4, 32), generator=torch.Generator().manual_seed(b))) for b in range(2)]
     backend = LocalBackend()
     backend.calibrate(specs, StatsSpec(), batches, keep_for_output_criterion=True)
-    backend.fit_corrections([((1, 3), "drop", None)], 2)
-    backend.score_plan([(1, 3)], "drop", None, "nll", corrected=True)
+    backend.fit_corrections([((1, 3), "drop", None, "linear")], 2)
+    backend.score_plan([(1, 3)], "drop", None, "nll", correction="linear")
     backend.calibrate(specs, StatsSpec(), batches[::-1], keep_for_output_criterion=True)  # same stages reused
-    with pytest.raises(RuntimeError, match="no correction fitted for window"):
-        backend.score_plan([(1, 3)], "drop", None, "nll", corrected=True)
+    with pytest.raises(RuntimeError, match="no linear correction fitted for window"):
+        backend.score_plan([(1, 3)], "drop", None, "nll", correction="linear")

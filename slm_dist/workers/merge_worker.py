@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from slm_dist.checkpoint.index import TensorInfo, open_index
-from slm_dist.checkpoint.reader import LazyReader, RowReader
+from slm_dist.checkpoint.reader import TORCH_DTYPES, LazyReader, RowReader
 from slm_dist.checkpoint.writer import FileRecord, ShardWriter, TensorEntry
-from slm_dist.merge import COPY, TensorJob, merge_tensor
+from slm_dist.merge import COPY, MergeError, TensorJob, merge_tensor, refit_rows
 
 if TYPE_CHECKING:
     from slm_dist.export import ShardJob
@@ -95,6 +95,36 @@ class MergeWorker:
             del window  # unmaps the source blocks now: a job maps at most one block per window member
 
     def _write_corrected(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
+        """The window's MLP output projection with its correction (``merge.apply_correction``)."""
+        if self._correction_kind(t.correction) == "refit":
+            self._write_refit(writer, t, sources[0])
+        else:
+            self._write_linear(writer, reader, t, sources)
+
+    def _write_refit(self, writer: ShardWriter, t: TensorJob, source: TensorInfo) -> None:
+        """X^T (the weight) or X's last row (the bias), read from the corrections file in output row
+        blocks (column blocks of X) within ``memory_bytes``; the merged source is not needed at all."""
+        import safetensors  # the module, not `from safetensors import safe_open`: see checkpoint/reader.py
+
+        dtype = TORCH_DTYPES[source.dtype]
+        with safetensors.safe_open(self._corrections_path(t.correction), framework="pt") as f:
+            view = f.get_slice(t.correction)
+            shape = tuple(view.get_shape())
+            try:
+                rows = refit_rows(source.shape, shape)
+            except MergeError as err:
+                raise ValueError(f"the correction {t.correction!r} in {self.corrections_file} does not fit "
+                                 f"{t.out_key}: {err}; the corrections belong to another model") from None
+            if isinstance(rows, int):
+                writer.write(t.out_key, view[rows:rows + 1, :].reshape(-1).to(dtype))
+                return
+            out_rows, width = source.shape[0], rows.stop
+            block = max(1, min(out_rows, self.memory_bytes // (2 * width * 4)))
+            for r0 in range(0, out_rows, block):
+                r1 = min(r0 + block, out_rows)
+                writer.write(t.out_key, view[:width, r0:r1].T.contiguous().to(dtype).reshape(-1))
+
+    def _write_linear(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
         """T^T W for the window's MLP output projection (``merge.apply_correction``), in output row blocks.
 
         Rows [r0, r1) of T^T W need every row of W, so each output block (accumulated in float32) reads
@@ -124,12 +154,20 @@ class MergeWorker:
                 del blocks, w
             writer.write(t.out_key, acc.to(dtype).reshape(-1))
 
+    def _corrections_path(self, key: str) -> str:
+        if self.corrections_file is None:
+            raise ValueError(f"the shard job needs the correction {key!r} but no corrections file was given")
+        return self.corrections_file
+
+    def _correction_kind(self, key: str) -> str:
+        from slm_dist.corrections_file import kind_of
+
+        return kind_of(self._corrections_path(key))
+
     def _correction(self, key: str) -> torch.Tensor:
         import safetensors  # the module, not `from safetensors import safe_open`: see checkpoint/reader.py
 
-        if self.corrections_file is None:
-            raise ValueError(f"the shard job needs the correction {key!r} but no corrections file was given")
-        with safetensors.safe_open(self.corrections_file, framework="pt") as f:
+        with safetensors.safe_open(self._corrections_path(key), framework="pt") as f:
             if key not in f.keys():
                 raise ValueError(f"{self.corrections_file} has no correction {key!r}; regenerate the plan")
             return f.get_tensor(key).float()

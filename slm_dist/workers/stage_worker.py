@@ -289,26 +289,27 @@ class StageWorker:
 
     # ------------------------------------------------------- the published-code criterion (output)
     def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None,
-                      corrected: bool = False) -> nn.Module:
+                      correction: str | None = None) -> nn.Module:
         from slm_dist.calibrated_merge import scratch_layer, window_members
         from slm_dist.linear_correction import correction_key
         from slm_dist.merge import apply_correction, merge_window
 
-        key = (window, rule, alpha, corrected)
+        key = (window, rule, alpha, correction)
         if key not in self._merged_layers:
             # Window members above this stage live on other stages: read from the checkpoint.
             per_layer, _ = window_members(self, window)
             merged = merge_window(per_layer, rule, self.arch.role, alpha)
-            if corrected:
-                fitted = correction_key(window, rule, alpha)
+            if correction is not None:
+                fitted = correction_key(window, rule, alpha, correction)
                 if fitted not in self._corrections:
-                    raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no correction fitted for "
-                                            f"window {list(window)} (rule {rule}, alpha {alpha}): run fit_correction first")
+                    raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no {correction} correction "
+                                            f"fitted for window {list(window)} (rule {rule}, alpha {alpha}): run "
+                                            "fit_correction first")
                 matrix = self._corrections[fitted]
                 if matrix is not None:
                     for suffix in self.arch.mlp_out_suffixes():
                         if suffix in merged:
-                            merged[suffix] = apply_correction(merged[suffix], matrix)
+                            merged[suffix] = apply_correction(merged[suffix], matrix, correction)
             self._merged_layers[key] = scratch_layer(self, window[0], merged)
         return self._merged_layers[key]
 
@@ -330,12 +331,13 @@ class StageWorker:
 
         return fit_window_alpha(self, window, batch_ids, grid_points, refine_steps, self.stats_spec.skip_first_token)
 
-    def fit_correction(self, window: tuple[int, int], rule: str, alpha: float | None, batch_ids: Sequence[int]):
-        """merge.correction=linear: fit the window's map on cached inputs (linear_correction) and keep it
-        for ``run_candidate(..., corrected=True)``; returns the fit, map included."""
+    def fit_correction(self, window: tuple[int, int], rule: str, alpha: float | None, batch_ids: Sequence[int],
+                       kind: str = "linear"):
+        """merge.correction=linear|refit: fit the window's correction on cached inputs (linear_correction)
+        and keep it for ``run_candidate(..., correction=kind)``; returns the fit, map included."""
         from slm_dist.linear_correction import fit_window_correction
 
-        fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token)
+        fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token, kind)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
 
@@ -352,7 +354,7 @@ class StageWorker:
     @torch.inference_mode()
     def run_candidate(self, batch_id: int, x: Tensor | None, windows: Sequence[tuple[int, int]], rule: str,
                       from_layer: int, alphas: Mapping[tuple[int, int], float] | None = None,
-                      input_ids: Tensor | None = None, corrected: bool = False) -> Tensor:
+                      input_ids: Tensor | None = None, correction: str | None = None) -> Tensor:
         """Run the candidate model (original layers with `windows` merged) through this stage.
 
         Layers below ``from_layer`` are unchanged by every window, so their cached original output
@@ -360,8 +362,8 @@ class StageWorker:
         cached original input of ``from_layer`` (a window near the top reruns a few layers, not all); later stages get the previous stage's candidate output. On the last stage the
         result is the per-sample cosine with the original model's final-norm hidden [batch], or, when
         ``input_ids`` [batch, seq] are given, the candidate's log p(token t+1 | prefix) [batch, seq-1].
-        Rule ``scaled`` takes each window's alpha from ``alphas``; ``corrected`` applies the linear
-        corrections ``fit_correction`` fitted on this stage.
+        Rule ``scaled`` takes each window's alpha from ``alphas``; ``correction`` ("linear" or "refit")
+        applies the corrections of that kind ``fit_correction`` fitted on this stage.
         """
         if x is None:
             first = max(from_layer, self.spec.start)
@@ -377,8 +379,8 @@ class StageWorker:
             if layer_id in starts:
                 window = (layer_id, starts[layer_id])
                 alpha = alphas[window] if rule == "scaled" else None
-                if corrected or (rule != "drop" and alpha != 0.0):  # drop (or alpha 0) keeps layer lo as it is
-                    layer = self._merged_layer(window, rule, alpha, corrected)
+                if correction or (rule != "drop" and alpha != 0.0):  # drop (or alpha 0) keeps layer lo as it is
+                    layer = self._merged_layer(window, rule, alpha, correction)
             h = self._run_layer(layer, layer_id, h, ctx)
         if not self.spec.is_last:
             return h
