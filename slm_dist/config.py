@@ -115,8 +115,8 @@ class MergeSection(_Section):
                             "the projection's output (256 MiB float32 per window at hidden 8192); refit: the "
                             "projection itself, from its intermediate-size input (fits better; its statistics are "
                             "intermediate^2 float64 on the window's stage, 6.6 GiB per copy at intermediate 28672: "
-                            "see `slm-dist dryrun`). Planning keeps every fitted correction on its stage and on "
-                            "the driver")
+                            "see `slm-dist plan --dry-run`). The global search holds one plan's corrections at a "
+                            "time, on their stages and on the Ray driver")
     correction_batches: int = Field(8, ge=2, description="correction linear|refit: calibration batches each window's "
                                                          "correction is fitted and cross-validated on (up to 4 folds)")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024, description="size cap of one output safetensors shard")

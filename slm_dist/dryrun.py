@@ -453,7 +453,7 @@ REFIT_STAT_COPIES = 14
 def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
     if kind == "linear":
         return (f"merge.correction=linear: each window's fitted map is {hidden ** 2 * 4 / GiB:.2f} GiB (float32), "
-                "held on the window's stage and on the driver while planning")
+                "held on the window's stage and on the Ray driver while its plan is scored (one plan's maps at a time)")
     if intermediate is None:
         return ("merge.correction=refit: the config has no intermediate_size, so the size of its statistics is "
                 "unknown here")
@@ -461,5 +461,5 @@ def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
     fitted = (intermediate + 1) * hidden * 4
     return (f"merge.correction=refit: fitting a window holds about {stats / GiB:.2f} GiB of float64 statistics "
             f"({REFIT_STAT_COPIES} copies of intermediate^2 + intermediate x hidden) on the window's stage device; "
-            f"each fitted projection is {fitted / GiB:.2f} GiB (float32), held on the stage and on the driver while "
-            "planning. Use merge.correction=linear where that does not fit")
+            f"each fitted projection is {fitted / GiB:.2f} GiB (float32), held on the stage and on the Ray driver while "
+            "its plan is scored (one plan's at a time). Use merge.correction=linear where that does not fit")

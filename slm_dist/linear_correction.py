@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -186,6 +186,19 @@ class CorrectionFit:
     @property
     def key(self) -> CorrectionKey:
         return correction_key(self.window, self.rule, self.alpha, self.kind)
+
+    @property
+    def corrects(self) -> bool:
+        """The fit beat the plain merge held out (it has a map, held or released)."""
+        return self.ridge is not None
+
+    @property
+    def released(self) -> bool:
+        """The map was dropped to bound memory; refitting on the same batches gives it back exactly."""
+        return self.corrects and self.matrix is None
+
+    def release(self) -> CorrectionFit:
+        return replace(self, matrix=None)
 
     def to_json(self) -> dict:
         return {"window": list(self.window), "kind": self.kind, "ridge": self.ridge, "loss": self.loss,

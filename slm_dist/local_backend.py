@@ -138,6 +138,11 @@ class LocalBackend:
         return [self.stages[stage_holding(specs, w[0])].fit_correction(tuple(w), rule, alpha, batch_ids, kind)
                 for w, rule, alpha, kind in requests]
 
+    def clear_candidates(self, corrections: bool = False) -> None:
+        """Drop the merged candidate layers the stages built while scoring (and the fitted corrections)."""
+        for stage in self.stages:
+            stage.clear_candidates(corrections)
+
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
                  show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None
                  ) -> list[torch.Tensor]:

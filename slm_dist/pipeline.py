@@ -219,10 +219,10 @@ def make_plan(ctx: RunContext, index: CheckpointIndex, reducer: StatsReducer, ba
     if cfg.merge.correction != "none" and windows:
         alpha_of = dict(zip(windows, alphas)) if alphas is not None else {}
         requests = [(w, cfg.merge.rule, alpha_of.get(w), cfg.merge.correction) for w in windows]
-        fit_missing_corrections(ctx, backend, requests, corrections)
+        fit_missing_corrections(ctx, backend, requests, corrections, refit_released=True)
         chosen = [corrections[correction_key(*r)] for r in requests]
         details["corrections"] = [fit.to_json() for fit in chosen]
-        file, sha = write_corrections(out_dir or ctx.run_dir, {f.window: f.matrix for f in chosen if f.matrix is not None},
+        file, sha = write_corrections(out_dir or ctx.run_dir, {f.window: f.matrix for f in chosen if f.corrects},
                                       cfg.merge.correction)
     plan = planner.MergePlan(num_layers_before=n, windows=windows, rule=cfg.merge.rule,
                              criterion=cfg.similarity.criterion, threshold=threshold, alphas=alphas,
@@ -272,14 +272,18 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
         if correct and correctable and windows:
             requests = [(w, rule_used, None if alphas is None else alphas[w], kind) for w in windows]
             fit_missing_corrections(ctx, backend, requests, corrections)
-            corrected = any(corrections[correction_key(*r)].matrix is not None for r in requests)
+            corrected = any(corrections[correction_key(*r)].corrects for r in requests)
         # The memo (and compare's loss file) key: what the plan's weights depend on.
         label = rule_used + (f"+{kind}(batches={ctx.config.merge.correction_batches})" if corrected else "")
         key = (windows, label, p.refine_metric)
         if key not in memo:
+            if corrected:
+                fit_missing_corrections(ctx, backend, requests, corrections, refit_released=True)
             score = backend.score_plan(windows, rule_used, alphas, p.refine_metric,
                                        correction=kind if corrected else None)
             memo[key] = score if p.refine_metric == "nll" else 1.0 - score
+            if corrected:
+                release_corrections(backend, corrections)
             log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], label, p.refine_metric,
                      memo[key])
         return memo[key]
@@ -326,18 +330,33 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
     return best, details
 
 
-def fit_missing_corrections(ctx: RunContext, backend, requests, corrections: dict) -> None:
-    """Fit (window, rule, alpha, kind) corrections not fitted yet; ``corrections`` is keyed by ``correction_key``."""
+def fit_missing_corrections(ctx: RunContext, backend, requests, corrections: dict,
+                            refit_released: bool = False) -> None:
+    """Fit (window, rule, alpha, kind) corrections not fitted yet (and, with ``refit_released``, those
+    whose maps ``release_corrections`` dropped); ``corrections`` is keyed by ``correction_key``."""
     keys = [correction_key(*r) for r in requests]
-    missing = list(dict.fromkeys(k for k in keys if k not in corrections))
+    missing = list(dict.fromkeys(k for k in keys if k not in corrections
+                                 or (refit_released and corrections[k].released)))
     if missing:
         if not hasattr(backend, "fit_corrections"):
             raise NotImplementedError(f"the {type(backend).__name__} cannot fit corrections; use cluster.backend=local "
                                       "or ray, or merge.correction=none")
         for fit in backend.fit_corrections(missing, ctx.config.merge.correction_batches):
+            again = fit.key in corrections  # a released map fitted again: logged the first time
             corrections[fit.key] = fit
-            log.info("%s correction of window %s (%s): held-out error %.3f of the plain merge's (ridge %s)",
-                     fit.kind, list(fit.window), fit.rule, fit.loss, fit.ridge)
+            log.log(logging.DEBUG if again else logging.INFO,
+                    "%s correction of window %s (%s): held-out error %.3f of the plain merge's (ridge %s)",
+                    fit.kind, list(fit.window), fit.rule, fit.loss, fit.ridge)
+
+
+def release_corrections(backend, corrections: dict) -> None:
+    """Drop every fitted map from the stages (and the Ray driver's copies) and from ``corrections``,
+    keeping the fits' scores. The search holds one plan's maps at a time this way (a linear map is
+    256 MiB at hidden 8192, a refit more); the final plan's are fitted again on the same batches."""
+    backend.clear_candidates(corrections=True)
+    for key, fit in corrections.items():
+        if fit.matrix is not None:
+            corrections[key] = fit.release()
 
 
 def fit_missing_alphas(ctx: RunContext, backend, windows, fits: dict) -> None:

@@ -381,3 +381,48 @@ def test_a_new_calibration_forgets_the_maps_fitted_on_the_old_one(tiny_model):
     backend.calibrate(specs, StatsSpec(), batches[::-1], keep_for_output_criterion=True)  # same stages reused
     with pytest.raises(RuntimeError, match="no linear correction fitted for window"):
         backend.score_plan([(1, 3)], "drop", None, "nll", correction="linear")
+
+
+@pytest.mark.parametrize("kind", ["linear", "refit"])
+def test_the_search_holds_one_plans_corrections_at_a_time(tiny_model, tiny_text_file, tmp_path, monkeypatch, kind):
+    """Maps are released after each plan is scored; a released map fitted again is the same map, and
+    the plan file holds the final plan's maps."""
+    from slm_dist import pipeline
+    from slm_dist.config import load_config
+    from slm_dist.local_backend import LocalBackend
+    from tests.test_pipeline import tiny_overrides
+
+    first_fit, held, refits = {}, [], []
+    fit_corrections, score_plan = LocalBackend.fit_corrections, LocalBackend.score_plan
+
+    def recording_fit(self, requests, num_batches):
+        fits = fit_corrections(self, requests, num_batches)
+        for fit in fits:
+            if fit.key in first_fit:
+                refits.append(fit.key)
+                same = first_fit[fit.key]
+                assert (same is None and fit.matrix is None) or torch.equal(same, fit.matrix), fit.key
+            first_fit.setdefault(fit.key, fit.matrix)
+        return fits
+
+    def recording_score(self, windows, rule, alphas=None, metric="nll", correction=None):
+        maps = sum(m is not None for stage in self.stages for m in stage._corrections.values())
+        held.append((maps, len(windows), correction))
+        return score_plan(self, windows, rule, alphas, metric, correction)
+
+    monkeypatch.setattr(LocalBackend, "fit_corrections", recording_fit)
+    monkeypatch.setattr(LocalBackend, "score_plan", recording_score)
+    config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
+                                              "plan.search=global", "plan.candidates=5", "plan.local_search=4",
+                                              "plan.cost=measured", "merge.rule=drop", f"merge.correction={kind}",
+                                              "merge.correction_batches=4", "cluster.backend=local",
+                                              "eval.enabled=false"))
+    pipeline.run(config, show_progress=False, stop_after="plan")
+    corrected = [(maps, n) for maps, n, correction in held if correction == kind]
+    assert len(corrected) >= 3  # [1..3], [2..4], [1..2]+[3..4]
+    assert all(maps <= n for maps, n in corrected)  # never more maps than the scored plan has windows
+    assert refits, "the final plan's maps were released after scoring and fitted again"
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    plan = MergePlan.from_json({k: v for k, v in raw.items() if k != "details"})
+    for window, matrix in load_corrections(plan, 32).items():
+        assert torch.equal(matrix, first_fit[correction_key(window, "drop", None, kind)])
