@@ -231,6 +231,15 @@ def test_corrected_scoring_needs_a_fitted_map(tiny_model):
         stages[0].fit_correction((1, 2), "drop", None, [0])
 
 
+def test_a_window_that_kept_its_plain_merge_is_scored_without_a_layer_copy(tiny_model):
+    stages, batches = cached_stages(tiny_model)
+    stages[0].set_correction(correction_key((1, 2), "drop", None, "refit"), None)  # the fit kept the plain merge
+    plain = stages[0].run_candidate(0, None, [(1, 2)], "drop", from_layer=1)
+    kept = stages[0].run_candidate(0, None, [(1, 2)], "drop", from_layer=1, correction="refit")
+    assert torch.equal(plain, kept)
+    assert stages[0]._merged_layers == {}  # layer 1 ran as it is, no copy built
+
+
 # ----------------------------------------------------------------------------------- export
 def corrected_plan(tmp_path, rule="drop", alpha=None, windows=((1, 3),), hidden=32, seed=7, kind="linear",
                    rows=None):

@@ -289,29 +289,34 @@ class StageWorker:
 
     # ------------------------------------------------------- the published-code criterion (output)
     def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None,
-                      correction: str | None = None) -> nn.Module:
+                      matrix: Tensor | None = None, correction: str | None = None) -> nn.Module:
+        """The window merged by ``rule``, with ``matrix`` (a correction of kind ``correction``) folded in."""
         from slm_dist.calibrated_merge import scratch_layer, window_members
-        from slm_dist.linear_correction import correction_key
         from slm_dist.merge import apply_correction, merge_window
 
-        key = (window, rule, alpha, correction)
+        key = (window, rule, alpha, correction if matrix is not None else None)
         if key not in self._merged_layers:
             # Window members above this stage live on other stages: read from the checkpoint.
             per_layer, _ = window_members(self, window)
             merged = merge_window(per_layer, rule, self.arch.role, alpha)
-            if correction is not None:
-                fitted = correction_key(window, rule, alpha, correction)
-                if fitted not in self._corrections:
-                    raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no {correction} correction "
-                                            f"fitted for window {list(window)} (rule {rule}, alpha {alpha}): run "
-                                            "fit_correction first")
-                matrix = self._corrections[fitted]
-                if matrix is not None:
-                    for suffix in self.arch.mlp_out_suffixes():
-                        if suffix in merged:
-                            merged[suffix] = apply_correction(merged[suffix], matrix, correction)
+            if matrix is not None:
+                for suffix in self.arch.mlp_out_suffixes():
+                    if suffix in merged:
+                        merged[suffix] = apply_correction(merged[suffix], matrix, correction)
             self._merged_layers[key] = scratch_layer(self, window[0], merged)
         return self._merged_layers[key]
+
+    def _fitted_correction(self, window: tuple[int, int], rule: str, alpha: float | None,
+                           correction: str) -> Tensor | None:
+        """The window's fitted map (None: its fit kept the plain merge); raises when it was never fitted."""
+        from slm_dist.linear_correction import correction_key
+
+        fitted = correction_key(window, rule, alpha, correction)
+        if fitted not in self._corrections:
+            raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no {correction} correction "
+                                    f"fitted for window {list(window)} (rule {rule}, alpha {alpha}): run "
+                                    "fit_correction first")
+        return self._corrections[fitted]
 
     def cached_input(self, batch_id: int, layer_id: int | None = None) -> Tensor:
         """The original input of ``layer_id`` (default: this stage's first layer) for a calibration
@@ -379,8 +384,10 @@ class StageWorker:
             if layer_id in starts:
                 window = (layer_id, starts[layer_id])
                 alpha = alphas[window] if rule == "scaled" else None
-                if correction or (rule != "drop" and alpha != 0.0):  # drop (or alpha 0) keeps layer lo as it is
-                    layer = self._merged_layer(window, rule, alpha, correction)
+                matrix = None if correction is None else self._fitted_correction(window, rule, alpha, correction)
+                # Drop (or alpha 0) without a map keeps layer lo as it is: no copy to build.
+                if matrix is not None or (rule != "drop" and alpha != 0.0):
+                    layer = self._merged_layer(window, rule, alpha, matrix, correction)
             h = self._run_layer(layer, layer_id, h, ctx)
         if not self.spec.is_last:
             return h
