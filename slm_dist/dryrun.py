@@ -445,9 +445,10 @@ def format_dry_run(d: DryRun) -> str:
     return "\n".join(lines)
 
 
-# The refit fit's peak on a stage, in copies of one set of least-squares statistics: 4 folds and the
-# total (each ordinary rows + position 0), one training set (both parts and their sum), one solve.
-REFIT_STAT_COPIES = 14
+# The refit fit's peak on a stage, in copies of one set of least-squares statistics (linear_correction.
+# choose_correction): 4 folds, their total, one training set (the total less a fold) and the solver's.
+# Position-0 rows are kept as rows, a few per batch.
+REFIT_STAT_COPIES = 7
 
 
 def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:

@@ -91,14 +91,50 @@ def ridge_towards(eq: NormalEquations, ridge: float, scale: float | None = None,
     prior None is the identity (square statistics). float64 [d_in, d_out]."""
     d = eq.gram.shape[0]
     lam = ridge * (float(eq.gram.trace()) / d if scale is None else scale)
-    eye = torch.eye(d, dtype=torch.float64, device=eq.gram.device)
-    pull = eye if prior is None else prior.to(eq.gram)
-    return torch.linalg.solve(eq.gram + lam * eye, eq.cross + lam * pull)
+    return _solve_in_place(eq.gram.clone(), eq.cross.clone(), lam, prior)
+
+
+def _solve_in_place(gram: Tensor, cross: Tensor, lam: float, prior: Tensor | None) -> Tensor:
+    """(gram + lam I) X = cross + lam prior, overwriting gram and cross: refit's statistics are
+    intermediate^2, so the fit makes no copies of its own beyond the solver's."""
+    gram.diagonal().add_(lam)
+    if prior is None:
+        cross.diagonal().add_(lam)
+    else:
+        cross.add_(prior.to(cross), alpha=lam)
+    return torch.linalg.solve(gram, cross)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A few rows kept as they are (position 0: batch-size rows per batch), not as d_in^2 statistics."""
+
+    features: Tensor  # [n, d_in] float64
+    targets: Tensor   # [n, d_out] float64
+
+    @classmethod
+    def from_rows(cls, m: Tensor, r: Tensor) -> Rows:
+        if m.dim() != 2 or r.dim() != 2 or m.shape[0] != r.shape[0]:
+            raise CorrectionError(f"features and targets must be [N, d_in] and [N, d_out] with one N, got "
+                                  f"{tuple(m.shape)} and {tuple(r.shape)}")
+        return cls(m.detach().double(), r.detach().double())
+
+    def __add__(self, other: Rows) -> Rows:
+        return Rows(torch.cat([self.features, other.features]), torch.cat([self.targets, other.targets]))
+
+    def error(self, matrix: Tensor | None) -> float:
+        """sum ||m X - r||^2 over the rows (X = None: the identity)."""
+        fitted = self.features if matrix is None else self.features @ matrix.to(self.features)
+        return float(((fitted - self.targets) ** 2).sum())
+
+    def add_to(self, gram: Tensor, cross: Tensor) -> None:
+        gram.addmm_(self.features.T, self.features)
+        cross.addmm_(self.features.T, self.targets)
 
 
 @dataclass(frozen=True)
 class Fold:
-    """One cross-validation fold: statistics of its ordinary token rows, and of its position-0 rows.
+    """One cross-validation fold: statistics of its ordinary token rows, and its position-0 rows.
 
     Position 0 carries the massive activations: in SmolLM2 layer 11's MLP writes vectors of norm
     ~2e4 there against ~30 elsewhere. A map fitted without those rows sends them anywhere (300000x
@@ -109,19 +145,22 @@ class Fold:
     """
 
     rest: NormalEquations
-    first: NormalEquations | None = None  # None: no position-0 rows (skip_first off, or none given)
-
-    @property
-    def all(self) -> NormalEquations:
-        return self.rest if self.first is None else self.rest + self.first
+    first: Rows | None = None  # None: no position-0 rows (skip_first off, or none given)
 
     def __add__(self, other: Fold) -> Fold:
         first = self.first if other.first is None else other.first if self.first is None else self.first + other.first
         return Fold(self.rest + other.rest, first)
 
-    def __sub__(self, other: Fold) -> Fold:
-        first = self.first if other.first is None else self.first - other.first
-        return Fold(self.rest - other.rest, first)
+
+def _fit(rest: NormalEquations, firsts: Sequence[Rows], ridge: float, prior: Tensor | None,
+         in_place: bool) -> Tensor:
+    """The ridge fit on ordinary-row statistics plus position-0 rows; the ridge is scaled by the
+    ordinary rows alone. ``in_place`` consumes ``rest`` (a copy made for this fit)."""
+    lam = ridge * float(rest.gram.trace()) / rest.gram.shape[0]
+    gram, cross = (rest.gram, rest.cross) if in_place else (rest.gram.clone(), rest.cross.clone())
+    for rows in firsts:
+        rows.add_to(gram, cross)
+    return _solve_in_place(gram, cross, lam, prior)
 
 
 def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID, prior: Tensor | None = None
@@ -133,30 +172,30 @@ def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID,
     prior's (1.0 = no better than the plain merge); a ridge whose map loses to the prior on all
     held-out rows together (position 0 included) is vetoed (its loss shows as inf). ridge and X are
     None when no ridge beats the prior held out; otherwise X is refitted on every fold.
+
+    Memory: the folds' statistics, their total, one training set (the total less a fold, made per
+    fit) and the solver's copy: ``dryrun.REFIT_STAT_COPIES``.
     """
     if len(folds) < 2:
         raise CorrectionError(f"cross-validation needs at least 2 folds of calibration batches, got {len(folds)}; "
                               "raise merge.correction_batches")
-    total = folds[0]
+    total = folds[0].rest
     for f in folds[1:]:
-        total = total + f
+        total = total + f.rest
     identity = sum(f.rest.error(prior) for f in folds)
     if not identity > 0.0:
         raise CorrectionError("the window adds nothing beyond its merged layer on these batches; nothing to fit")
     first_identity = sum(f.first.error(prior) for f in folds if f.first is not None)
-    # Each fold's training statistics: the total less the fold (refit's statistics are intermediate^2:
-    # one more copy per fold, not folds - 1 sums).
-    d = total.rest.gram.shape[0]
     tried = []
     for ridge in grid:
         held_out, first = 0.0, 0.0
-        for fold in folds:
-            train = total - fold
-            matrix = ridge_towards(train.all, ridge, float(train.rest.gram.trace()) / d, prior)
+        for i, fold in enumerate(folds):
+            others = [g.first for j, g in enumerate(folds) if j != i and g.first is not None]
+            matrix = _fit(total - fold.rest, others, ridge, prior, in_place=True)
             held_out += fold.rest.error(matrix)
             if fold.first is not None:
                 first += fold.first.error(matrix)
-            del train, matrix
+            del matrix
         if not math.isfinite(held_out) or not math.isfinite(first):
             raise CorrectionError(f"the correction fit is not finite at ridge {ridge}; check the compute dtype")
         # The veto: on every held-out row together the map must not lose to the plain merge. Only a
@@ -166,7 +205,8 @@ def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID,
     ridge, loss = min(tried, key=lambda t: (t[1], -t[0]))  # ties: the stronger ridge
     if loss >= 1.0:
         return None, 1.0, tried, None
-    return ridge, loss, tried, ridge_towards(total.all, ridge, float(total.rest.gram.trace()) / d, prior)
+    firsts = [f.first for f in folds if f.first is not None]
+    return ridge, loss, tried, _fit(total, firsts, ridge, prior, in_place=True)
 
 
 @dataclass(frozen=True)
@@ -282,7 +322,7 @@ def fit_window_correction(stage: StageWorker, window: Window, rule: str, alpha: 
                 d_in, d = features.shape[-1], r.shape[-1]
                 if skip_first and m.shape[1] > 1:
                     fold = Fold(NormalEquations.from_rows(features[:, 1:].reshape(-1, d_in), r[:, 1:].reshape(-1, d)),
-                                NormalEquations.from_rows(features[:, 0], r[:, 0]))
+                                Rows.from_rows(features[:, 0], r[:, 0]))
                 else:
                     fold = Fold(NormalEquations.from_rows(features.reshape(-1, d_in), r.reshape(-1, d)))
                 f = fold_of(position, len(folds))

@@ -242,7 +242,7 @@ def test_correction_and_planning_caches_are_in_the_notes():
     assert any("0.25 GiB (float32)" in n for n in fitted.notes)  # 8192 x 8192 x 4 bytes per window
     assert not any("merge.correction" in n for n in plain.notes)
     refit = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=refit"), LLAMA3_70B)
-    # 14 copies of 28672^2 + 28673 x 8192 float64 statistics: the fit's peak on the window's stage.
-    stats = 14 * (28672 ** 2 + 28673 * 8192) * 8
+    # 7 copies of 28672^2 + 28673 x 8192 float64 statistics: the fit's peak on the window's stage.
+    stats = 7 * (28672 ** 2 + 28673 * 8192) * 8
     assert any(f"about {stats / 1024**3:.2f} GiB of float64 statistics" in n for n in refit.notes)
     assert refit.host_bytes_per_stage == fitted.host_bytes_per_stage

@@ -16,8 +16,8 @@ from slm_dist.calibrated_merge import squared_error
 from slm_dist.checkpoint.index import open_index
 from slm_dist.corrections_file import checked_windows, kind_of, load_corrections, save_corrections
 from slm_dist.export import ExportError, plan_export, write_export
-from slm_dist.linear_correction import (CorrectionError, Fold, NormalEquations, choose_correction, correction_key,
-                                        projection_prior, ridge_towards)
+from slm_dist.linear_correction import (CorrectionError, Fold, NormalEquations, Rows, choose_correction,
+                                        correction_key, projection_prior, ridge_towards)
 from slm_dist.merge import MergeError, apply_correction, correction_name, merge_state_dict
 from slm_dist.planner import MergePlan, PlanError
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
@@ -90,7 +90,7 @@ def test_massive_position_zero_rows_are_kept_by_the_fit_but_do_not_pick_the_ridg
         m = rows(200, 8, 60 + seed)
         rest = NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 70 + seed))
         m0 = massive + rows(4, 8, 80 + seed)
-        first = NormalEquations.from_rows(m0, m0 + rows(4, 8, 90 + seed))  # the window keeps them as they are
+        first = Rows.from_rows(m0, m0 + rows(4, 8, 90 + seed))  # the window keeps them as they are
         folds.append(Fold(rest, first))
         blind.append(Fold(rest))
     ridge, loss, _, matrix = choose_correction(folds)
@@ -100,10 +100,35 @@ def test_massive_position_zero_rows_are_kept_by_the_fit_but_do_not_pick_the_ridg
     assert not torch.allclose(massive @ blind_matrix, massive, rtol=0.1, atol=100.0)  # what went wrong before
     # A map that would wreck held-out position-0 rows is vetoed, whatever it gains elsewhere: here
     # one fold's massive rows want the opposite of what the others teach.
-    flipped = [Fold(folds[0].rest, NormalEquations.from_rows(massive[None] + rows(4, 8, 99),
-                                                              -massive[None] + rows(4, 8, 98)))] + folds[1:]
+    flipped = [Fold(folds[0].rest, Rows.from_rows(massive[None] + rows(4, 8, 99),
+                                                   -massive[None] + rows(4, 8, 98)))] + folds[1:]
     vetoed = choose_correction(flipped, grid=(1e-3,))
     assert vetoed[2] == [(1e-3, float("inf"))] and vetoed[3] is None
+
+
+def test_cross_validation_equals_direct_fits_on_the_raw_rows():
+    """Every fold's held-out error, from statistics and kept position-0 rows, against a ridge solved
+    directly on the other folds' raw rows (ordinary and position 0), towards a prior."""
+    g = torch.Generator().manual_seed(11)
+    prior = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    raw, folds = [], []
+    for _ in range(3):
+        m, r = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
+        m0, r0 = 50 * torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+        raw.append((m, r, m0, r0))
+        folds.append(Fold(NormalEquations.from_rows(m, r), Rows.from_rows(m0, r0)))
+    _, _, tried, _ = choose_correction(folds, grid=(0.1, 10.0), prior=prior)
+    identity = sum(float(((m @ prior - r) ** 2).sum()) for m, r, _, _ in raw)
+    for ridge, loss in tried:
+        held_out = 0.0
+        for i, (m, r, _, _) in enumerate(raw):
+            train = [x for j, x in enumerate(raw) if j != i]
+            mt = torch.cat([t[0] for t in train]); rt = torch.cat([t[1] for t in train])
+            lam = ridge * float((mt * mt).sum()) / 6  # scaled by the ordinary rows alone
+            mt = torch.cat([mt, *(t[2] for t in train)]); rt = torch.cat([rt, *(t[3] for t in train)])
+            x = torch.linalg.solve(mt.T @ mt + lam * torch.eye(6, dtype=torch.float64), mt.T @ rt + lam * prior)
+            held_out += float(((m @ x - r) ** 2).sum())
+        assert loss == pytest.approx(held_out / identity, rel=1e-9)
 
 
 def test_correction_key_shares_scaled_alpha_zero_with_drop():
