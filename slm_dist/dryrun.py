@@ -284,6 +284,12 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     act = activation_bytes(hf, config, sizing.dtype_bytes(cdtype))
     logits = logits_bytes(hf, config)
     notes = list(model.notes)
+    # Fitting a refit correction is a phase of its own on the window's stage (after calibration): its
+    # statistics, not the streaming activations, are then what a stage holds besides its weights.
+    fit = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
+        if config.merge.correction == "refit" else 0
+    non_weight = "activations" if fit <= act else "merge.correction=refit's fitting statistics"
+    act = max(act, fit)
 
     # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
     # with its activations, logits and overhead.
@@ -300,7 +306,7 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     memory = cluster.memory_per_stage_bytes
     over = [k for k, s in enumerate(stages) if memory is not None and s.total_bytes > memory]
     if over:
-        refusal = "with activations, stage(s) " + ", ".join(
+        refusal = f"with {non_weight}, stage(s) " + ", ".join(
             f"{k} [{stages[k].start},{stages[k].stop}) would hold {stages[k].total_bytes / GiB:.1f} GiB" for k in over)
     min_stages = fewest_stages(parts, memory) if memory is not None else None
     if refusal is not None:
@@ -451,6 +457,14 @@ def format_dry_run(d: DryRun) -> str:
 REFIT_STAT_COPIES = 7
 
 
+def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:
+    """Peak float64 statistics of one refit fit (0 when the config has no intermediate_size)."""
+    if intermediate is None:
+        return 0
+    intermediate = int(intermediate)
+    return REFIT_STAT_COPIES * (intermediate ** 2 + (intermediate + 1) * hidden) * 8
+
+
 def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
     if kind == "linear":
         return (f"merge.correction=linear: each window's fitted map is {hidden ** 2 * 4 / GiB:.2f} GiB (float32), "
@@ -458,9 +472,10 @@ def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
     if intermediate is None:
         return ("merge.correction=refit: the config has no intermediate_size, so the size of its statistics is "
                 "unknown here")
-    stats = REFIT_STAT_COPIES * (intermediate ** 2 + (intermediate + 1) * hidden) * 8
+    stats = refit_stat_bytes(hidden, intermediate)
     fitted = (intermediate + 1) * hidden * 4
     return (f"merge.correction=refit: fitting a window holds about {stats / GiB:.2f} GiB of float64 statistics "
-            f"({REFIT_STAT_COPIES} copies of intermediate^2 + intermediate x hidden) on the window's stage device; "
+            f"({REFIT_STAT_COPIES} copies of intermediate^2 + intermediate x hidden) on the window's stage device, "
+            "counted in each stage's non-weight memory; "
             f"each fitted projection is {fitted / GiB:.2f} GiB (float32), held on the stage and on the Ray driver while "
             "its plan is scored (one plan's at a time). Use merge.correction=linear where that does not fit")

@@ -246,3 +246,10 @@ def test_correction_and_planning_caches_are_in_the_notes():
     stats = 7 * (28672 ** 2 + 28673 * 8192) * 8
     assert any(f"about {stats / 1024**3:.2f} GiB of float64 statistics" in n for n in refit.notes)
     assert refit.host_bytes_per_stage == fitted.host_bytes_per_stage
+    # The fitting phase's statistics count as each stage's non-weight memory: 8 x 80 GiB still fits
+    # (70B in bf16), 40 GiB stages do not, and the refusal names the statistics.
+    assert refit.fits and all(st.activation_bytes >= stats for st in refit.stages)
+    tight = dryrun.dry_run(config_70b("merge.correction=refit", "merge.rule=scaled", "plan.search=global",
+                                      f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B)
+    assert not tight.fits and "fitting statistics" in tight.refusal
+    assert dryrun.dry_run(config_70b(f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B).fits
