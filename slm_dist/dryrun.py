@@ -41,6 +41,7 @@ class Assumptions:
     hop_bytes_per_s: float = 5.0e9       # hidden states stage to stage through the object store
     gpu_flops_per_s: float = 150e12      # sustained bf16 matmul rate of one GPU (about half an A100's peak)
     cpu_flops_per_s: float = 50e9        # sustained float32 rate of one CPU stage (Gram statistics run here)
+    gpu_fp64_flops_per_s: float = 20e12  # float64 solves of merge.correction (an A100's fp64 tensor peak)
     gpu_overhead_bytes: int = 2 * GiB    # CUDA context + allocator slack per GPU
     cpu_overhead_bytes: int = GiB // 2   # interpreter, torch and buffers per CPU stage
 
@@ -258,7 +259,7 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
         candidates = max(n - config.plan.protect_first - config.plan.protect_last, 0)
         seconds["plan"] = candidates * cal.num_samples * cal.seq_len * fpt * n / 2 / rate
     else:
-        seconds["plan"] = 0.0
+        seconds["plan"] = _global_search_seconds(hf_config, config, sizes, fpt, rate, a)
     tasks = config.merge.max_parallel
     seconds["merge"] = (merge_read / a.read_bytes_per_s + out_bytes / a.write_bytes_per_s
                         + out_bytes / a.read_bytes_per_s) / tasks        # read, write, hash for the manifest
@@ -269,6 +270,40 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
         forward = tokens * (fpt * n + lm_head) / rate
         seconds["eval"] = 2 * forward + 2 * max(stage_read) / a.read_bytes_per_s  # load each model's stages
     return {k: round(v, 1) for k, v in seconds.items()}
+
+
+def measured_plans(config: SlmConfig, num_layers: int) -> int:
+    """Plans the global search scores with forward passes: the dense model and each removable layer
+    alone (plan.cost=measured), then the ranked candidates and the local search's moves."""
+    p = config.plan
+    if p.search != "global":
+        return 0
+    count = 1 + max(num_layers - p.protect_first - p.protect_last, 0) if p.cost == "measured" else 0
+    if p.candidates > 1 or p.local_search > 0:
+        count += p.candidates + p.local_search
+    return count
+
+
+def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, fpt: float, rate: float,
+                           a: Assumptions) -> float:
+    """Each scored plan runs, on average, half the model (from its lowest changed layer) and the head on
+    every calibration sample. With merge.correction, assume one window fitted per scored candidate:
+    the window's layers twice on the fitting batches, and the cross-validated solves (9 ridges x 4
+    folds + the final fit) in float64."""
+    cal, n = config.calibration, sizes.num_layers
+    hidden = int(hf_config["hidden_size"])
+    tokens = cal.num_samples * cal.seq_len
+    lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
+    seconds = measured_plans(config, n) * tokens * (fpt * n / 2 + lm_head) / rate
+    candidates = config.plan.candidates + config.plan.local_search if config.plan.search == "global" else 0
+    if config.merge.correction != "none" and candidates:
+        width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction == "refit" else hidden
+        fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len
+        window = config.plan.max_window or 4
+        fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_flops_per_s / 2
+        per_fit = 2 * window * fit_tokens * fpt / rate + (9 * 4 + 1) * (2 / 3 * width ** 3 + 2 * width ** 2 * hidden) / fp64
+        seconds += candidates * per_fit
+    return seconds
 
 
 def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assumptions()) -> DryRun:

@@ -253,3 +253,17 @@ def test_correction_and_planning_caches_are_in_the_notes():
                                       f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B)
     assert not tight.fits and "fitting statistics" in tight.refusal
     assert dryrun.dry_run(config_70b(f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B).fits
+
+
+def test_the_global_search_has_a_plan_time():
+    """Each plan it scores is forward passes on the calibration samples; corrections add their fits."""
+    search = ("plan.search=global", "plan.cost=measured", "plan.candidates=12", "plan.local_search=32")
+    assert dryrun.measured_plans(config_70b(*search), 80) == 1 + 78 + 12 + 32  # protect_first/last 1
+    assert dryrun.measured_plans(config_70b("plan.search=global"), 80) == 0  # statistics only
+    sliding = dryrun.dry_run(config_70b(), LLAMA3_70B).seconds["plan"]
+    plain = dryrun.dry_run(config_70b(*search), LLAMA3_70B).seconds["plan"]
+    fewer = dryrun.dry_run(config_70b(*search[:3], "plan.local_search=0"), LLAMA3_70B).seconds["plan"]
+    linear = dryrun.dry_run(config_70b(*search, "merge.correction=linear"), LLAMA3_70B).seconds["plan"]
+    refit = dryrun.dry_run(config_70b(*search, "merge.correction=refit"), LLAMA3_70B).seconds["plan"]
+    assert sliding == 0.0 < fewer < plain < linear < refit
+    assert plain / fewer == pytest.approx((1 + 78 + 12 + 32) / (1 + 78 + 12), rel=0.01)
