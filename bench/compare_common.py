@@ -106,15 +106,23 @@ def gathered(result: dict, methods: list[str], removed: list[int]) -> dict:
     return {**result, "rows": rows, "methods": list(methods), "layers_removed": list(removed)}
 
 
+# In a section, everything from this line on is written by hand (readings, caveats): a rerun keeps it.
+HAND_NOTES = "<!-- written by hand below: bench reruns keep it -->"
+
+
 def write_section(title: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section headed ``title`` in RESULTS.md, leaving other sections alone."""
+    """Replace (or append) the section headed ``title`` in RESULTS.md, leaving other sections alone
+    and keeping the section's hand-written part (from ``HAND_NOTES`` on)."""
     text = path.read_text() if path.is_file() else "# Benchmark results\n"
     start = text.find(title)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
     else:
         end = text.find("\n## ", start + len(title))
-        text = text[:start] + body.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+        old = text[start:end] if end >= 0 else text[start:]
+        notes = old[old.find(HAND_NOTES):].rstrip("\n") if HAND_NOTES in old else ""
+        text = (text[:start] + body.rstrip("\n") + "\n" + ("\n" + notes + "\n" if notes else "")
+                + (text[end:] if end >= 0 else ""))
     path.write_text(text)
 
 
