@@ -282,10 +282,10 @@ def plan_global(ctx: RunContext, reducer: StatsReducer, backend, k: int, fits: d
             score = backend.score_plan(windows, rule_used, alphas, p.refine_metric,
                                        correction=kind if corrected else None)
             memo[key] = score if p.refine_metric == "nll" else 1.0 - score
-            if corrected:
-                release_corrections(backend, corrections)
             log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], label, p.refine_metric,
                      memo[key])
+        if correct and correctable and windows:
+            release_corrections(backend, corrections)  # scored or remembered, its maps are done with
         return memo[key]
 
     stats = dict(cka=reducer.cka(), block_influence=reducer.block_influence(),
@@ -353,10 +353,11 @@ def release_corrections(backend, corrections: dict) -> None:
     """Drop every fitted map from the stages (and the Ray driver's copies) and from ``corrections``,
     keeping the fits' scores. The search holds one plan's maps at a time this way (a linear map is
     256 MiB at hidden 8192, a refit more); the final plan's are fitted again on the same batches."""
-    backend.clear_candidates(corrections=True)
-    for key, fit in corrections.items():
-        if fit.matrix is not None:
-            corrections[key] = fit.release()
+    held = [key for key, fit in corrections.items() if fit.matrix is not None]
+    if held:
+        backend.clear_candidates(corrections=True)
+    for key in held:
+        corrections[key] = corrections[key].release()
 
 
 def fit_missing_alphas(ctx: RunContext, backend, windows, fits: dict) -> None:

@@ -460,3 +460,28 @@ def test_the_search_holds_one_plans_corrections_at_a_time(tiny_model, tiny_text_
     plan = MergePlan.from_json({k: v for k, v in raw.items() if k != "details"})
     for window, matrix in load_corrections(plan, 32).items():
         assert torch.equal(matrix, first_fit[correction_key(window, "drop", None, kind)])
+
+
+def test_plans_whose_loss_is_remembered_release_their_maps_too(tiny_model, tiny_text_file, tmp_path):
+    """compare remembers plan losses across runs: a remembered plan is not scored, but its maps are
+    still fitted (to know whether it is corrected) and must not pile up on the stages."""
+    from slm_dist import pipeline
+    from slm_dist.config import load_config
+    from tests.test_pipeline import tiny_overrides
+
+    config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
+                                              "plan.search=global", "plan.candidates=5", "plan.local_search=4",
+                                              "merge.rule=drop", "merge.correction=linear",
+                                              "merge.correction_batches=4", "cluster.backend=local",
+                                              "eval.enabled=false"))
+    ctx = pipeline.resolve_inputs(config, None, False)
+    index = open_index(tiny_model)
+    backend = pipeline.make_backend(config)
+    reducer, _ = pipeline.calibrate(ctx, index, backend)
+    measured: dict = {}
+    first, _ = pipeline.make_plan(ctx, index, reducer, backend, measured)
+    backend.clear_candidates(corrections=True)
+    again, _ = pipeline.make_plan(ctx, index, reducer, backend, {"losses": measured["losses"]})  # every loss known
+    assert again.windows == first.windows
+    held = sum(m is not None for stage in backend.stages for m in stage._corrections.values())
+    assert held <= len(again.windows)  # the final plan's maps only
