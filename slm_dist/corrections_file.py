@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from slm_dist.assets import sha256_file
-from slm_dist.linear_correction import KINDS
+from slm_dist.linear_correction import KINDS, check_kind
 from slm_dist.merge import correction_name
 from slm_dist.planner import MergePlan, PlanError
 
@@ -28,8 +28,7 @@ def save_corrections(path: Path, matrices: Mapping[Window, Tensor], kind: str = 
     """Write the corrections (temporary name, then rename) and return the file's sha256."""
     import safetensors.torch  # the module: see checkpoint/reader.py
 
-    if kind not in KINDS:
-        raise ValueError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
+    check_kind(kind)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")

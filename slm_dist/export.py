@@ -273,14 +273,15 @@ def _fingerprint(index: CheckpointIndex, plan: MergePlan, shards: Sequence[Shard
 def model_card(export: ExportPlan, threshold: float | None) -> str:
     plan = export.plan
     windows = ", ".join(f"[{lo}..{hi}]" for lo, hi in plan.windows) or "none"
+    kind = kind_of(plan.corrections) if plan.corrections else None
     return (f"# Depth-pruned with slm-dist\n\n"
             f"- source: `{export.source}`\n"
             f"- layers: {plan.num_layers_before} -> {plan.num_layers_after}\n"
             f"- merged windows (inclusive, original indices): {windows}\n"
             f"- new layer -> original layer: {plan.new_to_old}\n"
             f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else "") +
-            (f"\n- {kind_of(plan.corrections)} correction (merge.correction={kind_of(plan.corrections)}) folded "
-             "into each corrected window's MLP output projection" if plan.corrections else "") +
+            (f"\n- {kind} correction (merge.correction={kind}) folded into each corrected window's MLP output "
+             "projection" if kind else "") +
             f"\n- criterion: `{plan.criterion}`\n- threshold: {threshold}\n\n"
             "Sliding Layer Merging (arXiv 2502.19159): each window of consecutive layers is folded into one "
             "layer at the window's bottom position. The full plan is in `manifest.json`.\n")

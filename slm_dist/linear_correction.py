@@ -52,6 +52,11 @@ class CorrectionError(ValueError):
     """The correction fit got unusable inputs (too few batches, mismatched shapes, a non-finite fit)."""
 
 
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
+
+
 @dataclass(frozen=True)
 class NormalEquations:
     """Least-squares statistics of feature rows m [N, d_in] against targets r [N, d_out], in float64."""
@@ -251,8 +256,7 @@ CorrectionKey = tuple[Window, str, "float | None", str]
 def correction_key(window: Sequence[int], rule: str, alpha: float | None, kind: str = "linear") -> CorrectionKey:
     """What a correction was fitted for: the same window merged another way, or corrected by the other
     family, needs its own. Scaled with alpha 0 builds the drop layer bit for bit, so the two share one."""
-    if kind not in KINDS:
-        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
+    check_kind(kind)
     if rule == "scaled" and alpha == 0.0:
         rule, alpha = "drop", None
     return (tuple(window), rule, None if alpha is None else float(alpha), kind)
@@ -286,8 +290,7 @@ def fit_window_correction(stage: StageWorker, window: Window, rule: str, alpha: 
     from slm_dist.calibrated_merge import check_window_on_stage, scratch_layer, window_members
     from slm_dist.merge import merge_window
 
-    if kind not in KINDS:
-        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
+    check_kind(kind)
     lo, hi = window
     check_window_on_stage(stage, window)
     if len(batch_ids) < 2:
