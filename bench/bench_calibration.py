@@ -88,7 +88,7 @@ def calibration_ids(model_dir: Path, text: Path | None, samples: int, seq_len: i
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         return torch.randint(3, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     from slm_dist import calibration
-    from slm_dist.pipeline import load_tokenizer
+    from slm_dist.context import load_tokenizer
 
     return calibration.load_calibration(text, load_tokenizer(model_dir), samples, seq_len, seed=0)
 
@@ -104,7 +104,7 @@ def child_baseline(args) -> dict:
     """The HF model in one process: forward with output_hidden_states, then the same statistics."""
     from transformers import AutoModelForCausalLM
 
-    from slm_dist import similarity
+    from slm_dist.core import similarity
     from slm_dist.testing import hf_layer_outputs
 
     ids = torch.load(args.ids)
@@ -128,7 +128,7 @@ def child_baseline(args) -> dict:
 
 def child_stats_cost(args) -> dict:
     """One StageWorker holding every layer: forward alone vs forward + statistics, per batch."""
-    from slm_dist import similarity
+    from slm_dist.core import similarity
     from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 
     ids = torch.load(args.ids)
@@ -177,10 +177,10 @@ class RayPipeline:
     """A RayBackend with its stages started and loaded, timed one whole calibration at a time."""
 
     def __init__(self, model: Path, num_stages: int, args):
+        from slm_dist.backends.ray import RayBackend
         from slm_dist.checkpoint.index import open_index
         from slm_dist.config import load_config
-        from slm_dist.distributed import RayBackend
-        from slm_dist.pipeline import stage_specs
+        from slm_dist.context import stage_specs
         from slm_dist.workers.stage_worker import StatsSpec
 
         cores = os.cpu_count() or 1
@@ -424,7 +424,7 @@ def main() -> None:
             cka_diff = max(float((torch.tensor(r["cka"]) - torch.tensor(baseline["cka"])).abs().max())
                            for r in (ray1, ray2))
             from slm_dist.checkpoint.index import open_index
-            from slm_dist.pipeline import layer_params
+            from slm_dist.context import layer_params
 
             rows.append({"name": name, "params": layer_params(open_index(model_dir))[0], "baseline": baseline,
                          "stats": stats, "ray1": ray1, "ray2": ray2, "sweep": sweep, "cka_diff": cka_diff})

@@ -23,10 +23,10 @@ import time
 import torch
 from compare_common import write_section
 
-from slm_dist import pipeline
+from slm_dist import context, pipeline
+from slm_dist.backends.local import LocalBackend
 from slm_dist.checkpoint.index import open_index
 from slm_dist.config import load_config
-from slm_dist.local_backend import LocalBackend
 
 SECTION = "## Correction families (issue 8)"
 log = logging.getLogger("bench")
@@ -49,7 +49,7 @@ def measure(args) -> dict:
                                     "calibration.batch_size=8", "cluster.backend=local", "cluster.num_stages=1",
                                     "merge.rule=drop", "merge.correction=linear", "plan.search=global",
                                     "plan.target_layers_removed=6", f"run.dir={tmp}"])
-        ctx = pipeline.resolve_inputs(config, None, False)
+        ctx = context.resolve_inputs(config, None, False)
         backend = LocalBackend()
         start = time.perf_counter()
         pipeline.calibrate(ctx, open_index(ctx.model_dir), backend)

@@ -20,12 +20,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from slm_dist import pipeline
+from slm_dist import context
+from slm_dist.backends.local import LocalBackend, run_jobs_local
+from slm_dist.checkpoint.export import plan_export, write_export
 from slm_dist.checkpoint.index import open_index
 from slm_dist.config import load_config
-from slm_dist.export import plan_export, write_export
-from slm_dist.local_backend import LocalBackend
-from slm_dist.planner import MergePlan
+from slm_dist.core.planner import MergePlan
 
 log = logging.getLogger("bench_demo")
 RULES = ("reference", "sum", "mean", "drop")
@@ -58,17 +58,17 @@ def main() -> None:
           f"stages {report['seconds']}")
 
     config = load_config(args.run_dir / "config.resolved.yaml")
-    ctx = pipeline.resolve_inputs(config, None, show_progress=False)
+    ctx = context.resolve_inputs(config, None, show_progress=False)
     plan = MergePlan.from_json(json.loads((args.run_dir / "plan.json").read_text()))
     index = open_index(ctx.model_dir)
     backend = LocalBackend()
-    dense = pipeline.perplexity(ctx, ctx.model_dir, backend)
+    dense = context.perplexity(ctx, ctx.model_dir, backend)
     rows = [("dense", 30, dense)]
     for rule in RULES:
         out = args.run_dir / f"model-{rule}"
         shutil.rmtree(out, ignore_errors=True)
-        write_export(plan_export(index, replace(plan, rule=rule), out, config.merge.max_shard_bytes))
-        rows.append((rule, plan.num_layers_after, pipeline.perplexity(ctx, out, backend)))
+        write_export(plan_export(index, replace(plan, rule=rule), out, config.merge.max_shard_bytes), run_jobs_local)
+        rows.append((rule, plan.num_layers_after, context.perplexity(ctx, out, backend)))
         shutil.rmtree(out)
     print(f"\nwindows {list(plan.windows)} (CKA, threshold {plan.threshold:.4f}); held-out perplexity, "
           f"{config.eval.max_windows} windows x {config.eval.seq_len} tokens")

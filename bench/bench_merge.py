@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from slm_dist.checkpoint.writer import ShardWriter, TensorEntry, plan_shards, shard_name, write_index
-from slm_dist.planner import MergePlan
+from slm_dist.core.planner import MergePlan
 
 log = logging.getLogger("bench_merge")
 
@@ -149,7 +149,7 @@ NAIVE = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from slm_dist.arch import get_arch, prune_config
-    from slm_dist.merge import merge_state_dict
+    from slm_dist.core.merge import merge_state_dict
     src, out, windows = sys.argv[1], sys.argv[2], [tuple(w) for w in json.loads(sys.argv[3])]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     n = model.config.num_hidden_layers

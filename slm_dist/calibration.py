@@ -278,16 +278,10 @@ def load_calibration(
 def contiguous_windows(
     token_ids: Sequence[int] | Tensor,  # [num_tokens]
     seq_len: int,
-    max_windows: int | None = None,
 ) -> Tensor:  # int64 [num_windows, seq_len]
-    """The perplexity-eval cut (WikiText style): consecutive windows from the start of the stream.
-
-    The tail that does not fill a whole window is dropped, so every window is scored on the same
-    context length; ``max_windows`` keeps the first windows only.
-    """
+    """Consecutive windows from the start of the stream (WikiText style); the tail that does not fill a
+    whole window is dropped, so every window is scored on the same context length."""
     _check_int("seq_len", seq_len, minimum=2)
-    if max_windows is not None:
-        _check_int("max_windows", max_windows, minimum=1)
     ids = torch.as_tensor(token_ids, dtype=torch.int64)
     if ids.dim() != 1:
         raise CalibrationDataError(
@@ -295,14 +289,39 @@ def contiguous_windows(
             "Flatten it (ids.view(-1)) or cut each row separately."
         )
     num_windows = ids.numel() // seq_len
-    if max_windows is not None:
-        num_windows = min(num_windows, max_windows)
     if num_windows == 0:
         raise CalibrationDataError(
             f"the token stream has {ids.numel()} tokens, fewer than seq_len={seq_len}: no full window. "
             "Use a shorter seq_len or more text."
         )
     return ids[: num_windows * seq_len].reshape(num_windows, seq_len).clone()
+
+
+def perplexity_windows(token_ids: Sequence[int], seq_len: int, max_windows: int | None = None,
+                       bos_id: int | None = None) -> Tensor:  # int64 [num_windows, seq_len]
+    """The perplexity-eval cut every command uses: consecutive windows of the token stream; with
+    ``bos_id`` each is BOS + seq_len - 1 text tokens.
+
+    ``max_windows`` keeps that many windows spread evenly over the whole text (first and last
+    included), so a subsample covers every part of it rather than the first articles only.
+    """
+    if max_windows is not None:
+        _check_int("max_windows", max_windows, minimum=1)
+    body = contiguous_windows(token_ids, seq_len - (bos_id is not None))
+    if max_windows is not None and max_windows < len(body):
+        body = body[torch.linspace(0, len(body) - 1, max_windows).round().long()]
+    if bos_id is None:
+        return body
+    return torch.cat([torch.full((len(body), 1), bos_id, dtype=torch.int64), body], dim=1)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text input (held-out or perplexity text); ``what`` names the setting in the error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a "
+                                   "plain-text file") from None
 
 
 def _token_stream(texts: Sequence[str], tokenizer) -> list[int]:

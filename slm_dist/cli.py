@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from slm_dist.config import COMPARE_METHODS
+
 log = logging.getLogger("slm_dist")
 # `slm-dist run` without a config file is the demo: the schema defaults are the demo's values,
 # except the backend, which is local in the schema (library use, tests) and Ray for the demo.
@@ -21,15 +23,15 @@ CACHE_ENV = "SLM_DIST_CACHE"
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from slm_dist.arch import UnsupportedArchitectureError
     from slm_dist.calibration import CalibrationDataError
+    from slm_dist.checkpoint.export import ExportError
     from slm_dist.checkpoint.index import CheckpointError
     from slm_dist.config import ConfigError
-    from slm_dist.export import ExportError
-    from slm_dist.heal import HealError
-    from slm_dist.merge import MergeError
-    from slm_dist.partition import PartitionError
-    from slm_dist.planner import PlanError
-    from slm_dist.report import ReportError
+    from slm_dist.core.merge import MergeError
+    from slm_dist.core.partition import PartitionError
+    from slm_dist.core.planner import PlanError
     from slm_dist.evaluation import EvalDataError
+    from slm_dist.heal import HealError
+    from slm_dist.report import ReportError
 
     return (ConfigError, CheckpointError, CalibrationDataError, UnsupportedArchitectureError, PlanError, ExportError,
             MergeError, PartitionError, FileNotFoundError, HealError, ReportError, EvalDataError)
@@ -121,17 +123,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from slm_dist import context
     from slm_dist.config import load_config
-    from slm_dist.export import merge_from_plan
+    from slm_dist.merging import merge_from_plan
 
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
     model_dir = config.model.path
     if model_dir is None:  # the demo model: fetched (once) like `run` does
-        from slm_dist import pipeline
-
-        model_dir = pipeline.resolve_inputs(config, _cache_dir(), not args.quiet).model_dir
-    summary = merge_from_plan(config, Path(model_dir), show_progress=not args.quiet)
+        model_dir = context.resolve_inputs(config, _cache_dir(), not args.quiet).model_dir
+    backend = context.make_backend(config)
+    try:
+        summary = merge_from_plan(config, Path(model_dir), backend, show_progress=not args.quiet)
+    finally:
+        backend.close()
     log.info("merge done: %d shards written, %d already finished; checkpoint in %s",
              len(summary["shards_written"]), len(summary["shards_skipped"]), summary["out_dir"])
     if args.json:
@@ -201,9 +206,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from slm_dist import compare, pipeline
+    from slm_dist import compare, context
     from slm_dist.checkpoint.index import open_index
     from slm_dist.config import load_config
+    from slm_dist.planning import layers_for_ratio
 
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
@@ -213,10 +219,9 @@ def cmd_compare(args) -> int:
         if p.target_layers_removed is not None:
             removed = [p.target_layers_removed]
         elif p.target_ratio is not None:
-            ctx = pipeline.resolve_inputs(config, _cache_dir(), _show_progress(args))
+            ctx = context.resolve_inputs(config, _cache_dir(), _show_progress(args))
             index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
-            removed = [pipeline.layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last,
-                                                 p.max_window)]
+            removed = [layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last, p.max_window)]
         else:
             raise SystemExit("slm-dist compare: the config plans by threshold; give the layer counts with --removed N")
     methods = args.methods.split(",") if args.methods else compare.METHODS
@@ -229,7 +234,7 @@ def cmd_compare(args) -> int:
 def cmd_inspect(args) -> int:
     from slm_dist.arch import get_arch
     from slm_dist.checkpoint.index import open_index
-    from slm_dist.pipeline import layer_params
+    from slm_dist.context import layer_params
 
     index = open_index(Path(args.model), allow_pickle=args.allow_pickle)
     arch = get_arch(index.model_type)
@@ -250,7 +255,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from slm_dist.verify import verify_model
+    from slm_dist.checkpoint.verify import verify_model
 
     problems = verify_model(Path(args.model))
     if problems:
@@ -314,9 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="prune with every baseline and SLM variant at the same layer count; one table")
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     p.add_argument("--removed", action="append", type=int, metavar="N", help="layers to remove (repeatable)")
-    p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(
-        ("shortgpt", "angular", "laco", "last_layers", "slm_cka_reference", "slm_cka_sum", "slm_cka_mean",
-         "slm_cka_drop", "slm_output")))
+    p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(COMPARE_METHODS))
     p.add_argument("--keep-models", action="store_true", help="keep every pruned checkpoint under <run.dir>/compare")
     eval_flags(p)
     p.set_defaults(func=cmd_compare)
@@ -353,8 +356,6 @@ def setup_logging(verbose: bool, quiet: bool, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet, args.log_json)
-    if getattr(args, "command", None) == "run" and not hasattr(args, "json"):
-        args.json = False
     try:
         return args.func(args)
     except _bad_input_errors() as e:

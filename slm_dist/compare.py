@@ -39,21 +39,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slm_dist import baselines, calibration, corrections_file, evaluation, pipeline, planner
+from slm_dist import context, evaluation, pipeline
+from slm_dist.backends.base import Backend
+from slm_dist.checkpoint import corrections as corrections_file
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
-from slm_dist.config import ConfigError, SlmConfig
+from slm_dist.config import COMPARE_METHODS as METHODS
+from slm_dist.config import GLOBAL_METHODS, GLOBAL_RULES, SLM_RULES, ConfigError, SlmConfig
+from slm_dist.context import RunContext
+from slm_dist.core import baselines, planner
+from slm_dist.merging import merge_stage
+from slm_dist.planning import PlanMemo, PlanSearch
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
 
 log = logging.getLogger(__name__)
 
-SLM_RULES = ("reference", "sum", "mean", "drop")
-GLOBAL_RULES = ("drop", "scaled")
-# slm_global_<method suffix> -> (merge.rule, merge.correction)
-GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES},
-                  **{f"slm_global_{c}": ("scaled", c) for c in ("linear", "refit")}}
-METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
-                            *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS)
 LABELS = {
     "dense": "Dense (unpruned)",
     "shortgpt": "ShortGPT (lowest Block Influence)",
@@ -101,21 +101,6 @@ def boundary_last_token_states(spec: StageSpec, input_ids: Tensor, batch_size: i
         states.append(torch.cat([x[:, -1].float().cpu() for x in h]))
         del worker
     return torch.stack(states, dim=1)
-
-
-def calibration_ids(ctx: pipeline.RunContext) -> Tensor:  # int64 [num_samples, seq_len]
-    cfg = ctx.config.calibration
-    tokenizer = pipeline.load_tokenizer(ctx.model_dir)
-    return calibration.load_calibration(ctx.calibration_source, tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed)
-
-
-def calibrate(ctx: pipeline.RunContext, index: CheckpointIndex, backend, input_ids: Tensor, keep_for_output: bool):
-    """pipeline.calibrate, keeping the stage inputs whenever the published-code mode is compared."""
-    calibration.save_calibration(ctx.run_dir / "calibration.parquet", input_ids)
-    specs = pipeline.stage_specs(ctx.config, index, ctx.model_dir)
-    return backend.calibrate(specs, pipeline.stats_spec(ctx.config),
-                             pipeline.batches(input_ids, ctx.config.calibration.batch_size), run_dir=ctx.run_dir,
-                             show_progress=ctx.show_progress, keep_for_output_criterion=keep_for_output)
 
 
 SHARED_PLAN_SETTINGS = ("protect_first", "protect_last", "max_window")  # every method reads these
@@ -207,7 +192,7 @@ def search_output_threshold(plan_at: Plan, target: int, start: float = 0.99, max
     return best[0], plans[best[0]], tried
 
 
-def cached_output_planner(backend, num_layers: int, rule: str, protect_first: int, protect_last: int,
+def cached_output_planner(backend: Backend, num_layers: int, rule: str, protect_first: int, protect_last: int,
                           cache: dict) -> Plan:
     """plan_at(T) for the published loop; scores are cached across thresholds (same calibration
     batches, deterministic), so a search pays only for the trials its paths do not share."""
@@ -260,15 +245,6 @@ class PlanLosses(dict):
         write_json(self.path, {"fingerprint": self.fingerprint, "losses": losses})
 
 
-def _release_candidates(backend) -> None:
-    """Free the merged layers and fitted corrections the stages built while planning (the plans that
-    use corrections carry them in their own files)."""
-    if hasattr(backend, "clear_candidates"):
-        backend.clear_candidates(corrections=True)
-    for stage in getattr(backend, "stages", []):
-        stage.clear_candidates(corrections=True)
-
-
 # --------------------------------------------------------------------------------- plans
 def make_plans(stats: Statistics, k: int, config: SlmConfig, methods: Sequence[str],
                output_plan: Callable[[int], tuple[float, list, list]] | None,
@@ -312,7 +288,7 @@ def make_plans(stats: Statistics, k: int, config: SlmConfig, methods: Sequence[s
 
 
 # ---------------------------------------------------------------------------------- the story
-def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointIndex, backend, input_ids: Tensor,
+def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backend: Backend, input_ids: Tensor,
               wanted: dict[int, list[str]], out_root: Path, fingerprint: str) -> dict[int, dict[str, object]]:
     """The one calibration pass, the statistics every method reads, and the ``wanted`` plans (k -> methods)."""
     n = index.num_layers
@@ -320,12 +296,12 @@ def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointInde
     show_progress = ctx.show_progress
     with ctx.timed("calibrate"):
         keep = any(m == "slm_output" or m.startswith("slm_global_") for m in methods)
-        reducer = calibrate(ctx, index, backend, input_ids, keep_for_output=keep)
+        reducer = pipeline.calibrate(ctx, index, backend, input_ids, keep_inputs=keep)
         write_json(ctx.run_dir / "similarity.json", pipeline.similarity_json(reducer, config))
     angular = None
     if "angular" in methods:
         with ctx.timed("angular"):
-            first = pipeline.stage_specs(config, index, ctx.model_dir)[0]
+            first = context.stage_specs(config, index, ctx.model_dir)[0]
             states = boundary_last_token_states(first, input_ids, config.calibration.batch_size, show_progress)
             angular = baselines.angular_distance_matrix(states)
     stats = Statistics(n, reducer.cka(), reducer.block_influence(), angular)
@@ -341,8 +317,9 @@ def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointInde
 
     search = lambda k: search_output_threshold(plan_at, k)  # noqa: E731
 
-    # Plan losses and alphas, shared by every slm_global plan of this calibration; losses kept on disk.
-    measured: dict = {"fits": {}, "losses": PlanLosses(out_root / "plan_losses.json", fingerprint)}
+    # Plan losses, alphas and corrections, shared by every slm_global plan of this calibration; losses
+    # kept on disk.
+    memo = PlanMemo(losses=PlanLosses(out_root / "plan_losses.json", fingerprint))
 
     def global_plan(k: int, method: str) -> planner.MergePlan:
         rule, correction = GLOBAL_METHODS[method]
@@ -350,16 +327,18 @@ def _plan_all(ctx: pipeline.RunContext, config: SlmConfig, index: CheckpointInde
                                                   "target_layers_removed": k, "target_ratio": None})
         merge_cfg = config.merge.model_copy(update={"rule": rule, "correction": correction})
         method_config = config.model_copy(update={"plan": plan_cfg, "merge": merge_cfg})
-        method_ctx = pipeline.RunContext(method_config, ctx.model_dir, ctx.calibration_source, None, show_progress)
+        method_ctx = RunContext(method_config, ctx.model_dir, ctx.calibration_source, None, show_progress)
         out_dir = out_root / f"{method}-{k}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        plan, details = pipeline.make_plan(method_ctx, index, reducer, backend, measured, out_dir)
+        plan, details = PlanSearch(method_ctx, reducer, backend, memo).make_plan(index, out_dir)
         write_json(out_dir / "plan.json", {**plan.to_json(), "details": details})
         return plan
 
     with ctx.timed("plan"):
         plans = {k: make_plans(stats, k, config, ms, search, global_plan) for k, ms in wanted.items() if ms}
-    _release_candidates(backend)
+    # Free the merged layers and fitted corrections the stages built while planning (the plans that use
+    # corrections carry them in their own files).
+    backend.clear_candidates(corrections=True)
     return plans
 
 
@@ -417,14 +396,14 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
         raise ConfigError(f"unknown methods {unknown}; known: {list(METHODS)}")
     if not layers_removed:
         raise ConfigError("give at least one layer count to remove (--removed N, or plan.target_layers_removed)")
-    ctx = pipeline.resolve_inputs(config, cache_dir, show_progress)
+    ctx = context.resolve_inputs(config, cache_dir, show_progress)
     out_root = ctx.run_dir / "compare"
     out_root.mkdir(parents=True, exist_ok=True)
     index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
     n = index.num_layers
     if spec.ppl_files == () and ctx.heldout_text is not None:
         spec = replace(spec, ppl_files=(ctx.heldout_text,), ppl_join="raw")  # the demo's held-out text
-    tokenizer = pipeline.load_tokenizer(ctx.model_dir)
+    tokenizer = context.load_tokenizer(ctx.model_dir)
     inputs = evaluation.prepare_inputs(spec, tokenizer)
     settings = evaluation.describe(spec, inputs)
     results_path = out_root / "compare.json"
@@ -440,7 +419,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
               "calibration": {"source": str(ctx.calibration_source), **config.calibration.model_dump(mode="json")},
               "rows": [], "other_rows": list(reuse.values())}
 
-    input_ids = calibration_ids(ctx)
+    input_ids = pipeline.calibration_ids(ctx)
     fingerprint = plans_fingerprint(ctx.model_dir, input_ids, config)
     stored = {}
     if previous.get("plans_fingerprint") == fingerprint:
@@ -450,7 +429,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
     result["plans_fingerprint"], result["plans"] = fingerprint, dict(stored)
     result["plan_settings"] = {key: v for key, v in previous.get("plan_settings", {}).items() if key in stored}
 
-    backend = pipeline.make_backend(config)
+    backend = context.make_backend(config)
     try:
         missing = {k: [m for m in methods if f"{m}@{k}" not in stored] for k in layers_removed}
         if any(missing.values()):
@@ -492,10 +471,10 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
             method_dir = out_root / f"{method}-{k}"
             try:
                 if plan is not None:
-                    method_ctx = pipeline.RunContext(_method_config(config, method_dir), ctx.model_dir,
-                                                     ctx.calibration_source, None, show_progress)
+                    method_config = _method_config(config, method_dir)
                     method_dir.mkdir(parents=True, exist_ok=True)
-                    model_dir = pipeline.merge(method_ctx, index, plan)
+                    merge_stage(method_config, index, plan, backend, show_progress)
+                    model_dir = method_config.output_dir
                 log.info("evaluating %s (k=%d) from %s", method, k, model_dir)
                 scores = evaluation.evaluate_model(model_dir, spec, config, backend, show_progress, inputs)
             except Exception as err:  # one broken method must not cost the other models' hours

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# `slm-dist compare` methods (compare.py says what each one is).
+SLM_RULES = ("reference", "sum", "mean", "drop")
+GLOBAL_RULES = ("drop", "scaled")
+# slm_global_<method suffix> -> (merge.rule, merge.correction)
+GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES},
+                  **{f"slm_global_{c}": ("scaled", c) for c in ("linear", "refit")}}
+COMPARE_METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
+                                    *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS)
 
 
 class ConfigError(ValueError):
@@ -329,3 +338,22 @@ def needs_cached_inputs(config: SlmConfig) -> bool:
     return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
             or config.merge.correction != "none"
             or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))
+
+
+def resolve_device(config: SlmConfig, cuda_available: Callable[[], bool]) -> str:
+    """``cluster.device`` with ``auto`` resolved: Ray stages see the GPUs their bundle reserves, not
+    the driver's; local stages what this process sees (``cuda_available``, asked only then)."""
+    cluster = config.cluster
+    if cluster.device != "auto":
+        return cluster.device
+    if cluster.backend == "ray":
+        return "cuda" if cluster.gpus_per_stage > 0 else "cpu"
+    return "cuda" if cuda_available() else "cpu"
+
+
+def compute_dtype(config: SlmConfig, device: str) -> str:
+    """``model.dtype`` with ``auto`` resolved: bf16 on GPUs (native, half the memory), float32 on CPUs
+    (bf16 matmuls are slow on most of them)."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if device == "cuda" else "float32"

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slm_dist import planner, sizing
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, CheckpointError, open_index
 from slm_dist.config import SlmConfig, needs_cached_inputs
-from slm_dist.partition import PartitionError, partition_layers
+from slm_dist.config import compute_dtype as config_compute_dtype
+from slm_dist.config import resolve_device as config_resolve_device
+from slm_dist.core import planner, sizing
+from slm_dist.core.partition import PartitionError, partition_layers
 
 GiB = 2**30
 OUTPUT_SLACK = 1.05            # export.check_disk_space asks for 5% + 64 MiB over the shard bytes
@@ -148,23 +150,19 @@ def _read_model(model_dir: Path) -> _Model:
 
 
 # ------------------------------------------------------------------------------ estimates
-def resolve_device(config: SlmConfig) -> str:
-    """As pipeline.device_and_dtype resolves ``cluster.device=auto``; a local CUDA config is planned
-    as such even on a machine without a GPU (a dry run only estimates)."""
-    cluster = config.cluster
-    if cluster.device != "auto":
-        return cluster.device
-    if cluster.backend == "ray":
-        return "cuda" if cluster.gpus_per_stage > 0 else "cpu"
-    import torch
+def _cuda_available() -> bool:
+    import torch  # only for a local config with cluster.device=auto
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
+
+
+def resolve_device(config: SlmConfig) -> str:
+    """As a run resolves ``cluster.device`` (config.resolve_device)."""
+    return config_resolve_device(config, _cuda_available)
 
 
 def compute_dtype(config: SlmConfig) -> str:
-    if config.model.dtype != "auto":
-        return config.model.dtype
-    return "bfloat16" if resolve_device(config) == "cuda" else "float32"
+    return config_compute_dtype(config, resolve_device(config))
 
 
 def activation_bytes(hf_config: dict, config: SlmConfig, bytes_per_element: int) -> int:
@@ -200,7 +198,7 @@ def expected_layers_removed(config: SlmConfig, sizes: sizing.ModelSizes) -> int 
     if p.target_layers_removed is not None:
         return p.target_layers_removed
     if p.target_ratio is not None:
-        most = planner.removable_layers(sizes.num_layers, p.protect_first, p.protect_last)
+        most = planner.max_layers_removed(sizes.num_layers, p.protect_first, p.protect_last, p.max_window)
         return planner.layers_for_param_ratio(sizes.total_params, sizes.layer_params[0], p.target_ratio, most)
     return None
 

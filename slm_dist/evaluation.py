@@ -33,6 +33,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from slm_dist.backends.base import Backend
+from slm_dist.calibration import perplexity_windows, read_text_file
+from slm_dist.checkpoint.index import open_index
+from slm_dist.checkpoint.writer import write_json
+from slm_dist.config import SlmConfig
+from slm_dist.context import bos_token_id, load_tokenizer, make_backend, stage_specs
+from slm_dist.workers.stage_worker import StageSpec
+
 log = logging.getLogger(__name__)
 
 # The metric each paper in this field reports per task; the "average" is their plain mean.
@@ -359,29 +367,12 @@ def read_ppl_text(path: Path, join: str = "auto") -> str:
         if not rows or "text" not in rows[0]:
             raise EvalDataError(f"{path}: a .jsonl perplexity file needs a \"text\" field per row")
         return "\n\n".join(r["text"] for r in rows)
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "perplexity text")
     if join == "lines":
         return " ".join(line.strip() for line in text.splitlines() if line.strip())
     if join == "raw":
         return text
     raise EvalDataError(f"unknown perplexity join {join!r}; use auto, rows, lines or raw")
-
-
-def perplexity_windows(token_ids: Sequence[int], seq_len: int, max_windows: int | None = None,
-                       bos_id: int | None = None) -> Tensor:  # int64 [num_windows, seq_len]
-    """Consecutive windows of the token stream; with ``bos_id`` each is BOS + seq_len - 1 text tokens.
-
-    ``max_windows`` keeps that many windows spread evenly over the whole text (first and last
-    included), so a subsample covers every part of it rather than the first articles only.
-    """
-    from slm_dist.calibration import contiguous_windows
-
-    body = contiguous_windows(token_ids, seq_len - (bos_id is not None))
-    if max_windows is not None and max_windows < len(body):
-        body = body[torch.linspace(0, len(body) - 1, max_windows).round().long()]
-    if bos_id is None:
-        return body
-    return torch.cat([torch.full((len(body), 1), bos_id, dtype=torch.int64), body], dim=1)
 
 
 def perplexity(windows: Tensor, logprobs: Scorer, batch_size: int) -> tuple[float, int]:
@@ -433,9 +424,7 @@ class Inputs:
 
 def prepare_inputs(spec: EvalSpec, tokenizer) -> Inputs:
     inputs = Inputs()
-    bos = tokenizer.bos_token_id if spec.add_bos else None
-    if spec.add_bos and bos is None:
-        raise EvalDataError("eval.add_bos=true but the tokenizer defines no BOS token; set it to false")
+    bos = bos_token_id(tokenizer, spec.add_bos)
     for path in spec.ppl_files:
         ids = tokenizer(read_ppl_text(path, spec.ppl_join), add_special_tokens=False)["input_ids"]
         inputs.ppl[str(path)] = perplexity_windows(ids, spec.seq_len, spec.max_windows, bos)
@@ -464,17 +453,14 @@ def evaluate(inputs: Inputs, logprobs: Scorer, batch_tokens: int = 4096, pad_id:
     return result
 
 
-def backend_scorer(backend, specs, show_progress: bool = False) -> Scorer:
+def backend_scorer(backend: Backend, specs: Sequence[StageSpec], show_progress: bool = False) -> Scorer:
     """``logprobs`` bound to a backend (local or Ray) and the stage specs of one model."""
     return lambda batches, starts=None: backend.logprobs(specs, batches, show_progress=show_progress, starts=starts)
 
 
-def evaluate_model(model_dir: Path, spec: EvalSpec, config, backend, show_progress: bool = False,
+def evaluate_model(model_dir: Path, spec: EvalSpec, config: SlmConfig, backend: Backend, show_progress: bool = False,
                    inputs: Inputs | None = None) -> dict:
     """Load the model's stages on ``backend`` and measure everything ``spec`` asks for."""
-    from slm_dist.checkpoint.index import open_index
-    from slm_dist.pipeline import load_tokenizer, stage_specs
-
     tokenizer = load_tokenizer(model_dir)
     inputs = inputs or prepare_inputs(spec, tokenizer)
     index = open_index(Path(model_dir), allow_pickle=config.model.allow_pickle)
@@ -515,9 +501,6 @@ def find_model(target: Path) -> tuple[Path, Path | None]:
 
 def run_eval(target: Path, config, spec: EvalSpec, show_progress: bool = False) -> dict:
     """Evaluate a model or a run's pruned model on ``config``'s backend; a run's report.json gets the object."""
-    from slm_dist.checkpoint.writer import write_json
-    from slm_dist.pipeline import load_tokenizer, make_backend
-
     model_dir, run_dir = find_model(target)
     if not spec.ppl_files and not spec.tasks:
         raise EvalDataError("nothing to evaluate: give --ppl FILE and/or --task NAME=FILE (or eval.ppl_files / "

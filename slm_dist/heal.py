@@ -17,7 +17,8 @@ The paper recovers a pruned model with LoRA (r=8, alpha=16, dropout 0.05 on all 
 
 DeepSpeed runs on CPU here (its CPU accelerator over gloo, `torch.optim.AdamW` as the client
 optimizer since no DeepSpeed ops are compiled); the same code runs on GPUs with NCCL and bf16.
-The Ray parts are `RaySession` (inside workers) and `fit` (driver); everything else is plain code.
+The Ray parts live in `backends/train.py` (the workers' session, the trainer run); everything here is
+plain code.
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from slm_dist.config import HealSection, SlmConfig
+from slm_dist import context
+from slm_dist.backends import train
+from slm_dist.backends.base import Backend
+from slm_dist.calibration import read_texts
+from slm_dist.checkpoint.export import check_output_dir, write_rewritten
+from slm_dist.checkpoint.index import open_index
+from slm_dist.checkpoint.reader import read_safetensors
+from slm_dist.checkpoint.verify import verify_model
+from slm_dist.checkpoint.writer import write_json, write_safetensors
+from slm_dist.config import HealSection, SlmConfig, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +210,6 @@ def read_records(path: Path) -> tuple[str, list]:
     A .jsonl line is an instruction pair when it has ``instruction`` and ``output`` (Alpaca; an
     optional ``input`` is the context) or ``prompt`` and ``response``; else its ``text`` is a document.
     """
-    from slm_dist.calibration import read_texts
-
     path = Path(path)
     if not path.is_file():
         raise HealError(f"heal.data {path} does not exist; give a .jsonl of instruction/output pairs or text")
@@ -314,8 +322,6 @@ def lora_pairs(adapter_state: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, T
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float, dict]:
     """(pairs, scale, adapter config) of a peft adapter folder."""
-    import safetensors.torch
-
     adapter_dir = Path(adapter_dir)
     cfg_path, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
@@ -324,64 +330,29 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[Tensor, Tensor]], f
     if cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise HealError(f"{adapter_dir}: rsLoRA, DoRA and per-module rank/alpha patterns are not supported by the "
                         "merge; use plain LoRA with one r and lora_alpha")
-    return lora_pairs(safetensors.torch.load_file(str(weights))), lora_scale(cfg["r"], cfg["lora_alpha"]), cfg
+    return lora_pairs(read_safetensors(weights)), lora_scale(cfg["r"], cfg["lora_alpha"]), cfg
 
 
 def write_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_bytes: int,
                  provenance: Mapping[str, Any] | None = None) -> list:
-    """Write base + LoRA delta as a sharded checkpoint; one tensor in memory at a time.
-
-    Tensors keep their names, dtypes, shapes and order; shards follow `plan_shards`; then the
-    tokenizer files, a model card, config.json, the index and the manifest (in that order, so a
-    folder without an index is visibly unfinished).
-    """
-    from slm_dist.checkpoint.index import open_index
-    from slm_dist.checkpoint.reader import LazyReader
-    from slm_dist.checkpoint.writer import (ShardWriter, TensorEntry, plan_shards, shard_name, write_index,
-                                            write_json, write_manifest)
-    from slm_dist.export import CONFIG_NAME, MODEL_CARD, OUTPUT_MARKER, SIDE_FILES, _copy_file, _write_text, \
-        check_output_dir
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_output_dir(model_dir, out_dir)
+    """Write base + LoRA delta as a sharded checkpoint (``export.write_rewritten``: one tensor in
+    memory at a time, names, dtypes, shapes and order kept)."""
+    model_dir = Path(model_dir)
     index = open_index(model_dir)
     pairs, scale, adapter_cfg = read_adapter(adapter_dir)
     missing = sorted(set(pairs) - set(index.tensors))
     if missing:
         raise HealError(f"the adapter adapts {missing[:3]}{'...' if len(missing) > 3 else ''} which "
                         f"{model_dir} does not hold; heal and merge against the same checkpoint")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / OUTPUT_MARKER).write_text(json.dumps({"source": str(model_dir), "adapter": str(adapter_dir)}) + "\n")
-    for stale in out_dir.glob("model-*.safetensors"):
-        stale.unlink()   # an earlier write may have had another shard count
-    keys = list(index.tensors)
-    groups = plan_shards([(k, index.tensors[k].nbytes) for k in keys], max_shard_bytes)
-    reader = LazyReader(index)
-    records, weight_map = [], {}
-    for n, group in enumerate(groups, start=1):
-        name = shard_name(n, len(groups))
-        entries = [TensorEntry(k, index.tensors[k].dtype, index.tensors[k].shape) for k in group]
-        with ShardWriter(out_dir / name, entries) as writer:
-            for key in group:
-                t = reader.get(key)
-                if key in pairs:
-                    t = merge_lora_weight(t, *pairs[key], scale)
-                writer.write(key, t)
-            records.append(writer.finish())
-        weight_map.update({k: name for k in group})
-    reader.close()
-    for side in SIDE_FILES:
-        if (model_dir / side).is_file():
-            records.append(_copy_file(model_dir / side, out_dir / side))
+
+    def merged(key: str, t: Tensor) -> Tensor:
+        return merge_lora_weight(t, *pairs[key], scale) if key in pairs else t
+
     card = (f"# Healed with slm-dist\n\n- base: `{model_dir}`\n- adapter: `{adapter_dir}` (LoRA r={adapter_cfg['r']}, "
             f"alpha={adapter_cfg['lora_alpha']}, modules {adapter_cfg.get('target_modules')})\n- merged: "
             f"W + (alpha / r) B A on {len(pairs)} weights\n")
-    records.append(_write_text(out_dir / MODEL_CARD, card))
-    records.append(write_json(out_dir / CONFIG_NAME, index.config))
-    records.append(write_index(out_dir, weight_map, index.total_bytes))
-    write_manifest(out_dir, records, extra={"complete": True, "source": str(model_dir), "adapter": str(adapter_dir),
-                                            "heal": dict(provenance or {})})
-    return records
+    return write_rewritten(index, Path(out_dir), max_shard_bytes, merged, card,
+                           {"source": str(model_dir), "adapter": str(adapter_dir), "heal": dict(provenance or {})})
 
 
 # ========================================================================= worker
@@ -396,33 +367,6 @@ class TrainSession(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         """Record metrics (and a checkpoint folder, which every worker passes at the same steps)."""
-
-
-class RaySession:
-    """`TrainSession` on Ray Train: checkpoints go to the run's storage, every worker adds its files."""
-
-    def __init__(self):
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield Path(folder)
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 class FolderSession:
@@ -459,15 +403,13 @@ def _lora_state(peft_model, zero_stage: int) -> dict[str, Tensor]:
 
 def _save_checkpoint(folder: Path, engine, peft_model, loop: dict, step: int, history: list[dict], starts: list[int],
                      rank: int) -> None:
-    import safetensors.torch
-
     engine.save_checkpoint(str(folder / "engine"), tag=ENGINE_TAG, client_state={"step": step},
                            exclude_frozen_parameters=True)
     state = _lora_state(peft_model, loop["zero_stage"])   # collective under ZeRO-3: every rank takes part
     if rank == 0:
         adapter = folder / "adapter"
         adapter.mkdir()
-        safetensors.torch.save_file(state, str(adapter / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(adapter / ADAPTER_WEIGHTS, state, metadata={"format": "pt"})
         peft_model.peft_config["default"].save_pretrained(str(adapter))
         (folder / HISTORY_NAME).write_text(json.dumps({"step": step, "total_steps": loop["total_steps"],
                                                        "starts": starts, "history": history}) + "\n")
@@ -480,7 +422,8 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    session = session or RaySession()
+    if session is None:
+        session = train.RaySession()
     rank, world = session.rank, session.world_size
     torch.manual_seed(loop["seed"])
     # Ray Train (or the caller) already made the process group; DeepSpeed adopts it.
@@ -586,51 +529,6 @@ def resolve_device(requested: str, cluster_gpus: float, num_workers: int) -> str
     return requested
 
 
-@contextmanager
-def ray_connection(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the Ray this process is connected to, else connect to ``address``, else start a private
-    local one (shut down afterwards; we only stop what we started)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def fit(loop: dict, num_workers: int, device: str, cpus_per_worker: float, storage_path: str,
-        keep_checkpoints: int, max_failures: int = 0):
-    """Run `train_worker` on ``num_workers`` Ray Train workers; returns the final `ray.train.Checkpoint`.
-
-    The run is named "train" under ``storage_path``: a rerun with the same storage resumes from the
-    latest checkpoint there (Ray Train restores the run's checkpoint history). Within one run, a
-    failed worker group is restarted from the latest checkpoint up to ``max_failures`` times.
-    """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if device == "cuda" else {})}
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=device == "cuda",
-                                               resources_per_worker=resources),
-        torch_config=TorchConfig(backend=loop["dist_backend"]),
-        run_config=ray.train.RunConfig(storage_path=storage_path, name="train",
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)))
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise HealError(f"Ray Train finished without a checkpoint under {storage_path}/train; see the worker logs")
-    return result.checkpoint
-
-
 def keep_adapter(checkpoint, work: Path) -> tuple[Path, dict]:
     """Copy the final checkpoint's adapter to ``work/adapter`` (atomically); returns it and the run state."""
     adapter_dir, tmp = work / "adapter", work / ".adapter.partial"
@@ -646,7 +544,7 @@ def keep_adapter(checkpoint, work: Path) -> tuple[Path, dict]:
 def build_loop(config: SlmConfig, model_dir: Path, examples: list[Example], pad_id: int, device: str,
                steps: int) -> dict:
     h = config.heal
-    dtype = config.model.dtype if config.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = compute_dtype(config, device)
     return {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype,
             "attn_implementation": config.model.attn_implementation, "lora": lora_settings(h),
             "deepspeed": deepspeed_config(h, config.cluster.num_workers, device), "zero_stage": h.zero_stage,
@@ -660,13 +558,6 @@ def build_loop(config: SlmConfig, model_dir: Path, examples: list[Example], pad_
 def heal(config: SlmConfig, model_dir: Path | None = None, data: Path | None = None, ray_address: str | None = None
          ) -> HealResult:
     """LoRA-heal ``model_dir`` (default: the run's pruned checkpoint) on ``data``; merge and save."""
-    from transformers import AutoTokenizer
-
-    from slm_dist.checkpoint.index import open_index
-    from slm_dist.checkpoint.writer import write_json
-    from slm_dist.export import check_output_dir
-    from slm_dist.verify import verify_model
-
     started = time.perf_counter()
     h = config.heal
     model_dir = Path(model_dir or h.model or config.output_dir)
@@ -678,7 +569,7 @@ def heal(config: SlmConfig, model_dir: Path | None = None, data: Path | None = N
     check_output_dir(model_dir, out_dir)
     grad_accumulation_steps(h.batch_size, h.micro_batch_size, config.cluster.num_workers)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = context.load_tokenizer(model_dir)
     kind, examples = prepare_examples(Path(data), tokenizer, h.cutoff_len)
     steps = total_steps(len(examples), h.batch_size, h.epochs, h.max_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -687,15 +578,14 @@ def heal(config: SlmConfig, model_dir: Path | None = None, data: Path | None = N
              config.cluster.num_workers, h.zero_stage)
     work.mkdir(parents=True, exist_ok=True)
 
-    with ray_connection(ray_address or config.cluster.address,
-                        num_cpus=math.ceil(config.cluster.num_workers * h.cpus_per_worker)):
-        import ray
-
-        device = resolve_device(config.cluster.device, ray.cluster_resources().get("GPU", 0.0),
-                                config.cluster.num_workers)
+    with train.train_cluster(ray_address or config.cluster.address,
+                             num_cpus=math.ceil(config.cluster.num_workers * h.cpus_per_worker)) as gpus:
+        device = resolve_device(config.cluster.device, gpus, config.cluster.num_workers)
         loop = build_loop(config, model_dir, examples, pad_id, device, steps)
-        checkpoint = fit(loop, config.cluster.num_workers, device, h.cpus_per_worker, storage, h.keep_checkpoints,
-                         max_failures=config.cluster.max_restarts)
+        checkpoint = train.fit(train_worker, loop, config.cluster.num_workers, device, h.cpus_per_worker, storage,
+                               h.keep_checkpoints, max_failures=config.cluster.max_restarts)
+        if checkpoint is None:
+            raise HealError(f"Ray Train finished without a checkpoint under {storage}/train; see the worker logs")
         adapter_dir, state = keep_adapter(checkpoint, work)
 
     if state["step"] != steps:
@@ -718,16 +608,13 @@ def run_heal(config: SlmConfig, cache_dir: Path | None = None, ray_address: str 
 
     Returns the summary also written to ``<run.dir>/heal/heal.json``.
     """
-    from slm_dist import pipeline
-    from slm_dist.checkpoint.writer import write_json
-
-    ctx = pipeline.resolve_inputs(config, cache_dir, show_progress)
+    ctx = context.resolve_inputs(config, cache_dir, show_progress)
     model_dir = Path(config.heal.model or config.output_dir)
     result = heal(config, model_dir, config.heal.data or ctx.calibration_source, ray_address)
-    backend = pipeline.make_backend(config)
+    backend = context.make_backend(config)
     try:
-        before = pipeline.perplexity(ctx, model_dir, backend)
-        after = pipeline.perplexity(ctx, result.output_dir, backend)
+        before = context.perplexity(ctx, model_dir, backend)
+        after = context.perplexity(ctx, result.output_dir, backend)
     finally:
         backend.close()
     summary = {**result.to_json(), "model": str(model_dir), "perplexity_before_heal": before,
@@ -736,20 +623,18 @@ def run_heal(config: SlmConfig, cache_dir: Path | None = None, ray_address: str 
     return summary
 
 
-def heal_stage(ctx, pruned_dir: Path, backend=None) -> dict:
+def heal_stage(ctx: context.RunContext, pruned_dir: Path, backend: Backend | None = None) -> dict:
     """`slm-dist run` with heal.enabled: heal the pruned checkpoint, then its held-out perplexity.
 
     ``backend`` is closed first: on Ray its stage actors hold the CPUs/GPUs the training workers
     need (it reconnects on its next use). Returns the fields the run adds to eval.json.
     """
-    from slm_dist import pipeline
-
     if backend is not None:
         backend.close()
     result = heal(ctx.config, model_dir=pruned_dir, data=ctx.config.heal.data or ctx.calibration_source)
-    backend = backend or pipeline.make_backend(ctx.config)
+    backend = backend or context.make_backend(ctx.config)
     try:
-        ppl = pipeline.perplexity(ctx, result.output_dir, backend)
+        ppl = context.perplexity(ctx, result.output_dir, backend)
     finally:
         backend.close()
     return {"perplexity_healed": ppl, "healed_output": str(result.output_dir), "heal_adapter": str(result.adapter_dir),

@@ -18,24 +18,23 @@ reports and ``state.json``.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from slm_dist.checkpoint.index import CheckpointIndex
+from slm_dist.checkpoint.lock import LOCK_NAME, FolderLock
 from slm_dist.checkpoint.writer import MANIFEST_NAME, sha256_file, write_json
 from slm_dist.config import SlmConfig
+from slm_dist.core.planner import MergePlan, PlanError
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
-LOCK_NAME = ".slm-dist.lock"
 STATE_FORMAT = 1
 STAGES = ("calibrate", "plan", "merge", "eval", "report")
 ARTIFACTS = {
@@ -182,7 +181,9 @@ class RunState:
         self.run_key = key
         self.inputs = inputs
         self.data = data
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(run_dir, lambda path, pid: RunStateError(
+            f"another slm-dist process is running in {run_dir} (pid {pid} holds {LOCK_NAME}); wait for it to "
+            "finish or use another run.dir"))
 
     @classmethod
     def open(cls, run_dir: Path, keys: Mapping[str, str], key: str, inputs: RunInputs,
@@ -283,21 +284,10 @@ class RunState:
     # ------------------------------------------------------------------ lock
     def lock(self) -> None:
         """Hold the folder for this process: a scheduler that starts a second run of it gets an error."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunStateError(f"another slm-dist process is running in {self.run_dir} (it holds {LOCK_NAME}); "
-                                "wait for it to finish or use another run.dir") from None
-        self._lock_fd = fd
+        self._lock.acquire()
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
 
 def load_state(run_dir: Path) -> dict:
@@ -309,3 +299,16 @@ def load_state(run_dir: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return {}
+
+
+def load_plan(run_dir: Path) -> MergePlan:
+    """The `MergePlan` a run's plan stage wrote to ``<run_dir>/plan.json``, re-validated."""
+    path = Path(run_dir) / "plan.json"
+    if not path.is_file():
+        raise PlanError(f"{path} does not exist: run `slm-dist run` (or its plan stage) first, or set run.dir to a "
+                        "run folder that has a plan.json")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path} is not valid JSON ({e}); regenerate it") from None
+    return MergePlan.from_json(data)

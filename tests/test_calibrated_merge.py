@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slm_dist.arch import get_arch
-from slm_dist.calibrated_merge import AlphaSearchError, alpha_grid, search_alpha, squared_error
+from slm_dist.core.alpha_fit import AlphaSearchError, alpha_grid, search_alpha, squared_error
 from slm_dist.checkpoint.index import open_index
 from slm_dist.checkpoint.reader import LazyReader
-from slm_dist.merge import merge_state_dict, merge_tensor, merge_window
+from slm_dist.core.merge import merge_state_dict, merge_tensor, merge_window
 from slm_dist.testing import make_tiny_model
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
 
@@ -161,7 +161,7 @@ def test_scaled_run_writes_the_fitted_alphas_and_merges_with_them(tiny_model, ti
 
     from slm_dist import pipeline
     from slm_dist.config import load_config
-    from slm_dist.planner import MergePlan
+    from slm_dist.core.planner import MergePlan
     from tests.test_pipeline import tiny_overrides
 
     config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
@@ -185,7 +185,7 @@ def test_scaled_run_writes_the_fitted_alphas_and_merges_with_them(tiny_model, ti
 
 
 def test_plan_rejects_missing_or_stray_alphas():
-    from slm_dist.planner import MergePlan, PlanError
+    from slm_dist.core.planner import MergePlan, PlanError
 
     with pytest.raises(PlanError, match="needs one alpha per window"):
         MergePlan(6, ((1, 2),), "scaled", "cka", None)

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from slm_dist.calibration import (
     CalibrationDataError,
     contiguous_windows,
+    perplexity_windows,
     load_calibration,
     load_calibration_parquet,
     read_records,
@@ -365,13 +366,10 @@ def test_load_refuses_ragged_rows(tmp_path: Path) -> None:
 
 def test_contiguous_windows_cut_in_order_and_drop_the_tail() -> None:
     assert contiguous_windows(list(range(11)), seq_len=3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert contiguous_windows(torch.arange(11, dtype=torch.int32), seq_len=3, max_windows=2).tolist() == [
-        [0, 1, 2],
-        [3, 4, 5],
-    ]
+    assert contiguous_windows(torch.arange(11, dtype=torch.int32), seq_len=3).tolist()[:2] == [[0, 1, 2], [3, 4, 5]]
     exact = contiguous_windows(torch.arange(12), seq_len=4)
     assert exact.dtype == torch.int64 and exact.shape == (3, 4)
-    assert contiguous_windows(range(12), seq_len=4, max_windows=10).shape == (3, 4)
+    assert perplexity_windows(range(12), seq_len=4, max_windows=10).shape == (3, 4)  # a cap above the count: all
 
 
 def test_contiguous_windows_errors() -> None:
@@ -380,4 +378,4 @@ def test_contiguous_windows_errors() -> None:
     with pytest.raises(CalibrationDataError, match=r"shape \(1, 8\)"):
         contiguous_windows(torch.zeros(1, 8, dtype=torch.int64), seq_len=4)
     with pytest.raises(CalibrationDataError, match=r"max_windows must be an integer >= 1; got 0"):
-        contiguous_windows(range(8), seq_len=4, max_windows=0)
+        perplexity_windows(range(8), seq_len=4, max_windows=0)

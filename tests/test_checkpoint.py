@@ -18,7 +18,7 @@ from slm_dist.checkpoint.reader import LazyReader, RowReader, torch_dtype
 from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, ShardWriter, TensorEntry,
                                         partial_name, plan_shards, safetensors_header, sha256_file, shard_name,
                                         verify_manifest, write_manifest, write_safetensors)
-from slm_dist.export import ExportError, check_output_dir
+from slm_dist.checkpoint.export import ExportError, check_output_dir
 
 
 def _folder(tmp_path: Path, shards: dict[str, dict[str, torch.Tensor]], config: dict | None = None) -> Path:

@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 
-from slm_dist import baselines, compare, evaluation, planner
+from slm_dist.core import baselines, planner
+from slm_dist import calibration, compare, evaluation
 from slm_dist.config import load_config
-from slm_dist.planner import PlanError
+from slm_dist.core.planner import PlanError
 from slm_dist.testing import tiny_tokenizer
 
 # The methods issue 6 compares (compare.METHODS may hold more, tested where they are built).
@@ -157,12 +158,16 @@ def test_compare_runs_every_method_at_the_same_layer_count(compared, tiny_model,
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["dense", *ISSUE_METHODS]
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
+    assert (rows["dense"]["layers_removed"], rows["dense"]["layers_after"], rows["dense"]["windows"]) == (0, 6, [])
     for method in ISSUE_METHODS:
-        assert rows[method]["layers_after"] == 6 - rows[method]["layers_removed"]
-        assert rows[method]["layers_removed"] == 2, method
+        # The windows the row records (the model that was built and scored) remove the asked 2 layers.
+        assert sum(hi - lo for lo, hi in rows[method]["windows"]) == 2, (method, rows[method]["windows"])
+        assert (rows[method]["target_removed"], rows[method]["layers_removed"], rows[method]["layers_after"]) \
+            == (2, 2, 4), method
+        assert rows[method]["windows"] == result["plans"][f"{method}@2"]["windows"], method
         assert set(rows[method]["eval"]["tasks"]["openbookqa"]) == {"acc", "acc_norm", "n"}
 
-    windows = evaluation.perplexity_windows(
+    windows = calibration.perplexity_windows(
         tiny_tokenizer()(evaluation.read_ppl_text(tiny_text_file), add_special_tokens=False)["input_ids"], 32, 6)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     key = str(tiny_text_file)
@@ -193,7 +198,7 @@ def test_compare_runs_every_method_at_the_same_layer_count(compared, tiny_model,
 
 def test_compare_rerun_reuses_measured_models(compared, monkeypatch):
     config, spec, result = compared
-    monkeypatch.setattr(compare.pipeline, "merge", lambda *a: pytest.fail("a measured model was merged again"))
+    monkeypatch.setattr(compare, "merge_stage", lambda *a: pytest.fail("a measured model was merged again"))
     monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a: pytest.fail("a measured model re-scored"))
     again = compare.compare(config, [2], spec, methods=("last_layers", "laco"), show_progress=False)
     before = {r["method"]: r["eval"] for r in result["rows"]}
@@ -269,7 +274,7 @@ def test_rows_for_other_settings_are_moved_aside_not_lost(tmp_path):
 
 
 def test_model_identity_tells_corrected_plans_apart():
-    from slm_dist.planner import MergePlan
+    from slm_dist.core.planner import MergePlan
 
     drop = MergePlan(6, ((1, 3),), "drop", "cka", None)
     scaled0 = MergePlan(6, ((1, 3),), "scaled", "cka", None, alphas=(0.0,))
@@ -279,8 +284,8 @@ def test_model_identity_tells_corrected_plans_apart():
 
 
 def test_rows_of_corrected_plans_say_their_kind(tmp_path):
-    from slm_dist.corrections_file import save_corrections
-    from slm_dist.planner import MergePlan
+    from slm_dist.checkpoint.corrections import save_corrections
+    from slm_dist.core.planner import MergePlan
 
     def plan(kind):
         path = tmp_path / f"{kind}.safetensors"
@@ -297,7 +302,7 @@ def test_rows_of_corrected_plans_say_their_kind(tmp_path):
 
 def test_runs_over_other_methods_add_up_in_one_file(compared, monkeypatch):
     config, spec, result = compared
-    monkeypatch.setattr(compare.pipeline, "merge", lambda *a: pytest.fail("a measured model was merged again"))
+    monkeypatch.setattr(compare, "merge_stage", lambda *a: pytest.fail("a measured model was merged again"))
     monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a: pytest.fail("a measured model re-scored"))
     only_laco = compare.compare(config, [2], spec, methods=("laco",), show_progress=False)
     assert [r["method"] for r in only_laco["rows"]] == ["dense", "laco"]

@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from slm_dist.config import ConfigError, SlmConfig, load_config, parse_override, to_yaml
 
@@ -21,9 +23,24 @@ def test_demo_runs_on_ray_and_the_shipped_demo_config_matches_the_no_config_run(
     assert load_config(None, list(DEMO_SETTINGS)).cluster.backend == "ray"
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 @pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml"])
 def test_shipped_configs_validate(name):
-    load_config(ROOT / "configs" / name)
+    path = ROOT / "configs" / name
+    cfg = load_config(path)
+    written = _leaves(yaml.safe_load(path.read_text()))
+    loaded = _leaves(cfg.model_dump(mode="json"))
+    # Every value the file sets is the value the config holds (none dropped, renamed or defaulted away).
+    assert written and {key: loaded.get(key, "<missing>") for key in written} == written
 
 
 def test_overrides_are_typed_and_nested():
@@ -36,10 +53,13 @@ def test_overrides_are_typed_and_nested():
 
 def test_config_is_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen") as top:
         cfg.plan = None  # type: ignore[misc]
-    with pytest.raises(Exception):
+    assert [(e["type"], e["loc"]) for e in top.value.errors()] == [("frozen_instance", ("plan",))]
+    with pytest.raises(ValidationError, match="frozen") as nested:
         cfg.merge.rule = "sum"  # type: ignore[misc]
+    assert [(e["type"], e["loc"]) for e in nested.value.errors()] == [("frozen_instance", ("rule",))]
+    assert cfg.plan is not None and cfg.merge.rule == "reference"  # neither assignment went through
 
 
 def test_unknown_key_names_its_path_and_a_suggestion(tmp_path):

@@ -27,12 +27,13 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from slm_dist import calibration, merge, pipeline, planner, similarity  # noqa: E402
+from slm_dist import calibration, context, pipeline  # noqa: E402
+from slm_dist.core import merge, planner, similarity
 from slm_dist.arch import get_arch, prune_config  # noqa: E402
 from slm_dist.checkpoint.index import open_index  # noqa: E402
 from slm_dist.config import ClusterSection, load_config  # noqa: E402
-from slm_dist.distributed import RayBackend, RayBackendError  # noqa: E402
-from slm_dist.local_backend import LocalBackend  # noqa: E402
+from slm_dist.backends.ray import RayBackend, RayBackendError  # noqa: E402
+from slm_dist.backends.local import LocalBackend  # noqa: E402
 from slm_dist.testing import hf_layer_outputs, make_tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec  # noqa: E402
 from slm_dist.workers.stats_reducer import StatsReducer  # noqa: E402
@@ -76,7 +77,7 @@ def tiny(tmp_path_factory):
     ids = calibration.load_calibration(root / "text.txt", tiny_tokenizer(), num_samples=32, seq_len=24, seed=0)
     calibration.save_calibration(root / "calibration.parquet", ids)
     ids = calibration.load_calibration_parquet(root / "calibration.parquet")
-    return model, pipeline.batches(ids, 4)
+    return model, context.batches(ids, 4)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +250,7 @@ def test_rerun_after_driver_death_resumes_from_stats_parquet(staged, tiny, tmp_p
 def eight_layer(tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp("eight") / "model", num_layers=8, hidden=32, seed=0)
     ids = torch.randint(3, 60, (8, 16), generator=torch.Generator().manual_seed(0))
-    return model, pipeline.batches(ids, 4)
+    return model, context.batches(ids, 4)
 
 
 def brute_force_scorer(model_dir: Path, batches, rule: str):
@@ -396,7 +397,7 @@ def test_ray_backend_starts_a_private_local_instance_when_none_is_running(tiny, 
     script = f"""
 import ray, torch
 from slm_dist.config import ClusterSection
-from slm_dist.distributed import RayBackend
+from slm_dist.backends.ray import RayBackend
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec
 specs = [StageSpec({str(model)!r}, 0, 3, 6), StageSpec({str(model)!r}, 3, 6, 6)]
 ids = torch.randint(3, 60, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -422,16 +423,16 @@ print("OK")
 
 # ------------------------------------------------------------------------------- config -> specs
 def test_gpus_per_stage_gives_cuda_bf16_stages_and_gpu_bundles(tiny):
-    from slm_dist.distributed import _bundle
+    from slm_dist.backends.ray import _bundle
 
     model, _ = tiny
     index = open_index(model)
     gpu = load_config(None, [f"model.path={model}", "cluster.backend=ray", "cluster.num_stages=2",
                              "cluster.gpus_per_stage=1", "cluster.cpus_per_stage=4"])
-    assert {(s.device, s.dtype) for s in pipeline.stage_specs(gpu, index)} == {("cuda", "bfloat16")}
+    assert {(s.device, s.dtype) for s in context.stage_specs(gpu, index)} == {("cuda", "bfloat16")}
     assert _bundle(gpu.cluster) == {"CPU": 4.0, "GPU": 1.0}
     cpu = load_config(None, [f"model.path={model}", "cluster.backend=ray", "cluster.num_stages=2"])
-    assert {(s.device, s.dtype) for s in pipeline.stage_specs(cpu, index)} == {("cpu", "float32")}
+    assert {(s.device, s.dtype) for s in context.stage_specs(cpu, index)} == {("cpu", "float32")}
     assert _bundle(cpu.cluster) == {"CPU": 1.0}
 
 
@@ -446,16 +447,16 @@ def test_smollm2_ray_equals_local_equals_hf(cluster, tmp_path):
         pytest.skip(f"SmolLM2 demo assets are not cached under {cache}; run `slm-dist run configs/default.yaml` "
                     "(or assets.prepare_demo_assets) once to build them")
     demo = assets.prepare_demo_assets(cache)
-    tokenizer = pipeline.load_tokenizer(demo.model_dir)
+    tokenizer = context.load_tokenizer(demo.model_dir)
     ids = calibration.load_calibration(demo.calibration_text, tokenizer, num_samples=8, seq_len=64, seed=0)
     calibration.save_calibration(tmp_path / "calibration.parquet", ids)
-    batches = pipeline.batches(calibration.load_calibration_parquet(tmp_path / "calibration.parquet"), 4)
+    batches = context.batches(calibration.load_calibration_parquet(tmp_path / "calibration.parquet"), 4)
     stats = StatsSpec(tokens_per_batch=128)
     reference = hf_cka(demo.model_dir, batches, stats)
     for num_stages in (1, 2, 3):
         cfg = load_config(None, [f"model.path={demo.model_dir}", "cluster.backend=ray",
                                  f"cluster.num_stages={num_stages}", "cluster.cpus_per_stage=0.5"])
-        specs = pipeline.stage_specs(cfg, open_index(demo.model_dir), demo.model_dir)
+        specs = context.stage_specs(cfg, open_index(demo.model_dir), demo.model_dir)
         backend = RayBackend(cfg.cluster)
         try:
             on_ray = backend.calibrate(specs, stats, batches)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slm_dist import dryrun, partition, sizing
+from slm_dist import dryrun
+from slm_dist.core import partition, sizing
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointError, open_index
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_OK, main
@@ -168,7 +169,7 @@ def test_headers_are_used_when_the_weights_are_here(tiny_model):
     d = dryrun.dry_run(cfg, tiny_model)
     index = open_index(tiny_model)
     assert d.weights_from == "headers" and d.source_bytes == index.total_bytes
-    from slm_dist.pipeline import stage_specs
+    from slm_dist.context import stage_specs
 
     assert [(s.start, s.stop) for s in d.stages] == [(s.start, s.stop) for s in stage_specs(cfg, index)]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm_dist import evaluation
+from slm_dist import calibration, evaluation
 from slm_dist.evaluation import EvalDataError, EvalSpec, Item
-from slm_dist.local_backend import LocalBackend
+from slm_dist.backends.local import LocalBackend
 from slm_dist.testing import tiny_tokenizer
 from slm_dist.workers.stage_worker import StageSpec
 
@@ -175,7 +175,7 @@ def test_winogrande_partial_scoring_equals_hand_computed(tmp_path, hf_model, two
 def test_pipeline_perplexity_equals_the_hf_models_loss_on_the_same_windows(tiny_text_file, hf_model, two_stage_scorer):
     tok = tiny_tokenizer()
     ids = tok(evaluation.read_ppl_text(tiny_text_file, "raw"), add_special_tokens=False)["input_ids"]
-    windows = evaluation.perplexity_windows(ids, seq_len=48, max_windows=6)
+    windows = calibration.perplexity_windows(ids, seq_len=48, max_windows=6)
     total = len(ids) // 48
     picked = [round(k * (total - 1) / 5) for k in range(6)]  # evenly spaced, first and last included
     assert windows.shape == (6, 48) and picked[0] == 0 and picked[-1] == total - 1
@@ -186,10 +186,10 @@ def test_pipeline_perplexity_equals_the_hf_models_loss_on_the_same_windows(tiny_
     assert count == 6 * 47
     assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
 
-    with_bos = evaluation.perplexity_windows(ids, seq_len=48, max_windows=6, bos_id=tok.bos_token_id)
+    with_bos = calibration.perplexity_windows(ids, seq_len=48, max_windows=6, bos_id=tok.bos_token_id)
     assert with_bos.shape == (6, 48) and (with_bos[:, 0] == tok.bos_token_id).all()
     assert with_bos[0, 1:].tolist() == ids[:47]
-    assert len(evaluation.perplexity_windows(ids, seq_len=48)) == total  # no cap: every full window
+    assert len(calibration.perplexity_windows(ids, seq_len=48)) == total  # no cap: every full window
 
 
 def test_ppl_text_join_rules(tmp_path):
@@ -310,7 +310,7 @@ def test_ray_stages_give_the_same_numbers_as_in_process(tmp_path, tiny_model, ti
     if ray.is_initialized():
         pytest.skip("this process already holds a Ray session")
     from slm_dist.config import load_config
-    from slm_dist.pipeline import make_backend
+    from slm_dist.context import make_backend
 
     task = tmp_path / "arc.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in ARC_ITEMS))
@@ -341,7 +341,7 @@ def test_smollm2_wikitext2_perplexity_through_stages_equals_hf_loss():
     tok = AutoTokenizer.from_pretrained(SMOLLM2)
     ids = tok(evaluation.read_ppl_text(DATA / "wikitext-2-raw/wiki.test.hf_rows.jsonl"),
               add_special_tokens=False)["input_ids"]
-    windows = evaluation.perplexity_windows(ids, seq_len=256, max_windows=3)
+    windows = calibration.perplexity_windows(ids, seq_len=256, max_windows=3)
     backend = LocalBackend()
     specs = [StageSpec(str(SMOLLM2), 0, 15, 30), StageSpec(str(SMOLLM2), 15, 30, 30)]
     ppl, count = evaluation.perplexity(windows, evaluation.backend_scorer(backend, specs), batch_size=3)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from slm_dist.global_planner import (
+from slm_dist.core.global_planner import (
     COSTS,
     best_block,
     best_plans,
@@ -18,7 +18,7 @@ from slm_dist.global_planner import (
     plan_windows_global,
     window_costs,
 )
-from slm_dist.planner import PlanError
+from slm_dist.core.planner import PlanError
 
 
 def all_window_sets(n: int, first: int, stop: int, max_window: int | None):
@@ -272,7 +272,7 @@ def test_every_reachable_count_is_planned_and_the_next_one_is_refused(max_window
 
 
 def test_rank_plans_orders_by_measured_loss_and_keeps_provenance():
-    from slm_dist.global_planner import RankedPlan, ScoredPlan, rank_plans
+    from slm_dist.core.global_planner import RankedPlan, ScoredPlan, rank_plans
 
     candidates = [("cka_drop", ScoredPlan(((1, 2),), 0.1)), ("block_influence", ScoredPlan(((3, 4),), 0.2)),
                   ("angular", ScoredPlan(((2, 3),), 0.3))]
@@ -340,7 +340,7 @@ def removed_set(windows) -> set[int]:
 
 
 def test_neighbours_by_hand():
-    from slm_dist.global_planner import neighbour_plans, windows_removing
+    from slm_dist.core.global_planner import neighbour_plans, windows_removing
 
     assert windows_removing([3, 4, 6, 9]) == ((2, 4), (5, 6), (8, 9))
     assert neighbour_plans([(2, 3)], 6) == [((1, 2),), ((3, 4),)]
@@ -366,8 +366,8 @@ def test_neighbours_by_hand():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_every_neighbour_swaps_one_removed_layer_and_stays_valid(seed):
-    from slm_dist.global_planner import neighbour_plans
-    from slm_dist.planner import MergePlan
+    from slm_dist.core.global_planner import neighbour_plans
+    from slm_dist.core.planner import MergePlan
 
     rng = random.Random(seed)
     n = 14
@@ -379,7 +379,7 @@ def test_every_neighbour_swaps_one_removed_layer_and_stays_valid(seed):
 
 
 def test_local_search_ends_at_a_local_optimum_and_never_remeasures():
-    from slm_dist.global_planner import local_search, neighbour_plans
+    from slm_dist.core.global_planner import local_search, neighbour_plans
 
     n = 12
     rng = random.Random(1)
@@ -421,7 +421,7 @@ def test_config_keys_for_the_global_search():
 
 
 def test_neighbours_are_every_single_swap():
-    from slm_dist.global_planner import neighbour_plans
+    from slm_dist.core.global_planner import neighbour_plans
 
     n, windows = 12, ((2, 4), (7, 8))  # removes {3, 4, 8}; removable 2..10 (9 layers)
     got = neighbour_plans(windows, n)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from slm_dist.verify import verify_model
+from slm_dist.checkpoint.verify import verify_model
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray")

@@ -12,14 +12,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slm_dist.arch import get_arch
-from slm_dist.calibrated_merge import squared_error
+from slm_dist.core.alpha_fit import squared_error
 from slm_dist.checkpoint.index import open_index
-from slm_dist.corrections_file import checked_windows, kind_of, load_corrections, save_corrections
-from slm_dist.export import ExportError, plan_export, write_export
-from slm_dist.linear_correction import (CorrectionError, Fold, NormalEquations, Rows, choose_correction,
+from slm_dist.checkpoint.corrections import checked_windows, kind_of, load_corrections, save_corrections
+from slm_dist.checkpoint.export import ExportError, plan_export, write_export
+from slm_dist.backends.local import run_jobs_local
+from slm_dist.core.correction_fit import (CorrectionError, Fold, NormalEquations, Rows, choose_correction,
                                         correction_key, projection_prior, ridge_towards)
-from slm_dist.merge import MergeError, apply_correction, correction_name, merge_state_dict
-from slm_dist.planner import MergePlan, PlanError
+from slm_dist.core.merge import MergeError, apply_correction, correction_name, merge_state_dict
+from slm_dist.core.planner import MergePlan, PlanError
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
 from tests.test_calibrated_merge import hf_hidden, state_dict
 
@@ -290,7 +291,7 @@ def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_m
     plan, matrices = corrected_plan(tmp_path, rule, alpha, windows, kind=kind)
     index = open_index(tiny_model)
     export = plan_export(index, plan, tmp_path / "out", max_shard_bytes=64 * 1024)
-    write_export(export, max_parallel=2, memory_budget_bytes=budget)
+    write_export(export, run_jobs_local, max_parallel=2, memory_budget_bytes=budget)
     got = state_dict(tmp_path / "out")
     expected = merge_state_dict(state_dict(tiny_model), windows, 6, LLAMA, rule, plan.alpha_map, corrections=matrices,
                                 correction_kind=kind)
@@ -346,7 +347,7 @@ def test_refit_files_say_their_kind_and_are_checked_against_the_projection(tiny_
 # ----------------------------------------------------------------------------------- the run
 @pytest.mark.parametrize("kind", ["linear", "refit"])
 def test_corrected_run_writes_fits_and_a_checkpoint_with_them(tiny_model, tiny_text_file, tmp_path, kind):
-    from slm_dist import pipeline
+    from slm_dist import context, pipeline
     from slm_dist.config import load_config
     from tests.test_pipeline import tiny_overrides
 
@@ -380,7 +381,7 @@ def test_output_criterion_rejects_the_correction():
 
 
 def test_a_plan_whose_windows_all_keep_the_plain_merge_leaves_no_file(tmp_path):
-    from slm_dist.pipeline import write_corrections
+    from slm_dist.planning import write_corrections
 
     file, sha = write_corrections(tmp_path, {(1, 3): torch.eye(4)})
     assert file == str((tmp_path / "corrections.safetensors").resolve()) and len(sha) == 64
@@ -389,7 +390,7 @@ def test_a_plan_whose_windows_all_keep_the_plain_merge_leaves_no_file(tmp_path):
 
 
 def test_the_sliding_rule_plan_is_corrected_too(tiny_model, tiny_text_file, tmp_path):
-    from slm_dist import pipeline
+    from slm_dist import context, pipeline
     from slm_dist.config import load_config
     from tests.test_pipeline import tiny_overrides
 
@@ -403,7 +404,7 @@ def test_the_sliding_rule_plan_is_corrected_too(tiny_model, tiny_text_file, tmp_
 
 
 def test_a_new_calibration_forgets_the_maps_fitted_on_the_old_one(tiny_model):
-    from slm_dist.local_backend import LocalBackend
+    from slm_dist.backends.local import LocalBackend
     from slm_dist.workers.stage_worker import StatsSpec
 
     specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
@@ -421,9 +422,9 @@ def test_a_new_calibration_forgets_the_maps_fitted_on_the_old_one(tiny_model):
 def test_the_search_holds_one_plans_corrections_at_a_time(tiny_model, tiny_text_file, tmp_path, monkeypatch, kind):
     """Maps are released after each plan is scored; a released map fitted again is the same map, and
     the plan file holds the final plan's maps."""
-    from slm_dist import pipeline
+    from slm_dist import context, pipeline
     from slm_dist.config import load_config
-    from slm_dist.local_backend import LocalBackend
+    from slm_dist.backends.local import LocalBackend
     from tests.test_pipeline import tiny_overrides
 
     first_fit, held, refits = {}, [], []
@@ -465,8 +466,9 @@ def test_the_search_holds_one_plans_corrections_at_a_time(tiny_model, tiny_text_
 def test_plans_whose_loss_is_remembered_release_their_maps_too(tiny_model, tiny_text_file, tmp_path):
     """compare remembers plan losses across runs: a remembered plan is not scored, but its maps are
     still fitted (to know whether it is corrected) and must not pile up on the stages."""
-    from slm_dist import pipeline
+    from slm_dist import context, pipeline
     from slm_dist.config import load_config
+    from slm_dist.planning import PlanMemo, PlanSearch
     from tests.test_pipeline import tiny_overrides
 
     config = load_config(None, tiny_overrides(tiny_model, tiny_text_file, tmp_path, "plan.target_layers_removed=2",
@@ -474,14 +476,14 @@ def test_plans_whose_loss_is_remembered_release_their_maps_too(tiny_model, tiny_
                                               "merge.rule=drop", "merge.correction=linear",
                                               "merge.correction_batches=4", "cluster.backend=local",
                                               "eval.enabled=false"))
-    ctx = pipeline.resolve_inputs(config, None, False)
+    ctx = context.resolve_inputs(config, None, False)
     index = open_index(tiny_model)
-    backend = pipeline.make_backend(config)
-    reducer, _ = pipeline.calibrate(ctx, index, backend)
-    measured: dict = {}
-    first, _ = pipeline.make_plan(ctx, index, reducer, backend, measured)
+    backend = context.make_backend(config)
+    reducer = pipeline.calibrate(ctx, index, backend)
+    memo = PlanMemo()
+    first, _ = PlanSearch(ctx, reducer, backend, memo).make_plan(index)
     backend.clear_candidates(corrections=True)
-    again, _ = pipeline.make_plan(ctx, index, reducer, backend, {"losses": measured["losses"]})  # every loss known
+    again, _ = PlanSearch(ctx, reducer, backend, PlanMemo(losses=memo.losses)).make_plan(index)  # every loss known
     assert again.windows == first.windows
     held = sum(m is not None for stage in backend.stages for m in stage._corrections.values())
     assert held <= len(again.windows)  # the final plan's maps only

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slm_dist.arch import get_arch
-from slm_dist.merge import (
+from slm_dist.core.merge import (
     RULES,
     MergeError,
     TensorJob,

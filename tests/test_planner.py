@@ -11,14 +11,14 @@ import random
 import pytest
 import torch
 
-from slm_dist.planner import (
+from slm_dist.core.planner import (
     MergePlan,
     PlanError,
     TraceStep,
     layers_for_param_ratio,
     plan_windows_cka,
     plan_windows_output,
-    removable_layers,
+    max_layers_removed,
     search_threshold,
 )
 
@@ -381,7 +381,7 @@ def test_search_threshold_is_highest_on_random_matrices():
                 s[i][j] = s[j][i] = round(rng.uniform(0.5, 1.0), 2)
         n = size - 1
         values = sorted({v for row in s for v in row})
-        for k in range(removable_layers(n) + 1):
+        for k in range(max_layers_removed(n) + 1):
             try:
                 t, windows = search_threshold(s, k)
             except PlanError:
@@ -397,14 +397,26 @@ def _removed(windows):
     return sum(hi - lo for lo, hi in windows)
 
 
-def test_removable_layers():
-    assert removable_layers(32, 1, 1) == 29
-    assert removable_layers(6, 1, 1) == 3
-    assert removable_layers(3, 1, 1) == 0
-    assert removable_layers(2, 1, 1) == 0
-    assert removable_layers(4, 0, 0) == 3
+def test_max_layers_removed():
+    assert max_layers_removed(32, 1, 1) == 29
+    assert max_layers_removed(6, 1, 1) == 3
+    assert max_layers_removed(3, 1, 1) == 0
+    assert max_layers_removed(2, 1, 1) == 0
+    assert max_layers_removed(4, 0, 0) == 3
     with pytest.raises(PlanError, match=r"protect_first=3 \+ protect_last=2 .*4 layers"):
-        removable_layers(4, 3, 2)
+        max_layers_removed(4, 3, 2)
+
+
+def test_max_layers_removed_counts_the_windows_a_cap_forces():
+    # 30 mergeable layers in windows of at most 4 need 8 windows, each keeping one layer: 22 removable.
+    assert max_layers_removed(32, 1, 1, max_window=4) == 22
+    assert max_layers_removed(32, 1, 1, max_window=2) == 15
+    for n, cap in [(12, 3), (9, 2), (32, 5)]:
+        most = max_layers_removed(n, 1, 1, max_window=cap)
+        assert plan_windows_cka(torch.ones(n + 1, n + 1, dtype=torch.float64), 0.5, 1, 1, cap) and \
+            _removed(plan_windows_cka(torch.ones(n + 1, n + 1, dtype=torch.float64), 0.5, 1, 1, cap)) == most
+    with pytest.raises(PlanError, match="max_window must be >= 2"):
+        max_layers_removed(8, 1, 1, max_window=1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from slm_dist import report
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from slm_dist.planner import MergePlan
+from slm_dist.core.planner import MergePlan
 
 # A 6-layer model whose outputs form two "patches" of near-identical layers: 1..2 and 3..4.
 CKA = [
@@ -70,49 +70,63 @@ def test_report_json_and_markdown(run_dir):
     assert "![CKA between layer outputs, merged windows outlined](similarity.png)" in md
 
 
-def _cell_colors(png: np.ndarray, fig, n: int) -> np.ndarray:  # [n, n, 3]
-    """The colour at each cell's centre, located through the figure's own data->pixel transform."""
-    fig.canvas.draw()
-    ax = fig.axes[0]
-    height = png.shape[0]
-    out = np.zeros((n, n, 3))
-    for i in range(n):
-        for j in range(n):
-            x, y = ax.transData.transform((j, i))
-            out[i, j] = png[int(height - y), int(x), :3]
-    return out
+@pytest.fixture()
+def drawn(run_dir, monkeypatch) -> dict:
+    """write_report on the run folder; the Figure objects it saved, by file name, and the PNGs it wrote."""
+    figures = {}
+    save = report.save_figure
 
+    def recording(fig, path):
+        figures[Path(path).name] = fig
+        save(fig, path)
 
-def test_heatmap_pixels_equal_similarity_json(run_dir):
+    monkeypatch.setattr(report, "save_figure", recording)
     report.write_report(run_dir)
-    png = imread(run_dir / report.HEATMAP_NAME)
+    assert sorted(figures) == sorted([report.HEATMAP_NAME, report.INFLUENCE_NAME])
+    return {name: (fig, imread(run_dir / name)) for name, fig in figures.items()}
+
+
+def _pixel(png: np.ndarray, ax, x: float, y: float) -> np.ndarray:
+    """The PNG's RGB at data point (x, y) of ``ax``, through the saved figure's own data->pixel transform."""
+    px, py = ax.transData.transform((x, y))
+    return png[int(png.shape[0] - py), int(px), :3]
+
+
+def test_heatmap_pixels_equal_similarity_json(drawn):
+    fig, png = drawn[report.HEATMAP_NAME]
     assert png.shape[:2] == (720, 840)  # 7 x 6 inches at 120 dpi
-    sim = json.loads((run_dir / "similarity.json").read_text())
-    fig = report.heatmap_figure(sim["cka"], sim["labels"], WINDOWS)
-    colors = _cell_colors(png, fig, len(CKA))
-    # invert the colormap: nearest of its 256 colours, back to a value in [vmin, vmax]
-    vmin, vmax = report.heatmap_range(sim["cka"])
+    ax = fig.axes[0]
+    (image,) = ax.images
+    # What write_report handed to matplotlib: the matrix of similarity.json, its colour range, its labels.
+    np.testing.assert_array_equal(np.asarray(image.get_array()), np.array(CKA))
+    vmin, vmax = image.get_clim()
+    assert (vmin, vmax) == (0.5, 1.0) and image.get_cmap().name == report.HEATMAP_CMAP
+    labels = ["embed", *map(str, range(6))]
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels == [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.get_title() == "Linear CKA between layer outputs; red: merged windows"
+    assert fig.axes[1].get_ylabel() == "CKA"  # the colorbar
+    # What the PNG shows: invert the colormap at each cell's centre (nearest of its 256 colours).
+    n = len(CKA)
+    colors = np.array([[_pixel(png, ax, j, i) for j in range(n)] for i in range(n)])
     lut = matplotlib.colormaps[report.HEATMAP_CMAP](np.linspace(0, 1, 256))[:, :3]
     nearest = np.argmin(((colors[:, :, None, :] - lut[None, None]) ** 2).sum(-1), axis=-1)
     decoded = vmin + (nearest + 0.5) / 256 * (vmax - vmin)
-    assert (vmin, vmax) == (0.5, 1.0)
     # within two of the colormap's 256 steps (8-bit colours make neighbouring entries nearly alike)
-    np.testing.assert_allclose(decoded, np.array(sim["cka"]), atol=2 * (vmax - vmin) / 256)
+    np.testing.assert_allclose(decoded, np.array(CKA), atol=2 * (vmax - vmin) / 256)
 
 
-def test_heatmap_outlines_exactly_the_merged_windows(run_dir):
-    report.write_report(run_dir)
-    png = imread(run_dir / report.HEATMAP_NAME)
-    fig = report.heatmap_figure(CKA, ["embed", *range(6)], WINDOWS)
-    fig.canvas.draw()
+def test_heatmap_outlines_exactly_the_merged_windows(drawn):
+    fig, png = drawn[report.HEATMAP_NAME]
     ax = fig.axes[0]
+    red = [p for p in ax.patches if matplotlib.colors.same_color(p.get_edgecolor(), "red")]
+    # window [lo..hi] spans matrix indices lo..hi+1: a square from lo-0.5 with side hi-lo+2
+    assert sorted((p.get_xy(), p.get_width(), p.get_height()) for p in red) == [
+        ((0.5, 0.5), 3, 3), ((2.5, 2.5), 3, 3)]
 
     def is_red(x: float, y: float) -> bool:
-        px, py = ax.transData.transform((x, y))
-        r, g, b = png[int(png.shape[0] - py), int(px), :3]
+        r, g, b = _pixel(png, ax, x, y)
         return r > 0.8 and g < 0.35 and b < 0.35
 
-    # window [lo..hi] spans matrix indices lo..hi+1: left edge at lo-0.5, right edge at hi+1.5
     for lo, hi in WINDOWS:
         mid = (lo - 0.5 + hi + 1.5) / 2
         assert is_red(lo - 0.5, mid) and is_red(hi + 1.5, mid) and is_red(mid, lo - 0.5)
@@ -120,11 +134,9 @@ def test_heatmap_outlines_exactly_the_merged_windows(run_dir):
     assert not is_red(5.5, 6.0)  # nor the last layer's
 
 
-def test_block_influence_plot(run_dir):
-    report.write_report(run_dir)
-    png = imread(run_dir / report.INFLUENCE_NAME)
+def test_block_influence_plot(drawn):
+    fig, png = drawn[report.INFLUENCE_NAME]
     assert png.shape[:2] == (432, 1080)  # 9 x 3.6 inches at 120 dpi
-    fig = report.block_influence_figure(BLOCK_INFLUENCE, ANGULAR, WINDOWS)
     ax = fig.axes[0]
     bars = list(ax.containers[0])  # the BarContainer
     assert [b.get_height() for b in bars] == BLOCK_INFLUENCE
@@ -132,6 +144,11 @@ def test_block_influence_plot(run_dir):
     assert list(ax.lines[0].get_ydata()) == ANGULAR
     spans = [p for p in ax.patches if p not in bars]  # axvspan shading, one per window
     assert sorted((p.get_x(), p.get_x() + p.get_width()) for p in spans) == [(0.5, 2.5), (2.5, 4.5)]
+    # The PNG shows those bars: blue at the middle of each bar, not blue above its top.
+    blue = np.array(matplotlib.colors.to_rgb("tab:blue"))
+    for layer, height in enumerate(BLOCK_INFLUENCE):
+        assert np.abs(_pixel(png, ax, layer, height / 2) - blue).max() < 0.02, layer
+        assert np.abs(_pixel(png, ax, layer, height + 0.02) - blue).max() > 0.2, layer
 
 
 def test_cli_rebuilds_the_same_report_from_the_run_folder(run_dir):

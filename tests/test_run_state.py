@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm_dist import pipeline, planner, run_state
+from slm_dist import pipeline, run_state
+from slm_dist.core import planner
 from slm_dist.checkpoint.index import CheckpointIndex, TensorInfo
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, main
 from slm_dist.config import load_config

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from slm_dist.similarity import (
+from slm_dist.core.similarity import (
     HsicAccumulator,
     SimilarityError,
     angular_distance,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm_dist import similarity
-from slm_dist.local_backend import LocalBackend
+from slm_dist.core import similarity
+from slm_dist.backends.local import LocalBackend
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 
@@ -48,9 +50,9 @@ def test_chained_stages_equal_full_model(tiny_model, num_stages):
         h = w._inputs(x)
         if w.spec.is_first:
             got.append(h)
-        ctx = w._context(h)
+        ctx = w.context(h)
         for layer_id, layer in zip(w.layer_ids, w.layers):
-            h = w._run_layer(layer, layer_id, h, ctx)
+            h = w.run_layer(layer, layer_id, h, ctx)
             got.append(h)
         x = w.forward(x)
         torch.testing.assert_close(x, got[-1], atol=0, rtol=0)
@@ -108,17 +110,25 @@ def test_local_cka_equals_hf_hidden_states(tiny_model, unit, kernel):
     spec = StatsSpec(kernel=kernel, unit=unit, tokens_per_batch=48, seed=7)
     reducer = LocalBackend().calibrate([StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)],
                                        spec, batches)
-    reps = []
+    reps, cosines = [], []
     for b, x in batches:
         outs, _ = hf_layer_outputs(tiny_model, x)
         index = similarity.sample_token_index(4, 24, 48, 7, b) if unit == "token" else None
         reps.append([similarity.layer_representation(h, unit, index) for h in outs])
+        # Layer l maps outs[l] to outs[l+1]; position 0 of every sequence is left out (skip_first_token).
+        cosines.append(torch.stack([torch.nn.functional.cosine_similarity(
+            outs[l][:, 1:].double(), outs[l + 1][:, 1:].double(), dim=-1).flatten() for l in range(6)]))
     expected = similarity.minibatch_cka(reps, kernel)
     # Grams travel as float32: agreement to ~1e-5 relative on CKA values in [0, 1].
     torch.testing.assert_close(reducer.cka(), expected, atol=1e-4, rtol=0)
     assert reducer.num_batches == 4
-    bi = reducer.block_influence()
-    assert bi.shape == (6,) and torch.all((bi >= 0) & (bi <= 2))
+    # Block Influence (ShortGPT): 1 - mean cos(input, output) over every token row of every batch.
+    cos = torch.cat(cosines, dim=1)  # [6 layers, 4 batches x 4 samples x 23 positions]
+    assert cos.shape == (6, 4 * 4 * 23)
+    assert reducer.counts.tolist() == [4 * 4 * 23] * 6
+    torch.testing.assert_close(reducer.block_influence().double(), 1 - cos.mean(dim=1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(reducer.angular_distance().double(), (torch.arccos(cos.clamp(-1, 1)) / math.pi).mean(1),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rule", ["reference", "mean"])
@@ -130,9 +140,9 @@ def test_candidate_reruns_from_its_lowest_changed_layer_on_cached_inputs(tiny_mo
     w.calibrate(0, ids, cache_inputs=True)
     for layer in range(6):  # the cache holds each layer's original input
         expected = w._inputs(ids)
-        ctx = w._context(expected)
+        ctx = w.context(expected)
         for i in range(layer):
-            expected = w._run_layer(w.layers[i], i, expected, ctx)
+            expected = w.run_layer(w.layers[i], i, expected, ctx)
         torch.testing.assert_close(w.cached_input(0, layer), expected, atol=0, rtol=0)
     windows = [(3, 4)]
     from_window = w.run_candidate(0, None, windows, rule, from_layer=3, input_ids=ids)

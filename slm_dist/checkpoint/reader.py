@@ -243,3 +243,11 @@ class RowReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one small safetensors file (an adapter, not a model shard: those go through
+    ``LazyReader`` by key)."""
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(path))

@@ -14,36 +14,22 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from slm_dist.checkpoint.corrections import correction_slice, kind_of, read_correction
+from slm_dist.checkpoint.export import ShardJob, ShardResult
 from slm_dist.checkpoint.index import TensorInfo, open_index
 from slm_dist.checkpoint.reader import TORCH_DTYPES, LazyReader, RowReader
-from slm_dist.checkpoint.writer import FileRecord, ShardWriter, TensorEntry
-from slm_dist.merge import COPY, MergeError, TensorJob, merge_tensor, refit_rows
-
-if TYPE_CHECKING:
-    from slm_dist.export import ShardJob
+from slm_dist.checkpoint.writer import ShardWriter, TensorEntry
+from slm_dist.core.merge import COPY, MergeError, TensorJob, merge_tensor, refit_rows
 
 DEFAULT_MEMORY_BYTES = 256 * 1024**2
 MAX_READ_BYTES = 64 * 1024**2   # bigger reads do not copy faster, they only hold more memory
 # Merge arithmetic runs on slices this long: with their float32 temporaries they stay in a core's L2
 # cache. On the 2-core test machine that made the `sum` rule ~6x faster than whole 5632 x 2048 tensors.
 MERGE_ELEMENTS = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    """What one shard job did: the file it wrote and what that cost."""
-
-    record: FileRecord
-    bytes_read: int
-    seconds: float
-    peak_rss_bytes: int    # peak resident memory of the process that ran the job, so far
-    pid: int
 
 
 class MergeWorker:
@@ -104,11 +90,8 @@ class MergeWorker:
     def _write_refit(self, writer: ShardWriter, t: TensorJob, source: TensorInfo) -> None:
         """X^T (the weight) or X's last row (the bias), read from the corrections file in output row
         blocks (column blocks of X) within ``memory_bytes``; the merged source is not needed at all."""
-        import safetensors  # the module, not `from safetensors import safe_open`: see checkpoint/reader.py
-
         dtype = TORCH_DTYPES[source.dtype]
-        with safetensors.safe_open(self._corrections_path(t.correction), framework="pt") as f:
-            view = f.get_slice(t.correction)
+        with correction_slice(self._corrections_path(t.correction), t.correction) as view:
             shape = tuple(view.get_shape())
             try:
                 rows = refit_rows(source.shape, shape)
@@ -160,17 +143,10 @@ class MergeWorker:
         return self.corrections_file
 
     def _correction_kind(self, key: str) -> str:
-        from slm_dist.corrections_file import kind_of
-
         return kind_of(self._corrections_path(key))
 
     def _correction(self, key: str) -> torch.Tensor:
-        import safetensors  # the module, not `from safetensors import safe_open`: see checkpoint/reader.py
-
-        with safetensors.safe_open(self._corrections_path(key), framework="pt") as f:
-            if key not in f.keys():
-                raise ValueError(f"{self.corrections_file} has no correction {key!r}; regenerate the plan")
-            return f.get_tensor(key).float()
+        return read_correction(self._corrections_path(key), key)
 
     def _read(self, reader: RowReader, info: TensorInfo, a: int, b: int) -> torch.Tensor:
         if info.offset >= 0:

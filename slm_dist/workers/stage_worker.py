@@ -1,7 +1,7 @@
 """A contiguous slice of decoder layers, loaded straight from the safetensors shards.
 
 A plain class: the local backend calls it directly, the Ray backend wraps it in an actor
-(``slm_dist.distributed``). The model skeleton is built on the meta device and only this stage's
+(``slm_dist.backends.ray``). The model skeleton is built on the meta device and only this stage's
 tensors are read, so a stage of a 70B model holds its layers and nothing else.
 """
 
@@ -11,15 +11,20 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from slm_dist import similarity
 from slm_dist.arch import ArchSpec, get_arch
 from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_index
 from slm_dist.checkpoint.reader import LazyReader, torch_dtype
+from slm_dist.core import similarity
+from slm_dist.core.alpha_fit import AlphaFit
+from slm_dist.core.correction_fit import CorrectionFit, correction_key
+from slm_dist.core.merge import apply_correction, merge_window
+from slm_dist.core.types import Window
+from slm_dist.workers.window_fits import fit_window_alpha, fit_window_correction
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +134,7 @@ class StageWorker:
         self.norm = _get_module(model, self.arch.final_norm_module) if self.spec.is_last else None
         self.lm_head = (_get_module(model, self.arch.lm_head_module)
                         if self.spec.is_last and self.spec.with_lm_head else None)
-        self._layer_class = type(layers[0])
+        self._layer_class = type(layers[0])  # new_layer builds scratch layers of it
         del model, layers  # the rest of the skeleton is meta tensors: dropping it frees nothing real but names
 
         for layer_id, layer in zip(self.layer_ids, self.layers):
@@ -188,7 +193,13 @@ class StageWorker:
             return self.embed(x.long())
         return x.to(self.dtype)
 
-    def _context(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], dict[str, object]]:
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    def context(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], dict[str, object]]:
+        """What every layer of a forward pass over ``h`` [batch, seq, hidden] shares: positions, rotary
+        embeddings and the causal masks (``run_layer`` takes it back)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
@@ -203,7 +214,8 @@ class StageWorker:
         types = getattr(self.config, "layer_types", None)
         return types[layer_id] if types else "full_attention"
 
-    def _run_layer(self, layer: nn.Module, layer_id: int, h: Tensor, ctx) -> Tensor:
+    def run_layer(self, layer: nn.Module, layer_id: int, h: Tensor, ctx) -> Tensor:
+        """``layer`` (one of this stage's, or one built by ``new_layer``) at position ``layer_id``."""
         position_ids, position_embeddings, masks = ctx
         out = layer(h, attention_mask=masks[self._layer_type(layer_id)], position_embeddings=position_embeddings,
                     position_ids=position_ids)
@@ -213,9 +225,9 @@ class StageWorker:
     def forward(self, x: Tensor) -> Tensor:
         """Token ids (first stage) or hidden states [batch, seq, hidden] -> this stage's output hidden."""
         h = self._inputs(x)
-        ctx = self._context(h)
+        ctx = self.context(h)
         for layer_id, layer in zip(self.layer_ids, self.layers):
-            h = self._run_layer(layer, layer_id, h, ctx)
+            h = self.run_layer(layer, layer_id, h, ctx)
         return h
 
     @torch.inference_mode()
@@ -250,12 +262,12 @@ class StageWorker:
 
         if self.spec.is_first:
             record(0, h)
-        ctx = self._context(h)
+        ctx = self.context(h)
         for layer_id, layer in zip(self.layer_ids, self.layers):
             h_in = h
             if cache_inputs:
                 cached.append(h_in.detach().to("cpu", copy=True))
-            h = self._run_layer(layer, layer_id, h, ctx)
+            h = self.run_layer(layer, layer_id, h, ctx)
             record(layer_id + 1, h)
             cos_sum, ang_sum, count = similarity.input_output_similarity(h_in, h, skip_first=spec.skip_first_token)
             stats.cos_sums[layer_id], stats.angular_sums[layer_id], stats.counts[layer_id] = cos_sum, ang_sum, count
@@ -288,29 +300,52 @@ class StageWorker:
         return out
 
     # ------------------------------------------------------- the published-code criterion (output)
-    def _merged_layer(self, window: tuple[int, int], rule: str, alpha: float | None = None,
+    def _merged_layer(self, window: Window, rule: str, alpha: float | None = None,
                       matrix: Tensor | None = None, correction: str | None = None) -> nn.Module:
         """The window merged by ``rule``, with ``matrix`` (a correction of kind ``correction``) folded in."""
-        from slm_dist.calibrated_merge import scratch_layer, window_members
-        from slm_dist.merge import apply_correction, merge_window
-
         key = (window, rule, alpha, correction if matrix is not None else None)
         if key not in self._merged_layers:
             # Window members above this stage live on other stages: read from the checkpoint.
-            per_layer, _ = window_members(self, window)
+            per_layer, _ = self.window_members(window)
             merged = merge_window(per_layer, rule, self.arch.role, alpha)
             if matrix is not None:
                 for suffix in self.arch.mlp_out_suffixes():
                     if suffix in merged:
                         merged[suffix] = apply_correction(merged[suffix], matrix, correction)
-            self._merged_layers[key] = scratch_layer(self, window[0], merged)
+            self._merged_layers[key] = self.new_layer(window[0], merged)
         return self._merged_layers[key]
 
-    def _fitted_correction(self, window: tuple[int, int], rule: str, alpha: float | None,
+    def new_layer(self, layer_id: int, tensors: dict[str, Tensor]) -> nn.Module:
+        """A decoder layer of this model's class at position ``layer_id`` holding ``tensors``, in the
+        stage's dtype and device (merged and candidate layers; the stage's own layers stay as loaded)."""
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
+
+        with init_empty_weights(include_buffers=False):
+            module = self._layer_class(self.config, layer_idx=layer_id)
+        for name, value in tensors.items():
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=self.dtype)
+        return module.eval().requires_grad_(False)
+
+    def window_members(self, window: Window) -> tuple[list[dict[str, Tensor]], Callable[[int], nn.Module]]:
+        """The window's source tensors (layers lo..hi, checkpoint dtype, held while one window is fitted)
+        and ``module(layer_id)``: this stage's own layer where it holds it, else a layer built from those
+        tensors by ``new_layer``, one at a time so at most one copy is alive."""
+        lo, hi = window
+        reader = LazyReader(self.index)  # a separate reader: `loaded_keys` keeps showing the stage's own slice
+        held = dict(zip(self.layer_ids, self.layers))
+        suffixes = [name for name, _ in held[lo].named_parameters()]
+        source = [{s: reader.get(self.arch.layer_key(i, s)) for s in suffixes} for i in range(lo, hi + 1)]
+        reader.close()
+
+        def module(layer_id: int) -> nn.Module:
+            return held[layer_id] if layer_id in held else self.new_layer(layer_id, source[layer_id - lo])
+
+        return source, module
+
+    def _fitted_correction(self, window: Window, rule: str, alpha: float | None,
                            correction: str) -> Tensor | None:
         """The window's fitted map (None: its fit kept the plain merge); raises when it was never fitted."""
-        from slm_dist.linear_correction import correction_key
-
         fitted = correction_key(window, rule, alpha, correction)
         if fitted not in self._corrections:
             raise StageCacheMissing(f"stage [{self.spec.start}, {self.spec.stop}) has no {correction} correction "
@@ -329,19 +364,15 @@ class StageWorker:
             raise ValueError(f"layer {layer_id} is not held by stage [{self.spec.start}, {self.spec.stop})")
         return self._cached_inputs[batch_id][layer_id - self.spec.start].to(self.device)
 
-    def fit_alpha(self, window: tuple[int, int], batch_ids: Sequence[int], grid_points: int = 6,
-                  refine_steps: int = 6):
-        """Rule ``scaled``: the window's alpha on cached calibration inputs (calibrated_merge.fit_window_alpha)."""
-        from slm_dist.calibrated_merge import fit_window_alpha
-
+    def fit_alpha(self, window: Window, batch_ids: Sequence[int], grid_points: int = 6,
+                  refine_steps: int = 6) -> AlphaFit:
+        """Rule ``scaled``: the window's alpha on cached calibration inputs (window_fits.fit_window_alpha)."""
         return fit_window_alpha(self, window, batch_ids, grid_points, refine_steps, self.stats_spec.skip_first_token)
 
-    def fit_correction(self, window: tuple[int, int], rule: str, alpha: float | None, batch_ids: Sequence[int],
-                       kind: str = "linear"):
-        """merge.correction=linear|refit: fit the window's correction on cached inputs (linear_correction)
+    def fit_correction(self, window: Window, rule: str, alpha: float | None, batch_ids: Sequence[int],
+                       kind: str = "linear") -> CorrectionFit:
+        """merge.correction=linear|refit: fit the window's correction on cached inputs (window_fits)
         and keep it for ``run_candidate(..., correction=kind)``; returns the fit, map included."""
-        from slm_dist.linear_correction import fit_window_correction
-
         fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token, kind)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
@@ -357,8 +388,8 @@ class StageWorker:
             self._corrections.clear()
 
     @torch.inference_mode()
-    def run_candidate(self, batch_id: int, x: Tensor | None, windows: Sequence[tuple[int, int]], rule: str,
-                      from_layer: int, alphas: Mapping[tuple[int, int], float] | None = None,
+    def run_candidate(self, batch_id: int, x: Tensor | None, windows: Sequence[Window], rule: str,
+                      from_layer: int, alphas: Mapping[Window, float] | None = None,
                       input_ids: Tensor | None = None, correction: str | None = None) -> Tensor:
         """Run the candidate model (original layers with `windows` merged) through this stage.
 
@@ -375,7 +406,7 @@ class StageWorker:
             h = self.cached_input(batch_id, first)
         else:
             first, h = self.spec.start, self._inputs(x)
-        ctx = self._context(h)
+        ctx = self.context(h)
         starts = {lo: hi for lo, hi in windows}
         skipped = {i for lo, hi in windows for i in range(lo + 1, hi + 1)}
         for layer_id, layer in zip(self.layer_ids, self.layers):
@@ -388,7 +419,7 @@ class StageWorker:
                 # Drop (or alpha 0) without a map keeps layer lo as it is: no copy to build.
                 if matrix is not None or (rule != "drop" and alpha != 0.0):
                     layer = self._merged_layer(window, rule, alpha, matrix, correction)
-            h = self._run_layer(layer, layer_id, h, ctx)
+            h = self.run_layer(layer, layer_id, h, ctx)
         if not self.spec.is_last:
             return h
         if input_ids is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slm_dist import similarity
+from slm_dist.core import similarity
 from slm_dist.workers.stage_worker import StageStats
 
 

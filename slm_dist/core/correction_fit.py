@@ -23,8 +23,8 @@ beats the plain merge on held-out batches, the window keeps it. Position 0 (mass
 fitted but only vetoes, see ``Fold``. The fit uses only sufficient statistics (u^T u, u^T r, ||r||^2 per
 batch in float64), so a stage never holds more than one window's hidden states.
 
-Layout: the math (normal equations, ridge, cross-validation) is PURE; ``fit_window_correction`` at
-the bottom is the stage glue, run by ``StageWorker.fit_correction`` on the stage holding lo.
+This module is the PURE half: normal equations, ridge, cross-validation. ``workers/window_fits.py``
+collects the statistics on the stage holding the window's lo.
 """
 
 from __future__ import annotations
@@ -32,15 +32,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from slm_dist.workers.stage_worker import StageWorker
-
-Window = tuple[int, int]
+from slm_dist.core.types import Window
 
 # Ridge strengths, relative to the mean eigenvalue of m^T m (trace / hidden): scale-free.
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
@@ -251,6 +247,8 @@ class CorrectionFit:
 
 
 CorrectionKey = tuple[Window, str, "float | None", str]
+# What to fit: (window, merge rule, alpha for rule scaled, correction kind)
+CorrectionRequest = tuple[Window, str, "float | None", str]
 
 
 def correction_key(window: Sequence[int], rule: str, alpha: float | None, kind: str = "linear") -> CorrectionKey:
@@ -273,71 +271,7 @@ def projection_prior(weight: Tensor, bias: Tensor | None) -> Tensor:
     return x if bias is None else torch.cat([x, bias.detach().double()[None]], dim=0)
 
 
-# --------------------------------------------------------------------------------------------
-# Stage glue: runs inside the StageWorker that holds the window's lo
-# --------------------------------------------------------------------------------------------
-
-
-def fit_window_correction(stage: StageWorker, window: Window, rule: str, alpha: float | None,
-                          batch_ids: Sequence[int], skip_first: bool = True, kind: str = "linear") -> CorrectionFit:
-    """Fit the ``kind`` correction of the window merged by ``rule`` (``alpha`` for scaled) on cached
-    calibration inputs.
-
-    The targets are the ORIGINAL window's outputs on its original inputs, as for the alpha fit;
-    members above this stage are read from the checkpoint. With ``skip_first`` position 0 is fitted
-    but kept out of the score (``Fold``).
-    """
-    from slm_dist.calibrated_merge import check_window_on_stage, scratch_layer, window_members
-    from slm_dist.merge import merge_window
-
-    check_kind(kind)
-    lo, hi = window
-    check_window_on_stage(stage, window)
-    if len(batch_ids) < 2:
-        raise CorrectionError(f"the correction of window {list(window)} needs at least 2 calibration batches for "
-                              f"cross-validation, got {len(batch_ids)}; raise merge.correction_batches")
-    source, member = window_members(stage, window)
-    merged = scratch_layer(stage, lo, merge_window(source, rule, stage.arch.role, alpha))
-    del source
-    projection = merged.get_submodule(stage.arch.mlp_out_module)
-    prior = None
-    if kind == "refit":
-        prior = projection_prior(projection.weight, getattr(projection, "bias", None)).to(stage.device)
-    captured: list[tuple[Tensor, Tensor]] = []
-    hook = projection.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
-    folds: list[Fold | None] = [None] * min(FOLDS, len(batch_ids))
-    try:
-        with torch.inference_mode():
-            inputs = [stage.cached_input(b, lo) for b in batch_ids]
-            contexts = [stage._context(h) for h in inputs]
-            targets = list(inputs)
-            for layer_id in range(lo, hi + 1):
-                module = member(layer_id)
-                targets = [stage._run_layer(module, layer_id, x, ctx) for x, ctx in zip(targets, contexts)]
-                del module
-            for position, (h, ctx, target) in enumerate(zip(inputs, contexts, targets)):
-                captured.clear()
-                out = stage._run_layer(merged, lo, h, ctx)
-                ((u, m),) = captured
-                # The merged layer's output is h_mid + m; the window should have added r on top of h_mid.
-                r = target - out + m
-                features = m if kind == "linear" else _with_intercept(u, prior.shape[0])
-                d_in, d = features.shape[-1], r.shape[-1]
-                if skip_first and m.shape[1] > 1:
-                    fold = Fold(NormalEquations.from_rows(features[:, 1:].reshape(-1, d_in), r[:, 1:].reshape(-1, d)),
-                                Rows.from_rows(features[:, 0], r[:, 0]))
-                else:
-                    fold = Fold(NormalEquations.from_rows(features.reshape(-1, d_in), r.reshape(-1, d)))
-                f = fold_of(position, len(folds))
-                folds[f] = fold if folds[f] is None else folds[f] + fold
-    finally:
-        hook.remove()
-    ridge, loss, tried, matrix = choose_correction([f for f in folds if f is not None], prior=prior)
-    return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
-                         matrix=None if matrix is None else matrix.float().cpu(), kind=kind)
-
-
-def _with_intercept(u: Tensor, width: int) -> Tensor:
+def with_intercept(u: Tensor, width: int) -> Tensor:
     """The projection's input, with a constant-1 column when the prior has a bias row."""
     if width == u.shape[-1]:
         return u

@@ -8,20 +8,20 @@ sha256, and the export checks both before it writes a byte.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from slm_dist.assets import sha256_file
-from slm_dist.linear_correction import KINDS, check_kind
-from slm_dist.merge import correction_name
-from slm_dist.planner import MergePlan, PlanError
+from slm_dist.checkpoint.writer import sha256_file
+from slm_dist.core.correction_fit import KINDS, check_kind
+from slm_dist.core.merge import correction_name
+from slm_dist.core.planner import MergePlan, PlanError
+from slm_dist.core.types import Window
 
 FILE_NAME = "corrections.safetensors"
-
-Window = tuple[int, int]
 
 
 def save_corrections(path: Path, matrices: Mapping[Window, Tensor], kind: str = "linear") -> str:
@@ -95,3 +95,25 @@ def load_corrections(plan: MergePlan, hidden_size: int) -> dict[Window, Tensor]:
     keys = checked_windows(plan, hidden_size)
     with safetensors.safe_open(str(plan.corrections), framework="pt") as f:
         return {w: f.get_tensor(key).to(torch.float32) for w, key in keys.items()}
+
+
+def read_correction(path: Path | str, key: str) -> Tensor:
+    """One correction of the file as float32 (a merge job reads the one its tensor needs)."""
+    import safetensors  # the module: see checkpoint/reader.py
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        if key not in f.keys():
+            raise PlanError(f"{path} has no correction {key!r}; regenerate the plan")
+        return f.get_tensor(key).float()
+
+
+@contextmanager
+def correction_slice(path: Path | str, key: str) -> Iterator:
+    """A lazy view of one correction: ``view.get_shape()``, and ``view[a:b, c:d]`` reads those elements
+    only (a refit's projection is written in row blocks without the whole map in memory)."""
+    import safetensors  # the module: see checkpoint/reader.py
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        if key not in f.keys():
+            raise PlanError(f"{path} has no correction {key!r}; regenerate the plan")
+        yield f.get_slice(key)

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from slm_dist.arch import ArchSpec, Role
+from slm_dist.core.types import Window
 
 RULES: tuple[str, ...] = ("reference", "sum", "mean", "drop", "scaled")
 COPY = "copy"  # TensorJob.rule for a tensor that is renamed, not merged
 
-Window = tuple[int, int]  # inclusive (lo, hi) original layer indices
 Alpha = float | Mapping[Window, float] | None
 
 

@@ -43,9 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slm_dist.planner import PlanError, _check_max_window, _check_protect, _max_removable
-
-Window = tuple[int, int]  # inclusive (lo, hi) original layer indices
+from slm_dist.core.planner import PlanError, _check_max_window, _check_protect, _max_removable
+from slm_dist.core.types import Window
 
 COSTS: tuple[str, ...] = ("cka_drop", "cka_window", "block_influence", "angular", "measured")
 STATISTIC_COSTS: tuple[str, ...] = COSTS[:4]  # the costs that need no forward pass
@@ -109,7 +108,7 @@ def window_costs(
     return out
 
 
-def removable_layers(num_layers: int, protect_first: int = 1, protect_last: int = 1) -> range:
+def removable_layer_ids(num_layers: int, protect_first: int = 1, protect_last: int = 1) -> range:
     """Layers some window can remove: a window's lo >= protect_first is kept, its hi <= N-1-protect_last."""
     _check_protect(num_layers, protect_first, protect_last)
     return range(protect_first + 1, num_layers - protect_last)

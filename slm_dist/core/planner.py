@@ -24,10 +24,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from slm_dist.core.types import Window
+
 MERGE_RULES: tuple[str, ...] = ("reference", "sum", "mean", "drop", "scaled")
 CRITERIA: tuple[str, ...] = ("cka", "output")
 
-Window = tuple[int, int]
 Decision = Literal["grow", "commit", "slide", "stop"]
 Scorer = Callable[[Sequence[Window], Window], float]
 
@@ -265,14 +266,16 @@ def _check_max_window(max_window: int | None) -> None:
         )
 
 
-def removable_layers(num_layers: int, protect_first: int = 1, protect_last: int = 1) -> int:
-    """The most layers any plan can remove: all M mergeable layers in one window, which keeps one."""
+def max_layers_removed(num_layers: int, protect_first: int = 1, protect_last: int = 1,
+                       max_window: int | None = None) -> int:
+    """The most layers any plan can remove. M mergeable layers in windows of at most ``max_window``
+    layers (None: no cap) need ceil(M / max_window) windows, and each window keeps one layer."""
     _check_protect(num_layers, protect_first, protect_last)
-    return max(num_layers - protect_first - protect_last - 1, 0)
+    _check_max_window(max_window)
+    return _max_removable(num_layers, protect_first, protect_last, max_window)
 
 
 def _max_removable(num_layers: int, protect_first: int, protect_last: int, max_window: int | None) -> int:
-    """With a cap of w layers per window, M mergeable layers need ceil(M/w) windows, each keeping one."""
     mergeable = num_layers - protect_first - protect_last
     if mergeable < 2:
         return 0

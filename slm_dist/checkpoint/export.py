@@ -1,12 +1,13 @@
-"""The merge stage: plan every output shard from the plan and the source index, check it without
-reading weights, then write the pruned checkpoint shard by shard, resumably.
+"""The export engine: plan every output shard from the plan and the source index, check it without
+reading weights, then write the pruned checkpoint shard by shard, resumably. Config-free: the merge
+stage (``slm_dist/merging.py``) calls it with the backend's shard runner.
 
 Plan, validate, execute:
 - `plan_export` reads only headers. It fixes every output shard up front (final name, the output
   keys it holds, and for each the source keys, files, byte offsets and merge rule) and fails on
   the first problem before a byte is written.
-- `write_export` runs one job per output shard (`run_jobs_local`: threads in this process;
-  `distributed`: Ray tasks), each within its share of the memory budget, and records every
+- `write_export` runs one job per output shard through a backend's `run_shard_jobs` (threads in
+  this process, or Ray tasks), each within its share of the memory budget, and records every
   finished shard's sha256 in `manifest.json` as it lands. A rerun of the same plan skips shards
   whose manifest entry, size and hash match and redoes the rest; `.partial` files are never taken
   for finished ones. Side files, model card, `config.json` and the index go last, then the final
@@ -15,32 +16,40 @@ Plan, validate, execute:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from slm_dist.arch import ArchSpec, get_arch, prune_config
+from slm_dist.checkpoint.corrections import checked_windows, kind_of, matrix_shapes
 from slm_dist.checkpoint.index import DTYPE_BYTES, CheckpointIndex, TensorInfo
-from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, TensorEntry, partial_name,
-                                        plan_shards, safetensors_header, sha256_file, shard_name, write_index,
-                                        write_json, write_manifest)
-from slm_dist.config import SlmConfig
-from slm_dist.corrections_file import checked_windows, kind_of, matrix_shapes
-from slm_dist.merge import MergeError, TensorJob, plan_tensor_jobs, refit_rows
-from slm_dist.planner import MergePlan, PlanError
-from slm_dist.workers.merge_worker import MergeWorker, ShardResult
+from slm_dist.checkpoint.lock import FolderLock
+from slm_dist.checkpoint.writer import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    FileRecord,
+    ShardWriter,
+    TensorEntry,
+    partial_name,
+    plan_shards,
+    safetensors_header,
+    sha256_file,
+    shard_name,
+    write_index,
+    write_json,
+    write_manifest,
+)
+from slm_dist.core.merge import MergeError, TensorJob, plan_tensor_jobs, refit_rows
+from slm_dist.core.planner import MergePlan
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,6 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
               "chat_template.json")
 OUTPUT_MARKER = ".slm-dist-output"
-LOCK_NAME = ".slm-dist.lock"
 MODEL_CARD = "README.md"
 CONFIG_NAME = "config.json"
 MANIFEST_FORMAT = "slm-dist-manifest/1"
@@ -107,6 +115,17 @@ class WorkerSettings:
     allow_pickle: bool
     memory_bytes: int     # working memory of one job: the budget split over the parallel jobs
     corrections_file: str | None = None  # the plan's linear corrections, read by the jobs that apply one
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard job did: the file it wrote and what that cost."""
+
+    record: FileRecord
+    bytes_read: int
+    seconds: float
+    peak_rss_bytes: int    # peak resident memory of the process that ran the job, so far
+    pid: int
 
 
 OnDone = Callable[[ShardJob, ShardResult], None]
@@ -288,10 +307,12 @@ def model_card(export: ExportPlan, threshold: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------- write
-def write_export(export: ExportPlan, run_jobs: ShardRunner | None = None, *, max_parallel: int = 1,
+def write_export(export: ExportPlan, run_jobs: ShardRunner, *, max_parallel: int = 1,
                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, allow_pickle: bool = False,
                  on_shard: OnDone | None = None) -> ExportResult:
     """Write (or finish) the checkpoint: shards not yet verified, then side files, card, config, index, manifest.
+
+    ``run_jobs`` runs the shard jobs (a backend's ``run_shard_jobs``: threads here, or Ray tasks).
 
     ``memory_budget_bytes`` is what all parallel jobs together may hold; each gets an equal share.
     """
@@ -307,34 +328,14 @@ def write_export(export: ExportPlan, run_jobs: ShardRunner | None = None, *, max
         return _write_export(export, run_jobs, max_parallel, memory_each, allow_pickle, on_shard)
 
 
-@contextlib.contextmanager
-def output_lock(out: Path):
-    """Hold an exclusive lock on the output folder while one merge writes it.
-
-    Two merges into one folder (a scheduled pipeline run overlapping a manual one) would each take
-    the other's finished shards for stale and delete or overwrite them. ``flock`` dies with its
-    process, so a killed merge never leaves a lock behind for the rerun to trip on.
-    """
-    path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ExportError(f"another merge is writing {out} (it holds {path}, pid {holder}); wait for it to "
-                              "finish, or give this one another merge.output_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message another merge prints
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # an empty lock file: two finished folders of one plan stay identical
-    finally:
-        os.close(fd)  # releases the lock
+def output_lock(out: Path) -> FolderLock:
+    """Held while one merge writes ``out``: two merges into one folder would delete each other's shards."""
+    return FolderLock(out, lambda path, pid: ExportError(
+        f"another merge is writing {out} (it holds {path}, pid {pid}); wait for it to finish, or give this one "
+        "another merge.output_dir"))
 
 
-def _write_export(export: ExportPlan, run_jobs: ShardRunner | None, max_parallel: int, memory_each: int,
+def _write_export(export: ExportPlan, run_jobs: ShardRunner, max_parallel: int, memory_each: int,
                   allow_pickle: bool, on_shard: OnDone | None) -> ExportResult:
     out = export.out_dir
     (out / OUTPUT_MARKER).write_text(json.dumps({"source": str(export.source)}) + "\n")
@@ -360,7 +361,7 @@ def _write_export(export: ExportPlan, run_jobs: ShardRunner | None, max_parallel
             on_shard(job, result)
 
     settings = WorkerSettings(str(export.source), str(out), allow_pickle, memory_each, export.plan.corrections)
-    (run_jobs or run_jobs_local)(todo, settings, max_parallel, finished)
+    run_jobs(todo, settings, max_parallel, finished)
 
     final = [records[s.name] for s in export.shards]
     for name in SIDE_FILES:
@@ -375,121 +376,45 @@ def _write_export(export: ExportPlan, run_jobs: ShardRunner | None, max_parallel
                         max((r.peak_rss_bytes for r in results), default=0))
 
 
-def run_jobs_local(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone) -> None:
-    """Shard jobs on up to ``max_parallel`` threads of this process (file I/O, hashing and torch
-    kernels release the GIL). After a failure no new job starts; running ones finish and count.
+def write_rewritten(index: CheckpointIndex, out_dir: Path, max_shard_bytes: int,
+                    rewrite: Callable[[str, "torch.Tensor"], "torch.Tensor"], card: str,
+                    manifest_extra: Mapping[str, object]) -> list[FileRecord]:
+    """A checkpoint with the same tensors as ``index``, each passed through ``rewrite(key, tensor)``
+    (same names, dtypes, shapes and order; one tensor in memory at a time), e.g. healing's merged LoRA.
 
-    Torch runs single-threaded meanwhile: the jobs are the parallelism, and intra-op threads on the
-    cache-sized merge slices only add synchronisation (100x slower on the 2-core test machine).
+    Shards follow `plan_shards`; then the side files, the model card, config.json, the index and the
+    manifest (in that order, so a folder without an index is visibly unfinished).
     """
+    from slm_dist.checkpoint.reader import LazyReader
 
-    def run(job: ShardJob) -> ShardResult:
-        worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes,
-                             settings.corrections_file)
-        return worker.write_shard(settings.out_dir, job)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    check_output_dir(index.root, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / OUTPUT_MARKER).write_text(json.dumps({"source": str(index.root), **manifest_extra}) + "\n")
+    for stale in out_dir.glob("model-*.safetensors"):
+        stale.unlink()   # an earlier write may have had another shard count
+    keys = list(index.tensors)
+    groups = plan_shards([(k, index.tensors[k].nbytes) for k in keys], max_shard_bytes)
+    reader = LazyReader(index)
+    records, weight_map = [], {}
     try:
-        _run_in_threads(jobs, run, max_parallel, on_done)
+        for n, group in enumerate(groups, start=1):
+            name = shard_name(n, len(groups))
+            entries = [TensorEntry(k, index.tensors[k].dtype, index.tensors[k].shape) for k in group]
+            with ShardWriter(out_dir / name, entries) as writer:
+                for key in group:
+                    writer.write(key, rewrite(key, reader.get(key)))
+                records.append(writer.finish())
+            weight_map.update({k: name for k in group})
     finally:
-        torch.set_num_threads(threads)
-
-
-def _run_in_threads(jobs: Sequence[ShardJob], run: Callable[[ShardJob], ShardResult], max_parallel: int,
-                    on_done: OnDone) -> None:
-    if max_parallel == 1:
-        for job in jobs:
-            on_done(job, run(job))
-        return
-    queue = list(jobs)
-    error: BaseException | None = None
-    with ThreadPoolExecutor(max_parallel, thread_name_prefix="merge") as pool:
-        running: dict[Future, ShardJob] = {}
-        while queue or running:
-            while queue and error is None and len(running) < max_parallel:
-                job = queue.pop(0)
-                running[pool.submit(run, job)] = job
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                try:
-                    on_done(job, future.result())
-                except BaseException as e:  # noqa: BLE001 - re-raised below, after running jobs settle
-                    error = error or e
-    if error is not None:
-        raise error
-
-
-# ------------------------------------------------------------------------------------- stage
-def load_plan(run_dir: Path) -> MergePlan:
-    """The `MergePlan` a run's plan stage wrote to ``<run_dir>/plan.json``, re-validated."""
-    path = Path(run_dir) / "plan.json"
-    if not path.is_file():
-        raise PlanError(f"{path} does not exist: run `slm-dist run` (or its plan stage) first, or set run.dir to a "
-                        "run folder that has a plan.json")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{path} is not valid JSON ({e}); regenerate it") from None
-    return MergePlan.from_json(data)
-
-
-def merge_stage(config: SlmConfig, index: CheckpointIndex, plan: MergePlan, show_progress: bool = True) -> dict:
-    """The merge stage as `slm-dist run` and `slm-dist merge` run it: plan and check the export, check
-    disk space, write (or finish) it on the configured backend, and save `<run.dir>/merge.json`."""
-    export = plan_export(index, plan, config.output_dir, config.merge.max_shard_bytes)
-    check_disk_space(export)
-    runner = None
-    if config.cluster.backend == "ray":
-        from slm_dist import distributed
-
-        runner = distributed.shard_runner(config.cluster)
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(export.shards), desc="merge", unit="shard")
-    start = time.perf_counter()
-    try:
-        result = write_export(export, runner, max_parallel=config.merge.max_parallel,
-                              memory_budget_bytes=config.merge.memory_budget_bytes,
-                              allow_pickle=config.model.allow_pickle,
-                              on_shard=(lambda job, res: bar.update()) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - start
-    summary = {**result.to_json(), "backend": config.cluster.backend, "seconds": round(seconds, 3),
-               "shards": len(export.shards), "total_bytes": export.total_bytes}
-    config.run.dir.mkdir(parents=True, exist_ok=True)
-    write_json(config.run.dir / "merge.json", summary)
-    log.info("merge: %d shards written, %d verified from an earlier run; %.2f GB read, %.2f GB written in %.1f s",
-             len(result.shards_written), len(result.shards_skipped), result.bytes_read / 1e9,
-             result.bytes_written / 1e9, seconds)
-    return summary
-
-
-def merge_from_plan(config: SlmConfig, model_dir: Path, show_progress: bool = True) -> dict:
-    """`slm-dist merge`: the merge stage alone, from ``<run.dir>/plan.json``; returns merge.json's summary.
-
-    Imports nothing beyond the merge path (no calibration, plotting or model code), so a rerun
-    that finds every shard finished costs little more than hashing them.
-    """
-    from slm_dist.checkpoint.index import open_index
-    from slm_dist.verify import verify_model
-
-    plan = load_plan(config.run.dir)
-    if plan.rule != config.merge.rule:
-        log.warning("plan.json says rule %r, the config says merge.rule=%r: merging with the plan's rule",
-                    plan.rule, config.merge.rule)
-    summary = merge_stage(config, open_index(model_dir, allow_pickle=config.model.allow_pickle), plan, show_progress)
-    problems = verify_model(config.output_dir, check_hashes=False)  # hashes were taken as the bytes were written
-    if problems:
-        raise RuntimeError(f"the written checkpoint {config.output_dir} is inconsistent: {problems}")
-    return summary
+        reader.close()
+    for side in SIDE_FILES:
+        if (index.root / side).is_file():
+            records.append(_copy_file(index.root / side, out_dir / side))
+    records.append(_write_text(out_dir / MODEL_CARD, card))
+    records.append(write_json(out_dir / CONFIG_NAME, index.config))
+    records.append(write_index(out_dir, weight_map, index.total_bytes))
+    write_manifest(out_dir, records, extra={"complete": True, "source": str(index.root), **manifest_extra})
+    return records
 
 
 # ------------------------------------------------------------------------------------ resume

@@ -1,9 +1,8 @@
 """The Ray backend: the same StageWorkers as the in-process backend, as actors on a placement group.
 
-The only module that imports ``ray``. ``RayBackend`` has the methods of ``LocalBackend``
-(calibrate, plan_output, score_candidate, score_plan, fit_alphas, logprobs, nll, close), so
-``pipeline`` does not care which one it drives; ``shard_runner`` runs the merge stage's shard
-jobs as Ray tasks. How a calibration batch moves::
+With ``train.py`` beside it, the only code that imports ``ray``. ``RayBackend`` is a ``Backend``
+(base.py) like ``LocalBackend``, so the stages do not care which one they drive; its
+``run_shard_jobs`` runs the merge stage's shard jobs as Ray tasks. How a calibration batch moves::
 
     driver: ray.put(input_ids) once
     stage 0 --h ref--> stage 1 --h ref--> ... stage K-1      (hidden states actor to actor)
@@ -39,11 +38,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostErro
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from slm_dist import host_memory, planner
+from slm_dist import host_memory
+from slm_dist.backends.base import StagedScoring, stage_holding
+from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
 from slm_dist.config import ClusterSection
-from slm_dist.export import OnDone, ShardJob, ShardRunner, WorkerSettings
-from slm_dist.local_backend import stage_holding
-from slm_dist.workers.merge_worker import MergeWorker, ShardResult
+from slm_dist.workers.merge_worker import MergeWorker
 from slm_dist.workers.stage_worker import StageCacheMissing, StageSpec, StageStats, StageWorker, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
 
@@ -185,6 +184,26 @@ def inputs_fingerprint(specs: Sequence[StageSpec], stats: StatsSpec,
     return h.hexdigest()
 
 
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """The one way slm-dist joins Ray; True when this call connected (the caller then shuts it down).
+
+    A session this process already holds (a test fixture, a notebook, the job's driver) is used as it
+    is. Otherwise ``address``; with none, Ray's own discovery: RAY_ADDRESS (set inside `ray job
+    submit`), or a `ray start` cluster on this node, else a new private local instance, sized to
+    ``num_cpus`` logical CPUs when given.
+    """
+    if ray.is_initialized():
+        return False
+    if address is None and num_cpus is not None:
+        try:
+            ray.init(address="auto")  # the job's (or this node's) cluster, when there is one
+        except ConnectionError:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=address)
+    return True
+
+
 def _bundle(cluster: ClusterSection) -> dict[str, float]:
     bundle = {"CPU": cluster.cpus_per_stage}
     if cluster.gpus_per_stage > 0:
@@ -202,11 +221,10 @@ class StreamCounts:
 
 
 # --------------------------------------------------------------------------------------- backend
-class RayBackend:
+class RayBackend(StagedScoring):
     def __init__(self, cluster: ClusterSection):
         self.cluster = cluster
         self._started_ray = False
-        self._reducer = None
         self._pg: PlacementGroup | None = None
         self._stages: list = []              # StageActor handles, stage order
         self._specs: tuple[StageSpec, ...] = ()
@@ -219,14 +237,9 @@ class RayBackend:
 
     # ---------------------------------------------------------------------------- cluster setup
     def _connect(self) -> None:
-        """Join the job's cluster, or start a private local one (Ray's own discovery: RAY_ADDRESS or a
-        `ray start` cluster on this node, else a new local instance). A session this process already
-        holds (a test fixture, a notebook) is used as it is and left running on close()."""
-        if ray.is_initialized():
-            return
-        ray.init(address=self.cluster.address)
-        self._started_ray = True
-        log.info("ray: connected, cluster resources %s", ray.cluster_resources())
+        if connect(self.cluster.address):
+            self._started_ray = True
+            log.info("ray: connected, cluster resources %s", ray.cluster_resources())
 
     def _placement_group(self, num_stages: int) -> PlacementGroup:
         bundle = _bundle(self.cluster)
@@ -446,12 +459,17 @@ class RayBackend:
         self._stream(list(inputs), submit, "re-cache", False)
 
     # ------------------------------------------------------------- published-code criterion
+    def _stage_specs(self) -> tuple[StageSpec, ...]:
+        return self._specs
+
+    def _has_cached_inputs(self) -> bool:
+        return bool(self._stages and self._calibration)
+
     def _score(self, windows: Sequence[tuple[int, int]], from_layer: int, rule: str,
                alphas: dict | None = None, with_ids: bool = False, correction: str | None = None) -> tuple[float, int]:
         """Sum and count of the last stage's per-sample (or per-token) values for a candidate model,
         run from ``from_layer`` upward on every calibration batch; batch order, as the local backend."""
-        if not self._calibration:
-            raise RuntimeError("candidate scoring needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        self._require_cache("candidate scoring")
         stages = self._stages[stage_holding(self._specs, from_layer):]
         inputs = dict(self._calibration)
         windows = list(windows)
@@ -481,31 +499,9 @@ class RayBackend:
             count += values.numel()
         return total, count
 
-    def score_candidate(self, committed: Sequence[tuple[int, int]], trial: tuple[int, int], rule: str) -> float:
-        """Mean cosine (final-norm hidden, candidate vs original) over the calibration samples."""
-        lo, hi = trial
-        windows = list(committed) + ([trial] if hi > lo else [])
-        lo = min([lo, *(w[0] for w in windows)])  # below the lowest changed layer: the original model
-        total, count = self._score(windows, lo, rule)
-        return total / count
-
-    def score_plan(self, windows: Sequence[tuple[int, int]], rule: str,
-                   alphas: dict[tuple[int, int], float] | None = None, metric: str = "nll",
-                   correction: str | None = None) -> float:
-        """A whole plan on the calibration samples (as LocalBackend.score_plan): ``nll`` lower is better,
-        ``cosine`` (the published criterion) higher is better; ``correction`` uses the fitted corrections
-        of that kind."""
-        if metric not in ("nll", "cosine"):
-            raise ValueError(f"metric must be 'nll' or 'cosine', got {metric!r}")
-        windows = sorted(windows)
-        lo = windows[0][0] if windows else self._specs[-1].start  # below lo the candidate is the original
-        total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll", correction=correction)
-        return -total / count if metric == "nll" else total / count
-
     def fit_alphas(self, windows: Sequence[tuple[int, int]], num_batches: int):
         """Rule ``scaled``: each window's alpha, fitted on the stage holding its lo (first ``num_batches``)."""
-        if not self._calibration:
-            raise RuntimeError("fit_alphas needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        self._require_cache("fit_alphas")
         batch_ids = [b for b, _ in self._calibration][:num_batches]
         return ray.get([self._stages[stage_holding(self._specs, lo)].fit_alpha.remote((lo, hi), batch_ids)
                         for lo, hi in windows])
@@ -513,8 +509,7 @@ class RayBackend:
     def fit_corrections(self, requests: Sequence[tuple[tuple[int, int], str, float | None, str]], num_batches: int):
         """merge.correction=linear|refit: each (window, rule, alpha, kind)'s correction, fitted and kept on
         the stage holding its lo; the driver keeps a copy to re-install on a stage Ray restarts."""
-        if not self._calibration:
-            raise RuntimeError("fit_corrections needs a calibrate(..., keep_for_output_criterion=True) pass first")
+        self._require_cache("fit_corrections")
         batch_ids = [b for b, _ in self._calibration][:num_batches]
         fits = ray.get([self._stages[stage_holding(self._specs, w[0])].fit_correction.remote(tuple(w), rule, alpha,
                                                                                                batch_ids, kind)
@@ -533,15 +528,6 @@ class RayBackend:
         if corrections:
             self._corrections.clear()
 
-    def plan_output(self, threshold: float, rule: str, protect_first: int, protect_last: int, num_layers: int):
-        if not self._stages or not self._calibration:
-            raise RuntimeError("plan_output needs a calibrate(..., keep_for_output_criterion=True) pass first")
-        windows, trace = planner.plan_windows_output(
-            num_layers, lambda committed, trial: self.score_candidate(committed, trial, rule), threshold,
-            protect_first, protect_last)
-        self.clear_candidates()
-        return windows, trace
-
     # ------------------------------------------------------------------------------ evaluation
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
                  show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None
@@ -559,10 +545,14 @@ class RayBackend:
         results = self._stream(range(len(batches)), submit, desc, show_progress)
         return [results[i][0] for i in range(len(batches))]
 
-    def nll(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
-            show_progress: bool = False) -> tuple[float, int]:
-        logps = self.logprobs(specs, batches, show_progress, desc="perplexity")
-        return -sum(float(lp.double().sum()) for lp in logps), sum(lp.numel() for lp in logps)
+    # ------------------------------------------------------------------------------------ merge
+    def run_shard_jobs(self, jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int,
+                       on_done: OnDone) -> None:
+        """The merge's shard jobs as Ray tasks on this backend's cluster (``run_shard_tasks``)."""
+        if jobs:
+            self._connect()
+            log.info("ray: %s CPUs available for merge tasks", ray.cluster_resources().get("CPU"))
+        run_shard_tasks(jobs, settings, max_parallel, on_done, self.cluster.max_restarts)
 
     def close(self) -> None:
         """Stop the stage actors and free their bundles; shut Ray down only if this backend started it."""
@@ -578,7 +568,7 @@ class RayBackend:
 
 # ------------------------------------------------------------------------------------- merge
 # Output shard jobs as Ray tasks (`cluster.backend: ray`). The tasks run the same plain
-# `MergeWorker.write_shard` that `export.run_jobs_local` runs in threads, so both backends write
+# `MergeWorker.write_shard` that `local.run_jobs_local` runs in threads, so both backends write
 # byte-identical shards. The shared settings are `ray.put` once, at most ``max_parallel`` tasks are
 # in flight (`ray.wait` frees a slot before the next submit), each task reserves one CPU and its
 # share of the memory budget, and results come back as they finish.
@@ -587,57 +577,44 @@ class RayBackend:
 def _write_shard(settings: WorkerSettings, job: ShardJob) -> ShardResult:
     import torch
 
-    torch.set_num_threads(1)  # one CPU per task; see export.run_jobs_local
+    torch.set_num_threads(1)  # one CPU per task; see local.run_jobs_local
     worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes, settings.corrections_file)
     return worker.write_shard(settings.out_dir, job)
 
 
-def shard_runner(cluster: ClusterSection) -> ShardRunner:
-    """A `ShardRunner` for `export.write_export` that runs each shard job as a Ray task."""
-
-    def run(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone) -> None:
-        run_shard_tasks(jobs, settings, max_parallel, on_done, cluster)
-
-    return run
-
-
 def run_shard_tasks(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone,
-                    cluster: ClusterSection) -> None:
+                    max_retries: int) -> None:
     """Every job as a Ray task, ``max_parallel`` in flight; ``on_done`` runs here as each one lands.
 
     A task that fails raises its own error type here (a `CheckpointError` stays one), after the
     tasks still running have finished and been recorded. A worker that dies is retried by Ray up
-    to ``cluster.max_restarts`` times: a job rewrites its shard from scratch under a temporary name.
+    to ``max_retries`` times: a job rewrites its shard from scratch under a temporary name. Needs a
+    connected Ray (``RayBackend.run_shard_jobs`` connects).
     """
     if not jobs:
         return
-    started = _connect_for_tasks(cluster)
-    try:
-        task = ray.remote(_write_shard).options(**_task_resources(settings.memory_bytes),
-                                                max_retries=cluster.max_restarts, retry_exceptions=False)
-        settings_ref = ray.put(settings)
-        queue = list(jobs)
-        running: dict[ray.ObjectRef, ShardJob] = {}
-        error: BaseException | None = None
-        while queue or running:
-            while queue and error is None and len(running) < max_parallel:
-                job = queue.pop(0)
-                running[task.remote(settings_ref, job)] = job
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1)
-            job = running.pop(ready[0])
-            try:
-                on_done(job, ray.get(ready[0]))
-            except ray.exceptions.RayTaskError as e:
-                error = error or e.as_instanceof_cause()
-            except BaseException as e:  # noqa: BLE001 - re-raised once running tasks settle
-                error = error or e
-        if error is not None:
-            raise error
-    finally:
-        if started:
-            ray.shutdown()
+    task = ray.remote(_write_shard).options(**_task_resources(settings.memory_bytes), max_retries=max_retries,
+                                            retry_exceptions=False)
+    settings_ref = ray.put(settings)
+    queue = list(jobs)
+    running: dict[ray.ObjectRef, ShardJob] = {}
+    error: BaseException | None = None
+    while queue or running:
+        while queue and error is None and len(running) < max_parallel:
+            job = queue.pop(0)
+            running[task.remote(settings_ref, job)] = job
+        if not running:
+            break
+        ready, _ = ray.wait(list(running), num_returns=1)
+        job = running.pop(ready[0])
+        try:
+            on_done(job, ray.get(ready[0]))
+        except ray.exceptions.RayTaskError as e:
+            error = error or e.as_instanceof_cause()
+        except BaseException as e:  # noqa: BLE001 - re-raised once running tasks settle
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def _task_resources(memory_bytes: int) -> dict[str, float]:
@@ -654,13 +631,3 @@ def _task_resources(memory_bytes: int) -> dict[str, float]:
                     "reservation", memory_bytes / 2**20, {k: free.get(k) for k in ("CPU", "memory")})
         wanted = {"num_cpus": 0.0}
     return wanted
-
-
-def _connect_for_tasks(cluster: ClusterSection) -> bool:
-    """Join the configured cluster (or the job's, or a private local one); True when this call started Ray."""
-    if ray.is_initialized():
-        return False
-    ray.init(address=cluster.address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
-    log.info("ray: %s CPUs available for merge tasks", ray.cluster_resources().get("CPU"))
-    return True

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slm_dist.planner import MergePlan, PlanError
-
-Window = tuple[int, int]  # inclusive (lo, hi), the merged/kept layer at lo
+from slm_dist.core.planner import MergePlan, PlanError
+from slm_dist.core.types import Window
 
 
 @dataclass(frozen=True)

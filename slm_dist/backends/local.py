@@ -1,0 +1,174 @@
+"""The in-process backend: the same StageWorkers, chained by plain function calls.
+
+Used by tests, by CPU runs of small models, and as the reference the Ray backend must equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from slm_dist.backends.base import Batches, StagedScoring, stage_holding
+from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
+from slm_dist.core.alpha_fit import AlphaFit
+from slm_dist.core.correction_fit import CorrectionFit, CorrectionRequest
+from slm_dist.core.types import Window
+from slm_dist.workers.merge_worker import MergeWorker
+from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
+from slm_dist.workers.stats_reducer import StatsReducer
+
+log = logging.getLogger(__name__)
+
+
+def progress(items, show: bool, desc: str, unit: str = "batch"):
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
+class LocalBackend(StagedScoring):
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self.stages: list[StageWorker] = []
+        self._batch_ids: list[int] = []
+        self._input_ids: dict[int, torch.Tensor] = {}  # calibration tokens, for plan scoring by NLL
+
+    def _workers(self, specs: Sequence[StageSpec], stats: StatsSpec | None = None) -> list[StageWorker]:
+        key = (tuple(specs), stats)
+        if self._key != key:
+            self.stages = []  # drop the previous model's stages before loading the next
+            self.stages = [StageWorker(s, stats or StatsSpec()) for s in specs]
+            self._key = key
+        return self.stages
+
+    def _stage_specs(self) -> list[StageSpec]:
+        return [s.spec for s in self.stages]
+
+    def _has_cached_inputs(self) -> bool:
+        return bool(self.stages and self._input_ids)
+
+    def calibrate(self, specs: Sequence[StageSpec], stats: StatsSpec, batches: Batches, run_dir: Path | None = None,
+                  show_progress: bool = False, keep_for_output_criterion: bool = False) -> StatsReducer:
+        stages = self._workers(specs, stats)
+        for stage in stages:
+            stage.clear_candidates(corrections=True)  # maps fitted on an earlier calibration's inputs
+        reducer = StatsReducer(specs[0].num_layers)
+        for batch_id, ids in progress(batches, show_progress, "calibrate"):
+            x = ids
+            for stage in stages:
+                x, stage_stats = stage.calibrate(batch_id, x, cache_inputs=keep_for_output_criterion)
+                reducer.add(stage_stats)
+        self._batch_ids = [b for b, _ in batches]
+        self._input_ids = dict(batches) if keep_for_output_criterion else {}
+        return reducer
+
+    def _score(self, windows: Sequence[Window], from_layer: int, rule: str, alphas: dict | None = None,
+               with_ids: bool = False, correction: str | None = None) -> tuple[float, int]:
+        self._require_cache("candidate scoring")
+        first = stage_holding(self._stage_specs(), from_layer)
+        total, count = 0.0, 0
+        for batch_id in self._batch_ids:
+            x = None
+            for stage in self.stages[first:]:
+                x = stage.run_candidate(batch_id, x, windows, rule, from_layer=from_layer, alphas=alphas,
+                                        input_ids=self._input_ids[batch_id] if with_ids else None,
+                                        correction=correction)
+            total += float(x.double().sum())
+            count += x.numel()
+        return total, count
+
+    def fit_alphas(self, windows: Sequence[Window], num_batches: int) -> list[AlphaFit]:
+        """Rule ``scaled``: each window's alpha, fitted on the stage holding its lo (first ``num_batches``)."""
+        self._require_cache("fit_alphas")
+        specs = self._stage_specs()
+        batch_ids = self._batch_ids[:num_batches]
+        return [self.stages[stage_holding(specs, lo)].fit_alpha((lo, hi), batch_ids) for lo, hi in windows]
+
+    def fit_corrections(self, requests: Sequence[CorrectionRequest], num_batches: int) -> list[CorrectionFit]:
+        """merge.correction=linear|refit: each (window, rule, alpha, kind)'s correction, fitted and kept on
+        the stage holding its lo (first ``num_batches`` calibration batches)."""
+        self._require_cache("fit_corrections")
+        specs = self._stage_specs()
+        batch_ids = self._batch_ids[:num_batches]
+        return [self.stages[stage_holding(specs, w[0])].fit_correction(tuple(w), rule, alpha, batch_ids, kind)
+                for w, rule, alpha, kind in requests]
+
+    def clear_candidates(self, corrections: bool = False) -> None:
+        """Drop the merged candidate layers the stages built while scoring (and the fitted corrections)."""
+        for stage in self.stages:
+            stage.clear_candidates(corrections)
+
+    def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
+                 desc: str = "score", starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
+        stages = self._workers(specs)
+        out = []
+        for i, (_, ids) in enumerate(progress(batches, show_progress, desc)):
+            x = ids
+            for stage in stages[:-1]:
+                x = stage.forward(x)
+            out.append(stages[-1].token_logprobs(x, ids, 0 if starts is None else starts[i]))
+        return out
+
+    def run_shard_jobs(self, jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int,
+                       on_done: OnDone) -> None:
+        run_jobs_local(jobs, settings, max_parallel, on_done)
+
+    def close(self) -> None:
+        self.stages = []
+        self._key = None
+
+
+# ------------------------------------------------------------------------------------- merge
+def run_jobs_local(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone) -> None:
+    """Shard jobs on up to ``max_parallel`` threads of this process (file I/O, hashing and torch
+    kernels release the GIL). After a failure no new job starts; running ones finish and count.
+
+    Torch runs single-threaded meanwhile: the jobs are the parallelism, and intra-op threads on the
+    cache-sized merge slices only add synchronisation (100x slower on the 2-core test machine).
+    """
+
+    def run(job: ShardJob) -> ShardResult:
+        worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes,
+                             settings.corrections_file)
+        return worker.write_shard(settings.out_dir, job)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_in_threads(jobs, run, max_parallel, on_done)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_in_threads(jobs: Sequence[ShardJob], run: Callable[[ShardJob], ShardResult], max_parallel: int,
+                    on_done: OnDone) -> None:
+    if max_parallel == 1:
+        for job in jobs:
+            on_done(job, run(job))
+        return
+    queue = list(jobs)
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_parallel, thread_name_prefix="merge") as pool:
+        running: dict[Future, ShardJob] = {}
+        while queue or running:
+            while queue and error is None and len(running) < max_parallel:
+                job = queue.pop(0)
+                running[pool.submit(run, job)] = job
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                try:
+                    on_done(job, future.result())
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after running jobs settle
+                    error = error or e
+    if error is not None:
+        raise error

@@ -1,0 +1,161 @@
+"""Fits of one merged window, run on the stage that holds the window's lo.
+
+Both fits compare the merged layer, run on the window's ORIGINAL input h_{lo-1}, with the original
+window's output h_hi on a few cached calibration batches; only that stage runs. The math is pure
+and lives in ``core`` (``alpha_fit``: the alpha search; ``correction_fit``: normal equations, ridge
+and cross-validation); this module collects what they need through the stage's public surface
+(``LayerHost``), so it never reaches into a worker's private members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from slm_dist.arch import ArchSpec
+from slm_dist.core.alpha_fit import AlphaFit, AlphaSearchError, alpha_grid, search_alpha, squared_error
+from slm_dist.core.correction_fit import (
+    FOLDS,
+    CorrectionError,
+    CorrectionFit,
+    Fold,
+    NormalEquations,
+    Rows,
+    check_kind,
+    choose_correction,
+    fold_of,
+    projection_prior,
+    with_intercept,
+)
+from slm_dist.core.merge import merge_window
+from slm_dist.core.types import Window
+
+LayerContext = Any  # what ``LayerHost.context`` returns and ``run_layer`` takes back (positions, rotary, masks)
+
+
+class LayerHost(Protocol):
+    """What a window fit needs from the stage it runs on (``StageWorker`` is one)."""
+
+    arch: ArchSpec
+    device: torch.device
+    layer_ids: list[int]   # the decoder layers the stage holds, ascending
+    num_layers: int        # of the whole model
+
+    def cached_input(self, batch_id: int, layer_id: int | None = None) -> Tensor: ...
+
+    def context(self, h: Tensor) -> LayerContext: ...
+
+    def run_layer(self, layer: nn.Module, layer_id: int, h: Tensor, ctx: LayerContext) -> Tensor: ...
+
+    def new_layer(self, layer_id: int, tensors: dict[str, Tensor]) -> nn.Module: ...
+
+    def window_members(self, window: Window) -> tuple[list[dict[str, Tensor]], Callable[[int], nn.Module]]: ...
+
+
+def check_window_on_stage(stage: LayerHost, window: Window) -> None:
+    lo, hi = window
+    if lo not in stage.layer_ids or hi <= lo or hi >= stage.num_layers:
+        held = f"[{stage.layer_ids[0]}, {stage.layer_ids[-1] + 1})" if stage.layer_ids else "none"
+        raise AlphaSearchError(f"window {list(window)} cannot be fitted on the stage holding layers {held}: its lo "
+                               "must be on this stage and hi > lo")
+
+
+def window_targets(stage: LayerHost, window: Window, batch_ids: Sequence[int],
+                   member: Callable[[int], nn.Module]) -> tuple[list[tuple[Tensor, LayerContext]], list[Tensor]]:
+    """Per batch, the window's original input h_{lo-1} (with its layer context) and output h_hi.
+    Members above the stage run in scratch layers built from the checkpoint, one at a time."""
+    lo, hi = window
+    with torch.inference_mode():
+        inputs = []
+        for batch_id in batch_ids:
+            h = stage.cached_input(batch_id, lo)
+            inputs.append((h, stage.context(h)))
+        outs = [h for h, _ in inputs]
+        for layer_id in range(lo, hi + 1):
+            module = member(layer_id)
+            outs = [stage.run_layer(module, layer_id, x, ctx) for x, (_, ctx) in zip(outs, inputs)]
+            del module
+    return inputs, outs
+
+
+def fit_window_alpha(stage: LayerHost, window: Window, batch_ids: Sequence[int],
+                     grid_points: int = 6, refine_steps: int = 6, skip_first: bool = True) -> AlphaFit:
+    """Rule ``scaled``: choose the window's alpha on the stage's cached calibration inputs.
+
+    The loss of an alpha is the squared error of the merged layer's output against h_hi, relative to
+    ||h_hi - h_{lo-1}||^2 (what skipping the window costs): 1.0 = no better than removing it. The
+    window's source tensors are held while it is fitted (its layers once, in the checkpoint dtype).
+    """
+    lo, hi = window
+    check_window_on_stage(stage, window)
+    if not batch_ids:
+        raise AlphaSearchError("fit_window_alpha needs at least one calibration batch id")
+    source, member = stage.window_members(window)
+    inputs, targets = window_targets(stage, window, batch_ids, member)
+    with torch.inference_mode():
+        base = sum(squared_error(h, t, skip_first) for (h, _), t in zip(inputs, targets))
+    if not base > 0.0:
+        raise AlphaSearchError(f"window {list(window)} does not change its input on these batches "
+                               f"(||h_hi - h_lo-1||^2 = {base}); nothing to fit")
+
+    def loss(alpha: float) -> float:
+        merged = stage.new_layer(lo, merge_window(source, "scaled", stage.arch.role, alpha))
+        with torch.inference_mode():
+            error = sum(squared_error(stage.run_layer(merged, lo, h, ctx), t, skip_first)
+                        for (h, ctx), t in zip(inputs, targets))
+        return error / base
+
+    alpha, value, tried = search_alpha(loss, alpha_grid(hi - lo + 1, grid_points), refine_steps)
+    return AlphaFit(window=(lo, hi), alpha=alpha, loss=value, tried=tuple(tried))
+
+
+def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: float | None,
+                          batch_ids: Sequence[int], skip_first: bool = True, kind: str = "linear") -> CorrectionFit:
+    """Fit the ``kind`` correction of the window merged by ``rule`` (``alpha`` for scaled) on cached
+    calibration inputs (``core/correction_fit.py`` says what is fitted and how it is regularised).
+
+    The targets are the ORIGINAL window's outputs on its original inputs, as for the alpha fit. With
+    ``skip_first`` position 0 is fitted but kept out of the score (``Fold``).
+    """
+    check_kind(kind)
+    lo, hi = window
+    check_window_on_stage(stage, window)
+    if len(batch_ids) < 2:
+        raise CorrectionError(f"the correction of window {list(window)} needs at least 2 calibration batches for "
+                              f"cross-validation, got {len(batch_ids)}; raise merge.correction_batches")
+    source, member = stage.window_members(window)
+    merged = stage.new_layer(lo, merge_window(source, rule, stage.arch.role, alpha))
+    del source
+    projection = merged.get_submodule(stage.arch.mlp_out_module)
+    prior = None
+    if kind == "refit":
+        prior = projection_prior(projection.weight, getattr(projection, "bias", None)).to(stage.device)
+    inputs, targets = window_targets(stage, window, batch_ids, member)
+    captured: list[tuple[Tensor, Tensor]] = []
+    hook = projection.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
+    folds: list[Fold | None] = [None] * min(FOLDS, len(batch_ids))
+    try:
+        with torch.inference_mode():
+            for position, ((h, ctx), target) in enumerate(zip(inputs, targets)):
+                captured.clear()
+                out = stage.run_layer(merged, lo, h, ctx)
+                ((u, m),) = captured
+                # The merged layer's output is h_mid + m; the window should have added r on top of h_mid.
+                r = target - out + m
+                features = m if kind == "linear" else with_intercept(u, prior.shape[0])
+                d_in, d = features.shape[-1], r.shape[-1]
+                if skip_first and m.shape[1] > 1:
+                    fold = Fold(NormalEquations.from_rows(features[:, 1:].reshape(-1, d_in), r[:, 1:].reshape(-1, d)),
+                                Rows.from_rows(features[:, 0], r[:, 0]))
+                else:
+                    fold = Fold(NormalEquations.from_rows(features.reshape(-1, d_in), r.reshape(-1, d)))
+                f = fold_of(position, len(folds))
+                folds[f] = fold if folds[f] is None else folds[f] + fold
+    finally:
+        hook.remove()
+    ridge, loss, tried, matrix = choose_correction([f for f in folds if f is not None], prior=prior)
+    return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
+                         matrix=None if matrix is None else matrix.float().cpu(), kind=kind)
