@@ -82,7 +82,7 @@ class PlanSection(_Section):
         "sliding", description="sliding: the paper's top-down window rule (threshold or target); global: the "
                                "least-cost disjoint windows anywhere removing exactly the target (exact DP)")
     cost: Literal["cka_drop", "cka_window", "block_influence", "angular", "measured"] = Field(
-        "cka_drop", description="search=global: window cost (global_planner.py): from the statistics, or "
+        "cka_drop", description="search=global: window cost (core/global_planner.py): from the statistics, or "
                                 "measured = each layer's own calibration-loss damage (one forward pass per layer); "
                                 "with candidates > 1 every cost proposes plans, this one first")
     candidates: int = Field(1, ge=1, description="search=global: plans the output-verified refinement ranks by "
@@ -120,7 +120,7 @@ class MergeSection(_Section):
     correction: Literal["none", "linear", "refit"] = Field(
         "none", description="after the rule, fit each merged window's MLP output projection on the calibration "
                             "samples (ridge towards the plain merge, cross-validated over batches) so its layer adds "
-                            "what the whole window added (linear_correction.py). linear: one hidden x hidden map on "
+                            "what the whole window added (core/correction_fit.py). linear: one hidden x hidden map on "
                             "the projection's output (256 MiB float32 per window at hidden 8192); refit: the "
                             "projection itself, from its intermediate-size input (fits better; its statistics are "
                             "intermediate^2 float64 on the window's stage, 6.6 GiB per copy at intermediate 28672: "

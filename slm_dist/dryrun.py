@@ -484,7 +484,7 @@ def format_dry_run(d: DryRun) -> str:
     return "\n".join(lines)
 
 
-# The refit fit's peak on a stage, in copies of one set of least-squares statistics (linear_correction.
+# The refit fit's peak on a stage, in copies of one set of least-squares statistics (core/correction_fit.
 # choose_correction): 4 folds, their total, one training set (the total less a fold) and the solver's.
 # Position-0 rows are kept as rows, a few per batch.
 REFIT_STAT_COPIES = 7

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,12 +28,12 @@ import torch
 ray = pytest.importorskip("ray")
 
 from slm_dist import calibration, context, pipeline  # noqa: E402
-from slm_dist.core import merge, planner, similarity
 from slm_dist.arch import get_arch, prune_config  # noqa: E402
+from slm_dist.backends.local import LocalBackend  # noqa: E402
+from slm_dist.backends.ray import RayBackend, RayBackendError  # noqa: E402
 from slm_dist.checkpoint.index import open_index  # noqa: E402
 from slm_dist.config import ClusterSection, load_config  # noqa: E402
-from slm_dist.backends.ray import RayBackend, RayBackendError  # noqa: E402
-from slm_dist.backends.local import LocalBackend  # noqa: E402
+from slm_dist.core import merge, planner, similarity  # noqa: E402
 from slm_dist.testing import hf_layer_outputs, make_tiny_model, tiny_text, tiny_tokenizer  # noqa: E402
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec  # noqa: E402
 from slm_dist.workers.stats_reducer import StatsReducer  # noqa: E402

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from slm_dist import heal
 from slm_dist.checkpoint.index import open_index
 from slm_dist.checkpoint.reader import LazyReader
+from slm_dist.checkpoint.verify import verify_model
 from slm_dist.config import LORA_TARGETS, ConfigError, load_config
 from slm_dist.testing import TINY_WORDS, make_tiny_model
-from slm_dist.checkpoint.verify import verify_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSett
 from slm_dist.core.alpha_fit import AlphaFit
 from slm_dist.core.correction_fit import CorrectionFit, CorrectionRequest
 from slm_dist.core.types import Window
-from slm_dist.workers.merge_worker import MergeWorker
+from slm_dist.workers.merge_worker import write_shard_job
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
 
@@ -134,15 +134,10 @@ def run_jobs_local(jobs: Sequence[ShardJob], settings: WorkerSettings, max_paral
     cache-sized merge slices only add synchronisation (100x slower on the 2-core test machine).
     """
 
-    def run(job: ShardJob) -> ShardResult:
-        worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes,
-                             settings.corrections_file)
-        return worker.write_shard(settings.out_dir, job)
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run_in_threads(jobs, run, max_parallel, on_done)
+        _run_in_threads(jobs, lambda job: write_shard_job(settings, job), max_parallel, on_done)
     finally:
         torch.set_num_threads(threads)
 

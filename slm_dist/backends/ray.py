@@ -42,7 +42,7 @@ from slm_dist import host_memory
 from slm_dist.backends.base import StagedScoring, stage_holding
 from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
 from slm_dist.config import ClusterSection
-from slm_dist.workers.merge_worker import MergeWorker
+from slm_dist.workers.merge_worker import write_shard_job
 from slm_dist.workers.stage_worker import StageCacheMissing, StageSpec, StageStats, StageWorker, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
 
@@ -578,8 +578,7 @@ def _write_shard(settings: WorkerSettings, job: ShardJob) -> ShardResult:
     import torch
 
     torch.set_num_threads(1)  # one CPU per task; see local.run_jobs_local
-    worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes, settings.corrections_file)
-    return worker.write_shard(settings.out_dir, job)
+    return write_shard_job(settings, job)
 
 
 def run_shard_tasks(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone,

@@ -8,7 +8,7 @@ layers are the fragile ones, so a layer target drags windows into them. Here eve
 [lo..hi] (inclusive, the paper's notation; the merged layer sits at lo) gets a cost read from
 the statistics, costs add over windows, and the DP returns the plan with the least total cost
 (``plan_windows_global``) or the ``count`` cheapest distinct plans (``best_plans``). The
-output-verified refinement (pipeline.plan_global) measures a shortlist drawn from every cost
+output-verified refinement (planning.PlanSearch.global_windows) measures a shortlist drawn from every cost
 (``candidate_plans``: each cost's best plans and its best single block, ``best_block``; ranked by
 ``rank_plans``) and climbs from the best one (``local_search`` over ``neighbour_plans``); only the
 loss callables it passes in run forward passes.

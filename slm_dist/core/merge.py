@@ -168,7 +168,7 @@ def _describe(keys: Sequence[str] | None, n: int) -> str:
 
 
 def apply_correction(tensor: Tensor, matrix: Tensor, kind: str = "linear") -> Tensor:
-    """Fold a window's correction (linear_correction) into its MLP output projection.
+    """Fold a window's correction (core/correction_fit.py) into its MLP output projection.
 
     ``linear``: T [d, d]; the layer then adds m T where it added m: weight [d, d_in] -> T^T W, bias
     [d] -> T^T b. ``refit``: X [d_in (+1), d] replaces the projection: weight -> X[:d_in]^T, bias ->

@@ -56,7 +56,7 @@ class MergePlan:
     threshold: float | None  # None for a plan written by hand (or found by the global search)
     alphas: tuple[float, ...] | None = None  # rule "scaled" only: one alpha per window, in window order
     # merge.correction=linear: the safetensors file holding each corrected window's map T
-    # (linear_correction.py; keys merge.correction_name), and its sha256 so a changed file is noticed.
+    # (core/correction_fit.py; keys merge.correction_name), and its sha256 so a changed file is noticed.
     corrections: str | None = None
     corrections_sha256: str | None = None
 

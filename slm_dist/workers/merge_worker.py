@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from slm_dist.checkpoint.corrections import correction_slice, kind_of, read_correction
-from slm_dist.checkpoint.export import ShardJob, ShardResult
+from slm_dist.checkpoint.export import ShardJob, ShardResult, WorkerSettings
 from slm_dist.checkpoint.index import TensorInfo, open_index
 from slm_dist.checkpoint.reader import TORCH_DTYPES, LazyReader, RowReader
 from slm_dist.checkpoint.writer import ShardWriter, TensorEntry
@@ -155,6 +155,12 @@ class MergeWorker:
         if self._pickle_reader is None:
             self._pickle_reader = LazyReader(open_index(self.source_dir, allow_pickle=self.allow_pickle))
         return self._pickle_reader.get(info.key).reshape(-1)[a:b]
+
+
+def write_shard_job(settings: WorkerSettings, job: ShardJob) -> ShardResult:
+    """One export shard job, as both backends run it (threads here, Ray tasks there): the same bytes."""
+    worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes, settings.corrections_file)
+    return worker.write_shard(settings.out_dir, job)
 
 
 def single_source(t: TensorJob) -> int | None:
