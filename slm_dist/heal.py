@@ -420,7 +420,8 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
     import deepspeed
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from slm_dist.checkpoint.folder import load_causal_lm
 
     if session is None:
         session = train.RaySession()
@@ -435,8 +436,7 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions while it lives
-    model = AutoModelForCausalLM.from_pretrained(loop["model_dir"], dtype=dtype,
-                                                 attn_implementation=loop["attn_implementation"])
+    model = load_causal_lm(loop["model_dir"], dtype=dtype, attn_implementation=loop["attn_implementation"])
     model.config.use_cache = False
     if loop["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
