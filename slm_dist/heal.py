@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from slm_dist import context
+from slm_dist import context, preflight
 from slm_dist.backends import train
 from slm_dist.backends.base import Backend
 from slm_dist.calibration import read_texts
@@ -610,6 +610,9 @@ def run_heal(config: SlmConfig, cache_dir: Path | None = None, ray_address: str 
     """
     ctx = context.resolve_inputs(config, cache_dir, show_progress)
     model_dir = Path(config.heal.model or config.output_dir)
+    out_dir, work_dir, storage = heal_dirs(config)
+    preflight.require(preflight.heal_problems(config, model_dir, config.heal.data or ctx.calibration_source, out_dir,
+                                              work_dir, storage))
     result = heal(config, model_dir, config.heal.data or ctx.calibration_source, ray_address)
     backend = context.make_backend(config)
     try:
