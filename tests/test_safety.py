@@ -73,15 +73,11 @@ def plant_remote_code(model: Path, marker: Path) -> None:
     edit_json(model / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": ["evil.Tok", None]}))
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_auto_map_never_runs_code_and_is_dropped_from_the_output(model, text, tmp_path, capsys, backend):
-    if backend == "ray":
-        pytest.importorskip("ray")
+def test_auto_map_never_runs_code_and_is_dropped_from_the_output(model, text, tmp_path, capsys):
     marker = tmp_path / "code-ran"
     plant_remote_code(model, marker)
     before = folder_digest(model)
-    code, out = run_cli(capsys, "run", *overrides(model, text, tmp_path / "run", f"cluster.backend={backend}",
-                                                  "eval.enabled=false"))
+    code, out = run_cli(capsys, "run", *overrides(model, text, tmp_path / "run", "eval.enabled=false"))
     assert code == cli.EXIT_OK, out
     assert not marker.exists(), "the model folder's Python file ran"
     assert "auto_map" in out and "ignored" in out  # the warning says so
@@ -89,6 +85,20 @@ def test_auto_map_never_runs_code_and_is_dropped_from_the_output(model, text, tm
     assert "auto_map" not in json.loads((written / "config.json").read_text())
     assert "auto_map" not in json.loads((written / "tokenizer_config.json").read_text())
     assert not (written / "evil.py").exists()
+    assert folder_digest(model) == before
+
+
+@pytest.mark.slow
+def test_auto_map_never_runs_code_in_ray_stage_actors(model, text, tmp_path, capsys):
+    """The stage actors build their layers from the folder too (calibration through Ray: `plan`)."""
+    pytest.importorskip("ray")
+    marker = tmp_path / "code-ran"
+    plant_remote_code(model, marker)
+    before = folder_digest(model)
+    code, out = run_cli(capsys, "plan", *overrides(model, text, tmp_path / "run", "cluster.backend=ray"))
+    assert code == cli.EXIT_OK, out
+    assert (tmp_path / "run" / "plan.json").is_file()
+    assert not marker.exists(), "the model folder's Python file ran"
     assert folder_digest(model) == before
 
 
