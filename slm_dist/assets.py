@@ -410,8 +410,9 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     logger.info("loading and dequantizing %s", gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     trust_remote_code=False)
     reference.eval()
 
     config = LlamaConfig.from_dict(plain_config_dict(reference.config.to_dict()))
@@ -474,7 +475,7 @@ def check_reloaded_model(model_dir: Path, reference: PreTrainedModel, tokenizer:
     import torch
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).eval()
     if reloaded.dtype != torch.bfloat16:
         raise AssetError(f"{model_dir} reloads as {reloaded.dtype}, expected torch.bfloat16")
     ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids

@@ -130,11 +130,23 @@ def _existing(source: Path) -> Path:
 
 
 def _read_txt(source: Path) -> list[str]:
-    text = source.read_text(encoding="utf-8")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(f"calibration.source {str(source)!r} is not UTF-8 text (byte {e.start}: "
+                                   f"{e.reason}); give a UTF-8 text file") from None
     return [block.strip() for block in re.split(r"\n\s*\n", text)]
 
 
 def _read_jsonl(source: Path) -> list[str]:
+    try:
+        return _read_jsonl_utf8(source)
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(f"calibration.source {str(source)!r} is not UTF-8 text (byte {e.start}: "
+                                   f"{e.reason}); give a UTF-8 .jsonl file") from None
+
+
+def _read_jsonl_utf8(source: Path) -> list[str]:
     texts = []
     with source.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):

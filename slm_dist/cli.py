@@ -20,6 +20,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 CACHE_ENV = "SLM_DIST_CACHE"
 
 
+class UsageError(ValueError):
+    """The command line itself is wrong (exit 2, like argparse's own usage errors)."""
+
+
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from slm_dist.arch import UnsupportedArchitectureError
     from slm_dist.calibration import CalibrationDataError
@@ -31,10 +35,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from slm_dist.core.planner import PlanError
     from slm_dist.evaluation import EvalDataError
     from slm_dist.heal import HealError
+    from slm_dist.preflight import PreflightError
     from slm_dist.report import ReportError
 
     return (ConfigError, CheckpointError, CalibrationDataError, UnsupportedArchitectureError, PlanError, ExportError,
-            MergeError, PartitionError, FileNotFoundError, HealError, ReportError, EvalDataError)
+            MergeError, PartitionError, FileNotFoundError, HealError, ReportError, EvalDataError, PreflightError,
+            UsageError)
 
 
 def _split_args(items: list[str]) -> tuple[Path | None, list[str]]:
@@ -46,7 +52,8 @@ def _split_args(items: list[str]) -> tuple[Path | None, list[str]]:
         elif config is None:
             config = Path(item)
         else:
-            raise SystemExit(f"slm-dist: unexpected argument {item!r}: give one CONFIG and key=value overrides")
+            raise UsageError(f"unexpected argument {item!r} after the config file {config}: give one CONFIG and "
+                             "key=value overrides")
     return config, overrides
 
 
@@ -88,13 +95,20 @@ def cmd_plan(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
     if args.dry_run:
-        from slm_dist import dryrun
+        from slm_dist import dryrun, pipeline, preflight
 
         model_dir = config.model.path
         if model_dir is None:
             from slm_dist import assets
 
             model_dir = assets.prepare_demo_model(config.run.cache_dir or _cache_dir() or assets.default_cache_dir())
+        # The same checks a run makes first, every problem listed (the demo's texts, fetched by a run, are not).
+        problems = preflight.run_problems(config, Path(model_dir), config.calibration.source, config.eval.heldout,
+                                          layers_removed=pipeline.planned_removal(config))
+        if problems:
+            preflight.log_problems(problems)
+            log.error("plan --dry-run: %d problem(s) above; fix them and run it again", len(problems))
+            return EXIT_BAD_INPUT
         result = dryrun.dry_run(config, Path(model_dir))
         sys.stdout.write((json.dumps(result.to_json()) if args.json else dryrun.format_dry_run(result)) + "\n")
         if not result.fits:
@@ -172,7 +186,7 @@ def _task_args(items: list[str]) -> dict[str, Path]:
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"slm-dist: --task takes NAME=FILE (e.g. piqa=data/piqa/valid.jsonl), got {item!r}")
+            raise UsageError(f"--task takes NAME=FILE (e.g. piqa=data/piqa/valid.jsonl), got {item!r}")
         tasks[name] = Path(path)
     return tasks
 
@@ -193,7 +207,15 @@ def cmd_eval(args) -> int:
     if path is None and (target / "config.resolved.yaml").is_file():
         path = target / "config.resolved.yaml"  # a run folder: evaluate with the run's own settings
     config = load_config(path, overrides)
-    result = evaluation.run_eval(target, config, _eval_spec(args, config), _show_progress(args))
+    spec = _eval_spec(args, config)
+    from slm_dist import preflight
+
+    model_dir, _ = evaluation.find_model(target)
+    index, problems = preflight.model_problems(model_dir, config.model.allow_pickle)
+    problems += preflight.tokenizer_problems(model_dir) if index is not None else []
+    preflight.require(problems + preflight.eval_input_problems(spec.ppl_files, spec.tasks, spec.ppl_join, spec.limit)
+                      + preflight.cluster_problems(config.cluster))
+    result = evaluation.run_eval(target, config, spec, _show_progress(args))
     for name, value in result["ppl"].items():
         log.info("perplexity %s: %.3f", name, value)
     for name, scores in result["tasks"].items():
@@ -223,7 +245,7 @@ def cmd_compare(args) -> int:
             index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
             removed = [layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last, p.max_window)]
         else:
-            raise SystemExit("slm-dist compare: the config plans by threshold; give the layer counts with --removed N")
+            raise UsageError("compare: the config plans by threshold; give the layer counts with --removed N")
     methods = args.methods.split(",") if args.methods else compare.METHODS
     result = compare.compare(config, removed, _eval_spec(args, config), methods, _cache_dir(), args.keep_models,
                              _show_progress(args))
@@ -232,11 +254,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from slm_dist import preflight
     from slm_dist.arch import get_arch
-    from slm_dist.checkpoint.index import open_index
     from slm_dist.context import layer_params
 
-    index = open_index(Path(args.model), allow_pickle=args.allow_pickle)
+    index, problems = preflight.model_problems(Path(args.model), allow_pickle=args.allow_pickle)
+    preflight.require(problems)
     arch = get_arch(index.model_type)
     total, per_layer = layer_params(index)
     info = {
@@ -255,8 +278,11 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from slm_dist.checkpoint.index import CheckpointError
     from slm_dist.checkpoint.verify import verify_model
 
+    if not Path(args.model).is_dir():
+        raise CheckpointError(f"{args.model} is not a folder: give the checkpoint folder to verify")
     problems = verify_model(Path(args.model))
     if problems:
         for p in problems:
@@ -271,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     parser.add_argument("--log-json", action="store_true", help="one JSON object per log line (for schedulers)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (bug reports)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="calibrate -> plan -> merge -> verify -> eval (no arguments: the demo)")
@@ -359,13 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _bad_input_errors() as e:
-        log.error("%s", e)
+        # Bad input: one line naming the file/key and the fix; the traceback only with --debug.
+        log.error("%s", e, exc_info=args.debug)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_FAILURE
-    except Exception:
-        log.exception("slm-dist failed")
+    except Exception as e:
+        if args.debug:
+            log.exception("slm-dist failed")
+        else:
+            log.error("slm-dist failed: %s: %s (run again with --debug for the traceback)", type(e).__name__, e)
         return EXIT_FAILURE
 
 

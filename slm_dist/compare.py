@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slm_dist import context, evaluation, pipeline
+from slm_dist import context, evaluation, pipeline, preflight
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint import corrections as corrections_file
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
@@ -397,6 +397,8 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
     if not layers_removed:
         raise ConfigError("give at least one layer count to remove (--removed N, or plan.target_layers_removed)")
     ctx = context.resolve_inputs(config, cache_dir, show_progress)
+    preflight.require(preflight.run_problems(config, ctx.model_dir, ctx.calibration_source, None, stop_after="plan")
+                      + preflight.eval_input_problems(spec.ppl_files, spec.tasks, spec.ppl_join, spec.limit))
     out_root = ctx.run_dir / "compare"
     out_root.mkdir(parents=True, exist_ok=True)
     index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)

@@ -306,13 +306,36 @@ def build_config(tree: dict) -> SlmConfig:
         raise ConfigError(_explain(err)) from None
 
 
+def _read_yaml(path: Path) -> Any:
+    """A config file's YAML, with every way it can be unreadable said in one line."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. configs/tiny.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                          "UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML ({where.strip() or 'somewhere'}: {problem}); "
+                          "fix the syntax there") from None
+    if loaded is None:
+        # An empty file is not the demo: the demo is `slm-dist run` with no config at all.
+        raise ConfigError(f"config file {path} is empty; give its settings (see configs/tiny.yaml), or run the "
+                          "demo with `slm-dist run` and no config file")
+    return loaded
+
+
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SlmConfig:
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(Path(path))
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded

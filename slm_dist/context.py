@@ -19,6 +19,7 @@ import torch
 
 from slm_dist import calibration
 from slm_dist.arch import get_arch
+from slm_dist.checkpoint import folder
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.config import SlmConfig, compute_dtype, resolve_device
 from slm_dist.core.partition import DTYPE_BYTES, ModelBytes, model_bytes_from_tensors, partition_layers
@@ -129,9 +130,8 @@ def make_backend(config: SlmConfig) -> Backend:
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    """The model folder's tokenizer, built-in transformers classes only (checkpoint/folder.py)."""
+    return folder.load_tokenizer(model_dir)
 
 
 def batches(input_ids: torch.Tensor, batch_size: int) -> list[tuple[int, torch.Tensor]]:

@@ -175,14 +175,25 @@ def read_rows(path: Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EvalDataError(f"{path}:{n} is not a JSON object ({e}); task files are .jsonl, .parquet, "
                                     "or llama.cpp's 6-line HellaSwag .txt") from None
+            if not isinstance(row, dict):
+                raise EvalDataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; each line of a task "
+                                    "file is one object with the task's fields")
+            rows.append(row)
     return rows
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); give a UTF-8 file") from None
 
 
 def _attach_labels(task: str, path: Path, rows: list[dict]) -> None:
@@ -208,7 +219,7 @@ def _attach_labels(task: str, path: Path, rows: list[dict]) -> None:
 
 def read_hellaswag_txt(path: Path) -> list[Item]:
     """llama.cpp's HellaSwag text form: per task 6 lines (context, gold 0-3, four endings), already preprocessed."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    lines = _read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
@@ -219,7 +230,10 @@ def read_hellaswag_txt(path: Path) -> list[Item]:
             gold = int(lines[k + 1])
         except ValueError:
             raise EvalDataError(f"{path}:{k + 2}: expected the gold label 0-3, got {lines[k + 1]!r}") from None
-        items.append(_shared_context(lines[k], lines[k + 2:k + 6], gold))
+        try:
+            items.append(_shared_context(lines[k], lines[k + 2:k + 6], gold))
+        except EvalDataError as e:
+            raise EvalDataError(f"{path}:{k + 2}: {e}") from None
     return items
 
 
@@ -239,6 +253,10 @@ def read_task(name: str, path: Path, limit: int | None = None) -> list[Item]:
                 items.append(TASK_ROWS[name](row, f"{path}:{n}"))
             except KeyError as e:
                 raise EvalDataError(f"{path}:{n}: a {name} row needs field {e}; it has {sorted(row)}") from None
+            except EvalDataError as e:  # e.g. a gold index out of range: say which row
+                raise (e if str(e).startswith(str(path)) else EvalDataError(f"{path}:{n}: {e}")) from None
+            except (TypeError, ValueError) as e:
+                raise EvalDataError(f"{path}:{n}: a {name} row with a field of the wrong type ({e})") from None
     if not items:
         raise EvalDataError(f"{path} holds no {name} items")
     return items[:limit]

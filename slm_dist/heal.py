@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from slm_dist import context
+from slm_dist import context, preflight
 from slm_dist.backends import train
 from slm_dist.backends.base import Backend
 from slm_dist.calibration import read_texts
@@ -420,7 +420,8 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
     import deepspeed
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from slm_dist.checkpoint.folder import load_causal_lm
 
     if session is None:
         session = train.RaySession()
@@ -435,8 +436,7 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions while it lives
-    model = AutoModelForCausalLM.from_pretrained(loop["model_dir"], dtype=dtype,
-                                                 attn_implementation=loop["attn_implementation"])
+    model = load_causal_lm(loop["model_dir"], dtype=dtype, attn_implementation=loop["attn_implementation"])
     model.config.use_cache = False
     if loop["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -610,6 +610,9 @@ def run_heal(config: SlmConfig, cache_dir: Path | None = None, ray_address: str 
     """
     ctx = context.resolve_inputs(config, cache_dir, show_progress)
     model_dir = Path(config.heal.model or config.output_dir)
+    out_dir, work_dir, storage = heal_dirs(config)
+    preflight.require(preflight.heal_problems(config, model_dir, config.heal.data or ctx.calibration_source, out_dir,
+                                              work_dir, storage))
     result = heal(config, model_dir, config.heal.data or ctx.calibration_source, ray_address)
     backend = context.make_backend(config)
     try:

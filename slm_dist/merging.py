@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from slm_dist import preflight
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint.export import check_disk_space, plan_export, write_export
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
@@ -61,6 +62,7 @@ def merge_from_plan(config: SlmConfig, model_dir: Path, backend: Backend, show_p
     little more than hashing them.
     """
     plan = load_plan(config.run.dir)
+    preflight.require(preflight.merge_problems(config, Path(model_dir), plan.num_layers_after))
     if plan.rule != config.merge.rule:
         log.warning("plan.json says rule %r, the config says merge.rule=%r: merging with the plan's rule",
                     plan.rule, config.merge.rule)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from slm_dist.arch import ArchSpec, get_arch, prune_config
 from slm_dist.checkpoint.corrections import checked_windows, kind_of, matrix_shapes
+from slm_dist.checkpoint.folder import SIDE_FILES, side_file_bytes
 from slm_dist.checkpoint.index import DTYPE_BYTES, CheckpointIndex, TensorInfo
 from slm_dist.checkpoint.lock import FolderLock
 from slm_dist.checkpoint.writer import (
@@ -53,10 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Files copied unchanged from the source folder when present.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-              "chat_template.json")
 OUTPUT_MARKER = ".slm-dist-output"
 MODEL_CARD = "README.md"
 CONFIG_NAME = "config.json"
@@ -364,9 +361,7 @@ def _write_export(export: ExportPlan, run_jobs: ShardRunner, max_parallel: int, 
     run_jobs(todo, settings, max_parallel, finished)
 
     final = [records[s.name] for s in export.shards]
-    for name in SIDE_FILES:
-        if (export.source / name).is_file():
-            final.append(_copy_file(export.source / name, out / name))
+    final += _copy_side_files(export.source, out)
     final.append(_write_text(out / MODEL_CARD, model_card(export, export.plan.threshold)))
     final.append(write_json(out / CONFIG_NAME, export.config))
     final.append(write_index(out, export.weight_map, export.total_bytes))
@@ -407,9 +402,7 @@ def write_rewritten(index: CheckpointIndex, out_dir: Path, max_shard_bytes: int,
             weight_map.update({k: name for k in group})
     finally:
         reader.close()
-    for side in SIDE_FILES:
-        if (index.root / side).is_file():
-            records.append(_copy_file(index.root / side, out_dir / side))
+    records += _copy_side_files(index.root, out_dir)
     records.append(_write_text(out_dir / MODEL_CARD, card))
     records.append(write_json(out_dir / CONFIG_NAME, index.config))
     records.append(write_index(out_dir, weight_map, index.total_bytes))
@@ -472,13 +465,22 @@ def _record(path: Path) -> FileRecord:
     return FileRecord(path.name, sha256_file(path), path.stat().st_size)
 
 
-def _copy_file(src: Path, dst: Path) -> FileRecord:
-    tmp = partial_name(dst)
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    return _record(dst)
+def _copy_side_files(source: Path, out: Path) -> list[FileRecord]:
+    """The tokenizer and generation files, each confined to the source folder (folder.side_file) and
+    without auto_map; written to a temporary name, fsynced, renamed."""
+    records = []
+    for name in SIDE_FILES:
+        data = side_file_bytes(source, name)
+        if data is None:
+            continue
+        tmp = partial_name(out / name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+        records.append(_record(out / name))
+    return records
 
 
 def _write_text(path: Path, text: str) -> FileRecord:

@@ -289,7 +289,15 @@ def verify_manifest(folder: Path) -> list[str]:
     if not path.is_file():
         return [f"{path} is missing: the folder was not finished by slm-dist"]
     problems = []
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{path} is not valid JSON ({e}): the manifest is corrupt; rerun `slm-dist merge` to rewrite it"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in manifest["files"].values()):
+        return [f"{path} is not an slm-dist manifest (an object whose 'files' maps names to bytes and sha256): "
+                "rerun `slm-dist merge` to rewrite it"]
     if manifest.get("complete") is False:
         problems.append(f"{path} says the merge did not finish: rerun `slm-dist merge` to complete it")
     for name, entry in manifest["files"].items():

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from slm_dist.arch import ArchSpec, get_arch
+from slm_dist.checkpoint.folder import hf_config
 from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_index
 from slm_dist.checkpoint.reader import LazyReader, torch_dtype
 from slm_dist.core import similarity
@@ -112,15 +113,16 @@ class StageWorker:
     # ----------------------------------------------------------------------------------- loading
     def _build(self) -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(self.spec.model_dir)
-        if getattr(config, "num_hidden_layers", None) != self.spec.num_layers:
+        # Built from the checked config.json the index read (never from the folder by transformers, so
+        # no auto_map is followed and no code of the folder runs).
+        if self.index.num_layers != self.spec.num_layers:
             raise CheckpointError(f"{self.spec.model_dir}/config.json has num_hidden_layers="
-                                  f"{config.num_hidden_layers}, the stage plan assumed {self.spec.num_layers}")
+                                  f"{self.index.num_layers}, the stage plan assumed {self.spec.num_layers}")
         # A config loaded on its own has no attention implementation; a bare decoder layer then
         # attends in both directions without any error. Set it explicitly.
-        config._attn_implementation = self.spec.attn_implementation
+        config = hf_config(self.index.config, self.spec.attn_implementation)
         self.config = config
         # Buffers (rotary inv_freq) are materialised for real; parameters stay on meta until loaded.
         with init_empty_weights(include_buffers=False):
