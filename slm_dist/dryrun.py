@@ -23,6 +23,7 @@ from slm_dist.config import SlmConfig, needs_cached_inputs
 from slm_dist.config import compute_dtype as config_compute_dtype
 from slm_dist.config import resolve_device as config_resolve_device
 from slm_dist.core import planner, sizing
+from slm_dist.core.correction_fit import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK
 from slm_dist.core.partition import PartitionError, partition_layers
 
 GiB = 2**30
@@ -286,8 +287,11 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
                            a: Assumptions) -> float:
     """Each scored plan runs, on average, half the model (from its lowest changed layer) and the head on
     every calibration sample. With merge.correction, assume one window fitted per scored candidate:
-    the window's layers twice on the fitting batches, and the cross-validated solves (9 ridges x 4
-    folds + the final fit) in float64."""
+    the window's layers twice on the fitting batches, the merged layer once more per ridge and per
+    move of the training set (correction_fit.choose_correction recomputes a fold's rows rather than
+    holding its statistics), and in float64 the normal equations (2.5 passes of the rows: a first
+    training set, three moves, the final fold), a Cholesky factor and two triangular solves per ridge
+    and fold (+ the final fit) and the held-out scores."""
     cal, n = config.calibration, sizes.num_layers
     hidden = int(hf_config["hidden_size"])
     tokens = cal.num_samples * cal.seq_len
@@ -299,8 +303,11 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len
         window = config.plan.max_window or 4
         fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_flops_per_s / 2
-        per_fit = 2 * window * fit_tokens * fpt / rate + (9 * 4 + 1) * (2 / 3 * width ** 3 + 2 * width ** 2 * hidden) / fp64
-        seconds += candidates * per_fit
+        grid, folds = len(RIDGE_GRID), FOLDS
+        forwards = (2 * window + grid + 3) * fit_tokens * fpt / rate
+        normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
+                  + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
+        seconds += candidates * (forwards + normal / fp64)
     return seconds
 
 
@@ -317,12 +324,12 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     act = activation_bytes(hf, config, sizing.dtype_bytes(cdtype))
     logits = logits_bytes(hf, config)
     notes = list(model.notes)
-    # Fitting a refit correction is a phase of its own on the window's stage (after calibration): its
-    # statistics, not the streaming activations, are then what a stage holds besides its weights.
+    # Fitting a refit correction runs the merged layer on a batch while its statistics are held:
+    # counted on top of the activations.
     fit = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
         if config.merge.correction == "refit" else 0
-    non_weight = "activations" if fit <= act else "merge.correction=refit's fitting statistics"
-    act = max(act, fit)
+    non_weight = "activations" if not fit else "activations and merge.correction=refit's fitting statistics"
+    act += fit
 
     # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
     # with its activations, logits and overhead.
@@ -345,6 +352,9 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     if refusal is not None:
         refusal = _refusal(hf, parts, cdtype, cluster, min_stages, refusal)
         stages = []
+
+    if device == "cuda":
+        notes += smaller_cards(parts, cluster.num_stages, memory, fit)
 
     removed = expected_layers_removed(config, sizes)
     if removed is None:
@@ -409,6 +419,43 @@ def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, st
     read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
         + (stored.last_extra_bytes if last else 0)
     return StageEstimate(start, stop, weights, parts.activation + (parts.logits if last else 0), parts.overhead, read)
+
+
+SMALLER_CARDS_GIB = (40, 48)  # the common smaller GPU memories a 70B plan is asked about
+
+
+def _fits_on(parts: _Parts, num_stages: int, memory: int) -> tuple[bool, int]:
+    """(does the run's split onto num_stages stages of memory fit, the largest stage's total bytes)."""
+    c = parts.compute
+    try:
+        slices = partition_layers(c.layer_bytes, num_stages, memory, c.first_extra_bytes, parts.last_extra)
+    except PartitionError:
+        return False, 0
+    peak = max(_stage(parts, c, i, num_stages, a, b).total_bytes for i, (a, b) in enumerate(slices))
+    return peak <= memory, peak
+
+
+def smaller_cards(parts: _Parts, num_stages: int, memory: int | None, fit_bytes: int) -> list[str]:
+    """What fits on GPUs smaller than the configured ones (40 and 48 GiB), and without refit's statistics."""
+    lines = []
+    for gib in SMALLER_CARDS_GIB:
+        card = gib * GiB
+        if memory is not None and card >= memory:
+            continue
+        ok, peak = _fits_on(parts, num_stages, card)
+        text = (f"{num_stages} x {gib} GiB: fits (largest stage {peak / GiB:.1f} GiB)" if ok else
+                f"{num_stages} x {gib} GiB: does not fit" + (f" (largest stage {peak / GiB:.1f} GiB)" if peak else ""))
+        if not ok:
+            fewest = fewest_stages(parts, card)
+            text += f"; {fewest} stages of {gib} GiB would" if fewest else f"; no number of {gib} GiB stages would"
+            if fit_bytes:
+                plain = _Parts(parts.compute, parts.last_extra, parts.activation - fit_bytes, parts.logits,
+                               parts.overhead)
+                ok_plain, peak_plain = _fits_on(plain, num_stages, card)
+                text += (f"; without refit's statistics (merge.correction=linear or none) {num_stages} stages "
+                         + (f"fit (largest {peak_plain / GiB:.1f} GiB)" if ok_plain else "do not fit either"))
+        lines.append(text)
+    return lines
 
 
 def fewest_stages(parts: _Parts, memory_per_stage_bytes: int) -> int | None:
@@ -484,18 +531,15 @@ def format_dry_run(d: DryRun) -> str:
     return "\n".join(lines)
 
 
-# The refit fit's peak on a stage, in copies of one set of least-squares statistics (linear_correction.
-# choose_correction): 4 folds, their total, one training set (the total less a fold) and the solver's.
-# Position-0 rows are kept as rows, a few per batch.
-REFIT_STAT_COPIES = 7
-
-
 def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:
-    """Peak float64 statistics of one refit fit (0 when the config has no intermediate_size)."""
+    """Peak float64 memory of one refit fit besides the layer's forward (0 without intermediate_size):
+    the training set's normal equations and one Cholesky factor (GRAM_COPIES x intermediate^2), the
+    cross terms, right-hand side and prior (CROSS_COPIES x intermediate x hidden) and a chunk of rows
+    in float64 (correction_fit.choose_correction; the fit never holds a fold's own statistics)."""
     if intermediate is None:
         return 0
-    intermediate = int(intermediate)
-    return REFIT_STAT_COPIES * (intermediate ** 2 + (intermediate + 1) * hidden) * 8
+    d_in = int(intermediate) + 1  # + the intercept column when the projection has a bias
+    return (GRAM_COPIES * d_in ** 2 + CROSS_COPIES * d_in * hidden + ROW_CHUNK * (d_in + hidden)) * 8
 
 
 def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
@@ -508,7 +552,7 @@ def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
     stats = refit_stat_bytes(hidden, intermediate)
     fitted = (intermediate + 1) * hidden * 4
     return (f"merge.correction=refit: fitting a window holds about {stats / GiB:.2f} GiB of float64 statistics "
-            f"({REFIT_STAT_COPIES} copies of intermediate^2 + intermediate x hidden) on the window's stage device, "
-            "counted in each stage's non-weight memory; "
+            f"({GRAM_COPIES} copies of intermediate^2 + {CROSS_COPIES} of intermediate x hidden) on the window's stage "
+            "device, on top of each stage's activations; "
             f"each fitted projection is {fitted / GiB:.2f} GiB (float32), held on the stage and on the Ray driver while "
             "its plan is scored (one plan's at a time). Use merge.correction=linear where that does not fit")

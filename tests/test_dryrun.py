@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from slm_dist import dryrun
-from slm_dist.core import partition, sizing
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointError, open_index
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from slm_dist.config import SlmConfig, load_config
+from slm_dist.core import partition, sizing
 from slm_dist.testing import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,13 +243,18 @@ def test_correction_and_planning_caches_are_in_the_notes():
     assert any("0.25 GiB (float32)" in n for n in fitted.notes)  # 8192 x 8192 x 4 bytes per window
     assert not any("merge.correction" in n for n in plain.notes)
     refit = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=refit"), LLAMA3_70B)
-    # 7 copies of 28672^2 + 28673 x 8192 float64 statistics: the fit's peak on the window's stage.
-    stats = 7 * (28672 ** 2 + 28673 * 8192) * 8
+    # 2 copies of 28673^2 (statistics and factor) + 3 of 28673 x 8192 + 2048 rows, float64: the fit's peak.
+    stats = (2 * 28673 ** 2 + 3 * 28673 * 8192 + 2048 * (28673 + 8192)) * 8
     assert any(f"about {stats / 1024**3:.2f} GiB of float64 statistics" in n for n in refit.notes)
     assert refit.host_bytes_per_stage == fitted.host_bytes_per_stage
-    # The fitting phase's statistics count as each stage's non-weight memory: 8 x 80 GiB still fits
-    # (70B in bf16), 40 GiB stages do not, and the refusal names the statistics.
+    # The fitting statistics count on top of each stage's activations: 8 x 80 GiB fits (70B in bf16)
+    # with at least 25 GiB free per stage, 40 GiB stages do not, and the refusal names the statistics.
     assert refit.fits and all(st.activation_bytes >= stats for st in refit.stages)
+    assert all(80 * 1024**3 - st.total_bytes >= 25 * 1024**3 for st in refit.stages)
+    assert any(n.startswith("8 x 40 GiB: does not fit") and "11 stages of 40 GiB would" in n
+               and "without refit's statistics (merge.correction=linear or none) 8 stages fit" in n
+               for n in refit.notes)
+    assert any(n.startswith("8 x 48 GiB: fits") for n in refit.notes)
     tight = dryrun.dry_run(config_70b("merge.correction=refit", "merge.rule=scaled", "plan.search=global",
                                       f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B)
     assert not tight.fits and "fitting statistics" in tight.refusal
