@@ -18,14 +18,14 @@ import torch
 
 from slm_dist import cli
 from slm_dist.arch import get_arch, prune_config
-from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
-from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
-from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
 from slm_dist.backends.local import run_jobs_local
+from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
+from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
+from slm_dist.checkpoint.verify import verify_model
+from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
 from slm_dist.core.merge import MergeError, merge_state_dict
 from slm_dist.core.planner import MergePlan
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
-from slm_dist.checkpoint.verify import verify_model
 from slm_dist.workers.merge_worker import elements_per_block
 
 LLAMA = get_arch("llama")
@@ -247,6 +247,26 @@ def test_a_new_plan_in_the_same_folder_replaces_every_shard(tiny, tmp_path):
     result = write_export(plan_export(open_index(tiny), _plan("sum", ((1, 4),)), out, SHARD_BYTES), run_jobs_local)
     assert result.shards_skipped == ()
     assert set(_tensors(out)) == set(merge_state_dict(_tensors(tiny), ((1, 4),), 6, LLAMA, "sum"))
+    assert verify_model(out) == []
+
+
+def test_a_folder_whose_manifest_names_sha256_resumes_and_verifies(tiny, tmp_path):
+    """A folder merged before xxh3_128 (per-file sha256 in manifest.json): its shards are verified by
+    the hash their entries name and kept, and the folder verifies."""
+    out = tmp_path / "out"
+    export = plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES)
+    first = write_export(export, run_jobs_local)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for name, entry in manifest["files"].items():
+        manifest["files"][name] = {"sha256": sha256_file(out / name), "bytes": entry["bytes"]}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    before = {n: (out / n).read_bytes() for n in first.shards_written}
+    assert verify_model(out) == []
+    again = write_export(export, run_jobs_local)
+    assert sorted(again.shards_skipped) == sorted(first.shards_written)
+    assert {n: (out / n).read_bytes() for n in first.shards_written} == before
+    files = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert all("sha256" in files[n] for n in first.shards_written)  # kept as verified
     assert verify_model(out) == []
 
 
