@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ class DryRunError(PartitionError):
 
 @dataclass(frozen=True)
 class Assumptions:
-    """Throughputs the time estimate uses; change them to match your hardware."""
+    """Throughputs the time estimate uses; change them to match your hardware (``--assume key=value``).
+
+    ``stage_tokens_per_s`` is a MEASURED figure: the calibration tokens per second one stage of this
+    config pushed through its layers (statistics included; bench/RESULTS.md has the runs, and a run's
+    log gives it). Given, it replaces the FLOP-rate model for every forward pass (calibration,
+    scored plans, correction fits, eval): the same model then predicts a CPU run here and a GPU
+    cluster from its published figures.
+    """
 
     read_bytes_per_s: float = 2.0e9      # one stage reading safetensors (local NVMe)
     write_bytes_per_s: float = 1.0e9     # one merge task writing a shard (fsynced)
@@ -45,8 +53,40 @@ class Assumptions:
     gpu_flops_per_s: float = 150e12      # sustained bf16 matmul rate of one GPU (about half an A100's peak)
     cpu_flops_per_s: float = 50e9        # sustained float32 rate of one CPU stage (Gram statistics run here)
     gpu_fp64_flops_per_s: float = 20e12  # float64 solves of merge.correction (an A100's fp64 tensor peak)
+    cpu_fp64_flops_per_s: float = 25e9   # the same solves on a CPU stage
+    hash_bytes_per_s: float = 10e9       # xxh3_128 of the merge's output (verify re-reads at read_bytes_per_s)
+    stage_tokens_per_s: float | None = None  # measured calibration tokens/s of one stage (None: from FLOPs)
     gpu_overhead_bytes: int = 2 * GiB    # CUDA context + allocator slack per GPU
     cpu_overhead_bytes: int = GiB // 2   # interpreter, torch and buffers per CPU stage
+    given: tuple[str, ...] = ()          # the fields set by the user (the rest are these defaults)
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Assumptions:
+        """``["read_bytes_per_s=5e8", "stage_tokens_per_s=900"]`` -> Assumptions; bad names are errors."""
+        names = [f.name for f in fields(cls) if f.name != "given"]
+        values: dict[str, Any] = {}
+        for item in items:
+            key, eq, raw = item.partition("=")
+            if not eq or key not in names:
+                raise DryRunError(f"--assume {item!r}: expected NAME=NUMBER with NAME one of {names}")
+            try:
+                value = float(raw)
+            except ValueError:
+                raise DryRunError(f"--assume {item!r}: {raw!r} is not a number") from None
+            if not value > 0:
+                raise DryRunError(f"--assume {item!r}: must be positive")
+            values[key] = int(value) if key.endswith("_bytes") else value
+        return cls(**values, given=tuple(values))
+
+    def describe(self, device: str) -> str:
+        """The figures this estimate used, each marked given or default."""
+        used = ["read_bytes_per_s", "write_bytes_per_s", "hop_bytes_per_s", "hash_bytes_per_s"]
+        if self.stage_tokens_per_s is not None:
+            used.append("stage_tokens_per_s")
+        else:
+            used += ["gpu_flops_per_s", "cpu_flops_per_s"] if device == "cuda" else ["cpu_flops_per_s"]
+        used.append("gpu_fp64_flops_per_s" if device == "cuda" else "cpu_fp64_flops_per_s")
+        return ", ".join(f"{k}={getattr(self, k):.3g} ({'given' if k in self.given else 'default'})" for k in used)
 
 
 @dataclass(frozen=True)
@@ -249,8 +289,14 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     num_batches = math.ceil(cal.num_samples / cal.batch_size)
     batch_tokens = cal.batch_size * cal.seq_len
     hop = batch_tokens * hidden * cb / a.hop_bytes_per_s
-    per_batch = max((b - s) * (batch_tokens * fpt / rate + _gram_flops(config, hidden) / a.cpu_flops_per_s)
-                    for s, b in stages) + hop
+    widest = max(b - s for s, b in stages)
+    gram = _gram_flops(config, hidden) / a.cpu_flops_per_s
+    if a.stage_tokens_per_s is not None:
+        # Measured: the widest stage's layers (statistics included) at the given tokens/s. As a FLOP
+        # rate it times every other forward pass too.
+        rate = a.stage_tokens_per_s * widest * fpt
+        gram = 0.0
+    per_batch = max((b - s) * (batch_tokens * fpt / rate + gram) for s, b in stages) + hop
     load = max(stage_read) / a.read_bytes_per_s
     seconds = {"calibrate": load + (num_batches + len(stages) - 1) * per_batch}
     if config.similarity.criterion == "output":
@@ -260,8 +306,9 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     else:
         seconds["plan"] = _global_search_seconds(hf_config, config, sizes, fpt, rate, a)
     tasks = config.merge.max_parallel
-    seconds["merge"] = (merge_read / a.read_bytes_per_s + out_bytes / a.write_bytes_per_s
-                        + out_bytes / a.read_bytes_per_s) / tasks        # read, write, hash for the manifest
+    # read, write and hash for the manifest; the hash (xxh3_128) overlaps the write on a thread of its own
+    seconds["merge"] = (merge_read / a.read_bytes_per_s
+                        + max(out_bytes / a.write_bytes_per_s, out_bytes / a.hash_bytes_per_s)) / tasks
     seconds["verify"] = out_bytes / a.read_bytes_per_s                  # re-hash every output file
     if config.eval.enabled:
         tokens = eval_tokens(config)
@@ -302,7 +349,7 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction == "refit" else hidden
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len
         window = config.plan.max_window or 4
-        fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_flops_per_s / 2
+        fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_fp64_flops_per_s
         grid, folds = len(RIDGE_GRID), FOLDS
         forwards = (2 * window + grid + 3) * fit_tokens * fpt / rate
         normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
@@ -526,7 +573,8 @@ def format_dry_run(d: DryRun) -> str:
               "reads: " + ", ".join(f"{k} {g(v)}" for k, v in d.read_bytes.items() if v),
               f"writes: {g(d.write_bytes)}; disk needed: {g(d.disk_bytes)}",
               "time (s): " + ", ".join(f"{k} {v:,.1f}" for k, v in d.seconds.items())
-              + f"; total {sum(d.seconds.values()):,.1f}"]
+              + f"; total {sum(d.seconds.values()):,.1f}",
+              f"time assumes: {d.assumptions.describe(d.device)} (override: --assume NAME=NUMBER)"]
     lines += [f"note: {n}" for n in d.notes]
     return "\n".join(lines)
 

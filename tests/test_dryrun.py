@@ -273,3 +273,26 @@ def test_the_global_search_has_a_plan_time():
     refit = dryrun.dry_run(config_70b(*search, "merge.correction=refit"), LLAMA3_70B).seconds["plan"]
     assert sliding == 0.0 < fewer < plain < linear < refit
     assert plain / fewer == pytest.approx((1 + 78 + 12 + 32) / (1 + 78 + 12), rel=0.01)
+
+
+def test_measured_throughputs_replace_the_assumed_ones_and_the_output_says_which():
+    base = dryrun.dry_run(config_70b(), LLAMA3_70B)
+    assert "stage_tokens_per_s" not in dryrun.format_dry_run(base)
+    assert "read_bytes_per_s=2e+09 (default)" in dryrun.format_dry_run(base)
+    slow = dryrun.Assumptions.parse(["stage_tokens_per_s=1000", "read_bytes_per_s=1e9"])
+    fast = dryrun.Assumptions.parse(["stage_tokens_per_s=4000", "read_bytes_per_s=1e9"])
+    assert slow.given == ("stage_tokens_per_s", "read_bytes_per_s")
+    d_slow, d_fast = dryrun.dry_run(config_70b(), LLAMA3_70B, slow), dryrun.dry_run(config_70b(), LLAMA3_70B, fast)
+    text = dryrun.format_dry_run(d_slow)
+    assert "stage_tokens_per_s=1e+03 (given)" in text and "read_bytes_per_s=1e+09 (given)" in text
+    assert "write_bytes_per_s=1e+09 (default)" in text
+    # Calibration is load + the batches through the widest stage at the measured rate (+ hops):
+    # four times the rate, a quarter of the compute time.
+    load = max(s.read_bytes for s in d_slow.stages) / 1e9
+    assert (d_slow.seconds["calibrate"] - load) / (d_fast.seconds["calibrate"] - load) == pytest.approx(4, rel=0.05)
+    assert d_slow.seconds["eval"] > d_fast.seconds["eval"]
+    for bad in (["nope=1"], ["read_bytes_per_s=fast"], ["read_bytes_per_s=-1"], ["read_bytes_per_s"]):
+        with pytest.raises(dryrun.DryRunError, match="--assume"):
+            dryrun.Assumptions.parse(bad)
+    assert main(["--quiet", "plan", "--dry-run", str(CONFIG_70B), f"model.path={LLAMA3_70B}",
+                 "--assume", "nope=1"]) == EXIT_BAD_INPUT
