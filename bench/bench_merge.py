@@ -40,6 +40,7 @@ log = logging.getLogger("bench_merge")
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 SHARD_BYTES = 1024**3
 HEADING = "## Merge (issue 4)"
+RULES_HEADING = "## Merge at copy speed, every rule (issue 17)"
 GB = 1e9
 
 
@@ -136,7 +137,7 @@ def run_ours(src: Path, run_dir: Path, plan: MergePlan, backend: str) -> dict:
     (run_dir / "plan.json").write_text(json.dumps(plan.to_json()))
     (run_dir / "config.yaml").write_text(json.dumps({
         "model": {"path": str(src)}, "run": {"dir": str(run_dir)},
-        "merge": {"rule": "sum", "max_shard_bytes": SHARD_BYTES, "max_parallel": 2,
+        "merge": {"rule": plan.rule, "max_shard_bytes": SHARD_BYTES, "max_parallel": 2,
                   "memory_budget_bytes": 512 * 1024**2},
         "cluster": {"backend": backend}}))
     r = timed([sys.executable, "-m", "slm_dist.cli", "-q", "merge", str(run_dir / "config.yaml"), "--json"])
@@ -193,7 +194,14 @@ def settle(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def bench_size(work: Path, target_gb: float, naive: bool, ray: bool, repeats: int, settle_s: float) -> dict:
+def rule_plan(plan: MergePlan, rule: str) -> MergePlan:
+    """The same windows merged by ``rule`` (scaled: alpha 0.5 each, a fitted-looking value)."""
+    alphas = tuple(0.5 for _ in plan.windows) if rule == "scaled" else None
+    return MergePlan(plan.num_layers_before, plan.windows, rule, plan.criterion, plan.threshold, alphas)
+
+
+def bench_size(work: Path, target_gb: float, naive: bool, ray: bool, repeats: int, settle_s: float,
+               rules: tuple[str, ...] = ("sum",)) -> dict:
     n = layers_for(target_gb * GB)
     src = work / f"src-{n}"
     log.info("generating a %d-layer bf16 Llama (~%.1f GB) in %s", n, target_gb, src)
@@ -204,7 +212,8 @@ def bench_size(work: Path, target_gb: float, naive: bool, ray: bool, repeats: in
     plan = MergePlan(n, tuple(windows_removing(n, round(0.25 * n))), "sum", "cka", None)
     row: dict = {"layers": n, "layers_after": plan.num_layers_after, "source_bytes": total,
                  "windows": [list(w) for w in plan.windows], "runs": {}}
-    methods = ["cp", "local"] + (["ray"] if ray else []) + (["naive"] if naive else [])
+    methods = ["cp", "local"] + [f"local:{r}" for r in rules if r != "sum"] + (["ray"] if ray else []) \
+        + (["naive"] if naive else [])
     for rep in range(repeats):
         order = methods[rep % len(methods):] + methods[:rep % len(methods)]   # rotate: no method always first
         for method in order:
@@ -215,8 +224,12 @@ def bench_size(work: Path, target_gb: float, naive: bool, ray: bool, repeats: in
             elif method == "naive":
                 r = run_naive(src, work / "naive", plan)
             else:
-                shutil.rmtree(work / f"run-{method}", ignore_errors=True)
-                r = run_ours(src, work / f"run-{method}", plan, method)
+                backend, _, rule = method.partition(":")
+                folder = work / f"run-{method.replace(':', '-')}"
+                shutil.rmtree(folder, ignore_errors=True)
+                r = run_ours(src, folder, rule_plan(plan, rule or "sum"), backend)
+                if rule:
+                    shutil.rmtree(folder)
             row["runs"].setdefault(method, []).append(r)
             log.info("  %.1f s (+%.1f s sync), peak RSS %.2f GiB", r["seconds"], r["sync"], r["peak_rss"] / 2**30)
             if method == "naive":
@@ -306,6 +319,41 @@ def markdown(rows: list[dict], machine: str, repeats: int, load: tuple[float, fl
     return "\n".join(lines) + "\n"
 
 
+def markdown_rules(rows: list[dict], machine: str, repeats: int, load: tuple[float, float]) -> str:
+    """Issue 17's table: each merge rule's durable time against `cp` of the same source in the same run."""
+    limits = {"drop": 1.2, "reference": 1.2, "sum": 1.5, "scaled": 1.5, "mean": 1.5}
+    lines = [HEADING, "",
+             f"`{' '.join(['python3', *sys.argv])}` on {machine} (load average {load[0]:.1f} at the start, "
+             f"{load[1]:.1f} at the end: other work shared the machine). Random bf16 Llama (hidden {HIDDEN}, "
+             f"intermediate {INTERMEDIATE}, GQA {HEADS}/{KV_HEADS}, vocab {VOCAB}) in 1 GiB shards; 25% of its layers "
+             "merged (windows of 4) by each rule; `merge.max_parallel: 2`, `merge.memory_budget_bytes: 512 MiB`; "
+             "per-file hash xxh3_128. Each command in its own process under `/usr/bin/time -v`, warm page cache, "
+             f"after a `sync` and a pause; {repeats} runs in rotating order, the fastest shown. Durable = wall + the "
+             "`sync` after it (our merge fsyncs; `cp` does not). Peak RSS (file-backed pages included) bounds the "
+             "anonymous memory from above.", "",
+             "| source | path | durable s | vs `cp` | goal | CPU s | peak RSS | read + written |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        size = f"{r['source_bytes'] / GB:.2f} GB, {r['layers']} -> {r['layers_after']} layers"
+        cp = best(r["runs"]["cp"])
+        cp_s = cp["seconds"] + cp["sync"]
+        lines.append(f"| {size} | `cp` of the shards | {cp_s:.1f} | 1.00x | | {cp['cpu_seconds']:.1f} | "
+                     f"{cp['peak_rss'] / 2**30:.2f} GiB | {2 * r['source_bytes'] / GB:.2f} GB |")
+        for method, runs in r["runs"].items():
+            if not method.startswith("local"):
+                continue
+            rule = method.partition(":")[2] or "sum"
+            b = best(runs)
+            durable = b["seconds"] + b["sync"]
+            worst = max(x["peak_rss"] for x in runs)
+            moved = b["summary"]["bytes_read"] + b["summary"]["bytes_written"]
+            ok = durable / cp_s <= limits[rule] and worst < 2**30
+            lines.append(f"| {size} | merge `{rule}` | {durable:.1f} | {durable / cp_s:.2f}x | "
+                         f"<= {limits[rule]}x, < 1 GiB: {verdict(ok)} | {b['cpu_seconds']:.1f} | "
+                         f"{worst / 2**30:.2f} GiB | {moved / GB:.2f} GB |")
+    return "\n".join(lines) + "\n"
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -329,6 +377,9 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=3.0, help="pause after the sync before each command")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"),
                         help="Markdown file whose issue-4 section is replaced")
+    parser.add_argument("--rules", nargs="+", default=None, choices=["drop", "reference", "sum", "mean", "scaled"],
+                        help="time each rule against cp (issue 17's table, under --heading) instead of issue 4's")
+    parser.add_argument("--heading", default=None, help="RESULTS.md section to replace (default: the issue's)")
     parser.add_argument("--json-out", type=Path, default=Path("/tmp/bench_merge.json"), help="raw figures")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -346,11 +397,14 @@ def main() -> None:
     try:
         for size in args.sizes_gb:
             rows.append(bench_size(args.workdir, size, size <= args.naive_up_to_gb, size <= args.ray_up_to_gb,
-                                   args.repeats, args.settle_s))
+                                   args.repeats, args.settle_s, tuple(args.rules or ("sum",))))
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
     machine = f"{os.cpu_count()} CPU cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    section = markdown(rows, machine, args.repeats, (load_start, os.getloadavg()[0]))
+    global HEADING
+    HEADING = args.heading or (RULES_HEADING if args.rules else HEADING)
+    render = markdown_rules if args.rules else markdown
+    section = render(rows, machine, args.repeats, (load_start, os.getloadavg()[0]))
     args.json_out.write_text(json.dumps(rows, indent=2, default=str))
     if args.results is not None:
         update_results(args.results, section)

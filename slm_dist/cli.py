@@ -109,7 +109,7 @@ def cmd_plan(args) -> int:
             preflight.log_problems(problems)
             log.error("plan --dry-run: %d problem(s) above; fix them and run it again", len(problems))
             return EXIT_BAD_INPUT
-        result = dryrun.dry_run(config, Path(model_dir))
+        result = dryrun.dry_run(config, Path(model_dir), dryrun.Assumptions.parse(args.assume or []))
         sys.stdout.write((json.dumps(result.to_json()) if args.json else dryrun.format_dry_run(result)) + "\n")
         if not result.fits:
             log.error("%s", result.refusal)
@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--dry-run: partition, memory, GPUs, bytes, disk and time from config.json alone")
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     p.add_argument("--dry-run", action="store_true", help="estimate only: read config.json and the index, no weights")
+    p.add_argument("--assume", action="append", metavar="NAME=NUMBER",
+                   help="--dry-run: a measured throughput for the time estimate, e.g. stage_tokens_per_s=900 or "
+                        "read_bytes_per_s=5e8 (repeatable; the output lists every figure it assumed)")
     p.add_argument("--json", action="store_true", help="print the plan (or the dry-run estimate) as one JSON line")
     p.add_argument("--force", action="store_true", help="ignore the run folder's state.json and recalibrate")
     p.set_defaults(func=cmd_plan)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from slm_dist.config import SlmConfig, needs_cached_inputs
 from slm_dist.config import compute_dtype as config_compute_dtype
 from slm_dist.config import resolve_device as config_resolve_device
 from slm_dist.core import planner, sizing
+from slm_dist.core.correction_fit import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK
 from slm_dist.core.partition import PartitionError, partition_layers
 
 GiB = 2**30
@@ -36,7 +38,14 @@ class DryRunError(PartitionError):
 
 @dataclass(frozen=True)
 class Assumptions:
-    """Throughputs the time estimate uses; change them to match your hardware."""
+    """Throughputs the time estimate uses; change them to match your hardware (``--assume key=value``).
+
+    ``stage_tokens_per_s`` is a MEASURED figure: the calibration tokens per second one stage of this
+    config pushed through its layers (statistics included; bench/RESULTS.md has the runs, and a run's
+    log gives it). Given, it replaces the FLOP-rate model for every forward pass (calibration,
+    scored plans, correction fits, eval): the same model then predicts a CPU run here and a GPU
+    cluster from its published figures.
+    """
 
     read_bytes_per_s: float = 2.0e9      # one stage reading safetensors (local NVMe)
     write_bytes_per_s: float = 1.0e9     # one merge task writing a shard (fsynced)
@@ -44,8 +53,40 @@ class Assumptions:
     gpu_flops_per_s: float = 150e12      # sustained bf16 matmul rate of one GPU (about half an A100's peak)
     cpu_flops_per_s: float = 50e9        # sustained float32 rate of one CPU stage (Gram statistics run here)
     gpu_fp64_flops_per_s: float = 20e12  # float64 solves of merge.correction (an A100's fp64 tensor peak)
+    cpu_fp64_flops_per_s: float = 25e9   # the same solves on a CPU stage
+    hash_bytes_per_s: float = 10e9       # xxh3_128 of the merge's output (verify re-reads at read_bytes_per_s)
+    stage_tokens_per_s: float | None = None  # measured calibration tokens/s of one stage (None: from FLOPs)
     gpu_overhead_bytes: int = 2 * GiB    # CUDA context + allocator slack per GPU
     cpu_overhead_bytes: int = GiB // 2   # interpreter, torch and buffers per CPU stage
+    given: tuple[str, ...] = ()          # the fields set by the user (the rest are these defaults)
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Assumptions:
+        """``["read_bytes_per_s=5e8", "stage_tokens_per_s=900"]`` -> Assumptions; bad names are errors."""
+        names = [f.name for f in fields(cls) if f.name != "given"]
+        values: dict[str, Any] = {}
+        for item in items:
+            key, eq, raw = item.partition("=")
+            if not eq or key not in names:
+                raise DryRunError(f"--assume {item!r}: expected NAME=NUMBER with NAME one of {names}")
+            try:
+                value = float(raw)
+            except ValueError:
+                raise DryRunError(f"--assume {item!r}: {raw!r} is not a number") from None
+            if not value > 0:
+                raise DryRunError(f"--assume {item!r}: must be positive")
+            values[key] = int(value) if key.endswith("_bytes") else value
+        return cls(**values, given=tuple(values))
+
+    def describe(self, device: str) -> str:
+        """The figures this estimate used, each marked given or default."""
+        used = ["read_bytes_per_s", "write_bytes_per_s", "hop_bytes_per_s", "hash_bytes_per_s"]
+        if self.stage_tokens_per_s is not None:
+            used.append("stage_tokens_per_s")
+        else:
+            used += ["gpu_flops_per_s", "cpu_flops_per_s"] if device == "cuda" else ["cpu_flops_per_s"]
+        used.append("gpu_fp64_flops_per_s" if device == "cuda" else "cpu_fp64_flops_per_s")
+        return ", ".join(f"{k}={getattr(self, k):.3g} ({'given' if k in self.given else 'default'})" for k in used)
 
 
 @dataclass(frozen=True)
@@ -248,8 +289,14 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     num_batches = math.ceil(cal.num_samples / cal.batch_size)
     batch_tokens = cal.batch_size * cal.seq_len
     hop = batch_tokens * hidden * cb / a.hop_bytes_per_s
-    per_batch = max((b - s) * (batch_tokens * fpt / rate + _gram_flops(config, hidden) / a.cpu_flops_per_s)
-                    for s, b in stages) + hop
+    widest = max(b - s for s, b in stages)
+    gram = _gram_flops(config, hidden) / a.cpu_flops_per_s
+    if a.stage_tokens_per_s is not None:
+        # Measured: the widest stage's layers (statistics included) at the given tokens/s. As a FLOP
+        # rate it times every other forward pass too.
+        rate = a.stage_tokens_per_s * widest * fpt
+        gram = 0.0
+    per_batch = max((b - s) * (batch_tokens * fpt / rate + gram) for s, b in stages) + hop
     load = max(stage_read) / a.read_bytes_per_s
     seconds = {"calibrate": load + (num_batches + len(stages) - 1) * per_batch}
     if config.similarity.criterion == "output":
@@ -259,8 +306,9 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     else:
         seconds["plan"] = _global_search_seconds(hf_config, config, sizes, fpt, rate, a)
     tasks = config.merge.max_parallel
-    seconds["merge"] = (merge_read / a.read_bytes_per_s + out_bytes / a.write_bytes_per_s
-                        + out_bytes / a.read_bytes_per_s) / tasks        # read, write, hash for the manifest
+    # read, write and hash for the manifest; the hash (xxh3_128) overlaps the write on a thread of its own
+    seconds["merge"] = (merge_read / a.read_bytes_per_s
+                        + max(out_bytes / a.write_bytes_per_s, out_bytes / a.hash_bytes_per_s)) / tasks
     seconds["verify"] = out_bytes / a.read_bytes_per_s                  # re-hash every output file
     if config.eval.enabled:
         tokens = eval_tokens(config)
@@ -286,8 +334,11 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
                            a: Assumptions) -> float:
     """Each scored plan runs, on average, half the model (from its lowest changed layer) and the head on
     every calibration sample. With merge.correction, assume one window fitted per scored candidate:
-    the window's layers twice on the fitting batches, and the cross-validated solves (9 ridges x 4
-    folds + the final fit) in float64."""
+    the window's layers twice on the fitting batches, the merged layer once more per ridge and per
+    move of the training set (correction_fit.choose_correction recomputes a fold's rows rather than
+    holding its statistics), and in float64 the normal equations (2.5 passes of the rows: a first
+    training set, three moves, the final fold), a Cholesky factor and two triangular solves per ridge
+    and fold (+ the final fit) and the held-out scores."""
     cal, n = config.calibration, sizes.num_layers
     hidden = int(hf_config["hidden_size"])
     tokens = cal.num_samples * cal.seq_len
@@ -298,9 +349,12 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction == "refit" else hidden
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len
         window = config.plan.max_window or 4
-        fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_flops_per_s / 2
-        per_fit = 2 * window * fit_tokens * fpt / rate + (9 * 4 + 1) * (2 / 3 * width ** 3 + 2 * width ** 2 * hidden) / fp64
-        seconds += candidates * per_fit
+        fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_fp64_flops_per_s
+        grid, folds = len(RIDGE_GRID), FOLDS
+        forwards = (2 * window + grid + 3) * fit_tokens * fpt / rate
+        normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
+                  + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
+        seconds += candidates * (forwards + normal / fp64)
     return seconds
 
 
@@ -317,12 +371,12 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     act = activation_bytes(hf, config, sizing.dtype_bytes(cdtype))
     logits = logits_bytes(hf, config)
     notes = list(model.notes)
-    # Fitting a refit correction is a phase of its own on the window's stage (after calibration): its
-    # statistics, not the streaming activations, are then what a stage holds besides its weights.
+    # Fitting a refit correction runs the merged layer on a batch while its statistics are held:
+    # counted on top of the activations.
     fit = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
         if config.merge.correction == "refit" else 0
-    non_weight = "activations" if fit <= act else "merge.correction=refit's fitting statistics"
-    act = max(act, fit)
+    non_weight = "activations" if not fit else "activations and merge.correction=refit's fitting statistics"
+    act += fit
 
     # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
     # with its activations, logits and overhead.
@@ -345,6 +399,9 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     if refusal is not None:
         refusal = _refusal(hf, parts, cdtype, cluster, min_stages, refusal)
         stages = []
+
+    if device == "cuda":
+        notes += smaller_cards(parts, cluster.num_stages, memory, fit)
 
     removed = expected_layers_removed(config, sizes)
     if removed is None:
@@ -409,6 +466,43 @@ def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, st
     read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
         + (stored.last_extra_bytes if last else 0)
     return StageEstimate(start, stop, weights, parts.activation + (parts.logits if last else 0), parts.overhead, read)
+
+
+SMALLER_CARDS_GIB = (40, 48)  # the common smaller GPU memories a 70B plan is asked about
+
+
+def _fits_on(parts: _Parts, num_stages: int, memory: int) -> tuple[bool, int]:
+    """(does the run's split onto num_stages stages of memory fit, the largest stage's total bytes)."""
+    c = parts.compute
+    try:
+        slices = partition_layers(c.layer_bytes, num_stages, memory, c.first_extra_bytes, parts.last_extra)
+    except PartitionError:
+        return False, 0
+    peak = max(_stage(parts, c, i, num_stages, a, b).total_bytes for i, (a, b) in enumerate(slices))
+    return peak <= memory, peak
+
+
+def smaller_cards(parts: _Parts, num_stages: int, memory: int | None, fit_bytes: int) -> list[str]:
+    """What fits on GPUs smaller than the configured ones (40 and 48 GiB), and without refit's statistics."""
+    lines = []
+    for gib in SMALLER_CARDS_GIB:
+        card = gib * GiB
+        if memory is not None and card >= memory:
+            continue
+        ok, peak = _fits_on(parts, num_stages, card)
+        text = (f"{num_stages} x {gib} GiB: fits (largest stage {peak / GiB:.1f} GiB)" if ok else
+                f"{num_stages} x {gib} GiB: does not fit" + (f" (largest stage {peak / GiB:.1f} GiB)" if peak else ""))
+        if not ok:
+            fewest = fewest_stages(parts, card)
+            text += f"; {fewest} stages of {gib} GiB would" if fewest else f"; no number of {gib} GiB stages would"
+            if fit_bytes:
+                plain = _Parts(parts.compute, parts.last_extra, parts.activation - fit_bytes, parts.logits,
+                               parts.overhead)
+                ok_plain, peak_plain = _fits_on(plain, num_stages, card)
+                text += (f"; without refit's statistics (merge.correction=linear or none) {num_stages} stages "
+                         + (f"fit (largest {peak_plain / GiB:.1f} GiB)" if ok_plain else "do not fit either"))
+        lines.append(text)
+    return lines
 
 
 def fewest_stages(parts: _Parts, memory_per_stage_bytes: int) -> int | None:
@@ -479,23 +573,21 @@ def format_dry_run(d: DryRun) -> str:
               "reads: " + ", ".join(f"{k} {g(v)}" for k, v in d.read_bytes.items() if v),
               f"writes: {g(d.write_bytes)}; disk needed: {g(d.disk_bytes)}",
               "time (s): " + ", ".join(f"{k} {v:,.1f}" for k, v in d.seconds.items())
-              + f"; total {sum(d.seconds.values()):,.1f}"]
+              + f"; total {sum(d.seconds.values()):,.1f}",
+              f"time assumes: {d.assumptions.describe(d.device)} (override: --assume NAME=NUMBER)"]
     lines += [f"note: {n}" for n in d.notes]
     return "\n".join(lines)
 
 
-# The refit fit's peak on a stage, in copies of one set of least-squares statistics (core/correction_fit.
-# choose_correction): 4 folds, their total, one training set (the total less a fold) and the solver's.
-# Position-0 rows are kept as rows, a few per batch.
-REFIT_STAT_COPIES = 7
-
-
 def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:
-    """Peak float64 statistics of one refit fit (0 when the config has no intermediate_size)."""
+    """Peak float64 memory of one refit fit besides the layer's forward (0 without intermediate_size):
+    the training set's normal equations and one Cholesky factor (GRAM_COPIES x intermediate^2), the
+    cross terms, right-hand side and prior (CROSS_COPIES x intermediate x hidden) and a chunk of rows
+    in float64 (correction_fit.choose_correction; the fit never holds a fold's own statistics)."""
     if intermediate is None:
         return 0
-    intermediate = int(intermediate)
-    return REFIT_STAT_COPIES * (intermediate ** 2 + (intermediate + 1) * hidden) * 8
+    d_in = int(intermediate) + 1  # + the intercept column when the projection has a bias
+    return (GRAM_COPIES * d_in ** 2 + CROSS_COPIES * d_in * hidden + ROW_CHUNK * (d_in + hidden)) * 8
 
 
 def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
@@ -508,7 +600,7 @@ def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
     stats = refit_stat_bytes(hidden, intermediate)
     fitted = (intermediate + 1) * hidden * 4
     return (f"merge.correction=refit: fitting a window holds about {stats / GiB:.2f} GiB of float64 statistics "
-            f"({REFIT_STAT_COPIES} copies of intermediate^2 + intermediate x hidden) on the window's stage device, "
-            "counted in each stage's non-weight memory; "
+            f"({GRAM_COPIES} copies of intermediate^2 + {CROSS_COPIES} of intermediate x hidden) on the window's stage "
+            "device, on top of each stage's activations; "
             f"each fitted projection is {fitted / GiB:.2f} GiB (float32), held on the stage and on the Ray driver while "
             "its plan is scored (one plan's at a time). Use merge.correction=linear where that does not fit")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import xxhash
 
 from slm_dist.checkpoint.export import ExportError, check_output_dir
 from slm_dist.checkpoint.index import CheckpointError, open_index, read_safetensors_header
@@ -22,10 +23,10 @@ from slm_dist.checkpoint.writer import (
     FileRecord,
     ShardWriter,
     TensorEntry,
+    hash_file,
     partial_name,
     plan_shards,
     safetensors_header,
-    sha256_file,
     shard_name,
     verify_manifest,
     write_manifest,
@@ -54,7 +55,7 @@ def test_write_safetensors_matches_the_format_byte_for_byte(tmp_path):
     expected = struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.0, -2.0)
     data = (tmp_path / "x.safetensors").read_bytes()
     assert data == expected
-    assert record == FileRecord("x.safetensors", hashlib.sha256(expected).hexdigest(), len(expected))
+    assert record == FileRecord("x.safetensors", xxhash.xxh3_128(expected).hexdigest(), len(expected), "xxh3_128")
     assert not partial_name(tmp_path / "x.safetensors").exists()
 
 
@@ -75,7 +76,7 @@ def test_streamed_chunks_equal_the_whole_tensors_and_the_reference_loader_reads_
         record = w.finish()
     back = safetensors.torch.load_file(str(path))
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    assert record.sha256 == sha256_file(path) and record.bytes == path.stat().st_size
+    assert record.digest == hash_file(path) and record.bytes == path.stat().st_size
     assert (8 + struct.unpack("<Q", path.read_bytes()[:8])[0]) % 8 == 0
 
 
@@ -95,7 +96,7 @@ def test_bytes_copied_file_to_file_are_hashed_and_equal(tmp_path, monkeypatch, k
             out.write("w", reader.map_flat(info, a, b), source=reader.byte_range(info, a))
         record = out.finish()
     assert torch.equal(safetensors.torch.load_file(str(tmp_path / "c.safetensors"))["w"], w)
-    assert record.sha256 == sha256_file(tmp_path / "c.safetensors")
+    assert record.digest == hash_file(tmp_path / "c.safetensors")
     assert out._kernel_copy is kernel_copy
 
 
@@ -131,19 +132,37 @@ def test_plan_shards_caps_bytes_and_gives_a_big_tensor_its_own_shard():
         plan_shards(sizes, 0)
 
 
+def test_a_manifest_written_with_sha256_still_verifies(tmp_path):
+    """Manifests from before xxh3_128 name sha256 per file, written the old way by hand here."""
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    old = {"complete": True, "files": {"a.bin": {"sha256": hashlib.sha256(b"abc").hexdigest(), "bytes": 3}}}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
+    assert verify_manifest(tmp_path) == []
+    record = FileRecord.from_json("a.bin", old["files"]["a.bin"])
+    assert record.algorithm == "sha256" and record.matches(tmp_path / "a.bin")
+    assert record.to_json() == old["files"]["a.bin"]  # rewritten as it was read
+    (tmp_path / "a.bin").write_bytes(b"abd")
+    assert verify_manifest(tmp_path) == ["a.bin: sha256 differs from the manifest"]
+    assert not record.matches(tmp_path / "a.bin")
+
+
 def test_verify_manifest_finds_changed_missing_and_unfinished(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"abc")
     (tmp_path / "b.bin").write_bytes(b"xyz")
-    records = [FileRecord("a.bin", sha256_file(tmp_path / "a.bin"), 3),
-               FileRecord("b.bin", sha256_file(tmp_path / "b.bin"), 3)]
+    records = [FileRecord("a.bin", hash_file(tmp_path / "a.bin"), 3),
+               FileRecord("b.bin", hash_file(tmp_path / "b.bin"), 3)]
     write_manifest(tmp_path, records, extra={"complete": True})
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["files"]["a.bin"] == {"xxh3_128": xxhash.xxh3_128(b"abc").hexdigest(), "bytes": 3}
     assert verify_manifest(tmp_path) == []
     (tmp_path / "a.bin").write_bytes(b"abd")
     (tmp_path / "b.bin").unlink()
-    assert sorted(verify_manifest(tmp_path)) == ["a.bin: sha256 differs from the manifest",
+    assert sorted(verify_manifest(tmp_path)) == ["a.bin: xxh3_128 differs from the manifest",
                                                  "b.bin: listed in the manifest but missing"]
     write_manifest(tmp_path, [], extra={"complete": False})
     assert "did not finish" in verify_manifest(tmp_path)[0]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"files": {"a.bin": {"md5": "00", "bytes": 3}}}))
+    assert "no hash slm-dist knows" in verify_manifest(tmp_path)[0]
     (tmp_path / MANIFEST_NAME).unlink()
     assert "is missing" in verify_manifest(tmp_path)[0]
 

@@ -243,13 +243,18 @@ def test_correction_and_planning_caches_are_in_the_notes():
     assert any("0.25 GiB (float32)" in n for n in fitted.notes)  # 8192 x 8192 x 4 bytes per window
     assert not any("merge.correction" in n for n in plain.notes)
     refit = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=refit"), LLAMA3_70B)
-    # 7 copies of 28672^2 + 28673 x 8192 float64 statistics: the fit's peak on the window's stage.
-    stats = 7 * (28672 ** 2 + 28673 * 8192) * 8
+    # 2 copies of 28673^2 (statistics and factor) + 3 of 28673 x 8192 + 2048 rows, float64: the fit's peak.
+    stats = (2 * 28673 ** 2 + 3 * 28673 * 8192 + 2048 * (28673 + 8192)) * 8
     assert any(f"about {stats / 1024**3:.2f} GiB of float64 statistics" in n for n in refit.notes)
     assert refit.host_bytes_per_stage == fitted.host_bytes_per_stage
-    # The fitting phase's statistics count as each stage's non-weight memory: 8 x 80 GiB still fits
-    # (70B in bf16), 40 GiB stages do not, and the refusal names the statistics.
+    # The fitting statistics count on top of each stage's activations: 8 x 80 GiB fits (70B in bf16)
+    # with at least 25 GiB free per stage, 40 GiB stages do not, and the refusal names the statistics.
     assert refit.fits and all(st.activation_bytes >= stats for st in refit.stages)
+    assert all(80 * 1024**3 - st.total_bytes >= 25 * 1024**3 for st in refit.stages)
+    assert any(n.startswith("8 x 40 GiB: does not fit") and "11 stages of 40 GiB would" in n
+               and "without refit's statistics (merge.correction=linear or none) 8 stages fit" in n
+               for n in refit.notes)
+    assert any(n.startswith("8 x 48 GiB: fits") for n in refit.notes)
     tight = dryrun.dry_run(config_70b("merge.correction=refit", "merge.rule=scaled", "plan.search=global",
                                       f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B)
     assert not tight.fits and "fitting statistics" in tight.refusal
@@ -268,3 +273,26 @@ def test_the_global_search_has_a_plan_time():
     refit = dryrun.dry_run(config_70b(*search, "merge.correction=refit"), LLAMA3_70B).seconds["plan"]
     assert sliding == 0.0 < fewer < plain < linear < refit
     assert plain / fewer == pytest.approx((1 + 78 + 12 + 32) / (1 + 78 + 12), rel=0.01)
+
+
+def test_measured_throughputs_replace_the_assumed_ones_and_the_output_says_which():
+    base = dryrun.dry_run(config_70b(), LLAMA3_70B)
+    assert "stage_tokens_per_s" not in dryrun.format_dry_run(base)
+    assert "read_bytes_per_s=2e+09 (default)" in dryrun.format_dry_run(base)
+    slow = dryrun.Assumptions.parse(["stage_tokens_per_s=1000", "read_bytes_per_s=1e9"])
+    fast = dryrun.Assumptions.parse(["stage_tokens_per_s=4000", "read_bytes_per_s=1e9"])
+    assert slow.given == ("stage_tokens_per_s", "read_bytes_per_s")
+    d_slow, d_fast = dryrun.dry_run(config_70b(), LLAMA3_70B, slow), dryrun.dry_run(config_70b(), LLAMA3_70B, fast)
+    text = dryrun.format_dry_run(d_slow)
+    assert "stage_tokens_per_s=1e+03 (given)" in text and "read_bytes_per_s=1e+09 (given)" in text
+    assert "write_bytes_per_s=1e+09 (default)" in text
+    # Calibration is load + the batches through the widest stage at the measured rate (+ hops):
+    # four times the rate, a quarter of the compute time.
+    load = max(s.read_bytes for s in d_slow.stages) / 1e9
+    assert (d_slow.seconds["calibrate"] - load) / (d_fast.seconds["calibrate"] - load) == pytest.approx(4, rel=0.05)
+    assert d_slow.seconds["eval"] > d_fast.seconds["eval"]
+    for bad in (["nope=1"], ["read_bytes_per_s=fast"], ["read_bytes_per_s=-1"], ["read_bytes_per_s"]):
+        with pytest.raises(dryrun.DryRunError, match="--assume"):
+            dryrun.Assumptions.parse(bad)
+    assert main(["--quiet", "plan", "--dry-run", str(CONFIG_70B), f"model.path={LLAMA3_70B}",
+                 "--assume", "nope=1"]) == EXIT_BAD_INPUT

@@ -250,6 +250,26 @@ def test_a_new_plan_in_the_same_folder_replaces_every_shard(tiny, tmp_path):
     assert verify_model(out) == []
 
 
+def test_a_folder_whose_manifest_names_sha256_resumes_and_verifies(tiny, tmp_path):
+    """A folder merged before xxh3_128 (per-file sha256 in manifest.json): its shards are verified by
+    the hash their entries name and kept, and the folder verifies."""
+    out = tmp_path / "out"
+    export = plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES)
+    first = write_export(export, run_jobs_local)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for name, entry in manifest["files"].items():
+        manifest["files"][name] = {"sha256": sha256_file(out / name), "bytes": entry["bytes"]}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    before = {n: (out / n).read_bytes() for n in first.shards_written}
+    assert verify_model(out) == []
+    again = write_export(export, run_jobs_local)
+    assert sorted(again.shards_skipped) == sorted(first.shards_written)
+    assert {n: (out / n).read_bytes() for n in first.shards_written} == before
+    files = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert all("sha256" in files[n] for n in first.shards_written)  # kept as verified
+    assert verify_model(out) == []
+
+
 # -------------------------------------------------------------------------------- bad inputs
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "src"

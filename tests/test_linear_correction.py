@@ -6,6 +6,7 @@ and the plan file checks."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,14 +19,11 @@ from slm_dist.checkpoint.export import ExportError, plan_export, write_export
 from slm_dist.checkpoint.index import open_index
 from slm_dist.core.alpha_fit import squared_error
 from slm_dist.core.correction_fit import (
+    RIDGE_GRID,
     CorrectionError,
-    Fold,
-    NormalEquations,
-    Rows,
     choose_correction,
     correction_key,
     projection_prior,
-    ridge_towards,
 )
 from slm_dist.core.merge import MergeError, apply_correction, correction_name, merge_state_dict
 from slm_dist.core.planner import MergePlan, PlanError
@@ -40,28 +38,133 @@ def rows(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- pure math
-def test_normal_equations_error_equals_the_direct_sum():
-    m, r, t = rows(50, 6, 0), rows(50, 6, 1), rows(6, 6, 2)
-    eq = NormalEquations.from_rows(m[:30], r[:30]) + NormalEquations.from_rows(m[30:], r[30:])
-    assert eq.rows == 50
-    assert eq.error(t) == pytest.approx(float(((m @ t - r) ** 2).sum()), rel=1e-10)
-    assert eq.error(None) == pytest.approx(float(((m - r) ** 2).sum()), rel=1e-10)
-    with pytest.raises(CorrectionError, match=r"one N"):
-        NormalEquations.from_rows(m, r[:40])
-    # Rectangular (refit: intermediate features, hidden targets), against a prior.
-    u, x = rows(50, 9, 3), rows(9, 6, 4)
-    wide = NormalEquations.from_rows(u, r)
-    assert wide.error(x) == pytest.approx(float(((u @ x - r) ** 2).sum()), rel=1e-10)
-    assert (wide - NormalEquations.from_rows(u[:20], r[:20])).error(x) == pytest.approx(
-        float(((u[20:] @ x - r[20:]) ** 2).sum()), rel=1e-8)
+def batches_of(folds):
+    """choose_correction's row source over raw folds: one batch (m, r, m0, r0) or a list of them each."""
+    folds = [f if isinstance(f, list) else [f] for f in folds]
+    return (lambda i: iter(folds[i])), len(folds)
+
+
+def choose(folds, **kwargs):
+    source, n = batches_of(folds)
+    return choose_correction(source, n, **kwargs)
+
+
+def old_choose(folds, grid=RIDGE_GRID, prior=None):
+    """The implementation this one replaced (7 copies of d_in^2: every fold's normal equations, their
+    total, a training set and an LU solve), written directly: the reference for equality."""
+    folds = [f if isinstance(f, list) else [f] for f in folds]
+    stats = []
+    for batches in folds:
+        m = torch.cat([b[0] for b in batches]).double()
+        r = torch.cat([b[1] for b in batches]).double()
+        f0 = [b for b in batches if b[2] is not None]
+        first = (torch.cat([b[2] for b in f0]).double(), torch.cat([b[3] for b in f0]).double()) if f0 else None
+        stats.append((m.T @ m, m.T @ r, float((r * r).sum()), first))
+    gram_t, cross_t = sum(s[0] for s in stats), sum(s[1] for s in stats)
+    eye = None if prior is None else prior
+
+    def error(g, c, t, x):
+        x = torch.eye(g.shape[0], dtype=torch.float64) if x is None else x
+        return float(((g @ x) * x).sum() - 2.0 * (c * x).sum() + t)
+
+    def rows_error(first, x):
+        m, r = first
+        return float((((m if x is None else m @ x) - r) ** 2).sum())
+
+    def fit(g, c, firsts, lam):
+        g, c = g.clone(), c.clone()
+        for m, r in firsts:
+            g += m.T @ m
+            c += m.T @ r
+        g.diagonal().add_(lam)
+        if prior is None:
+            c.diagonal().add_(lam)
+        else:
+            c += lam * prior
+        return torch.linalg.solve(g, c)
+
+    identity = sum(error(g, c, t, eye) for g, c, t, _ in stats)
+    first_identity = sum(rows_error(s[3], eye) for s in stats if s[3] is not None)
+    tried = []
+    for ridge in grid:
+        held, first = 0.0, 0.0
+        for i, (g, c, t, f) in enumerate(stats):
+            train_g = gram_t - g
+            lam = ridge * float(train_g.trace()) / g.shape[0]
+            x = fit(train_g, cross_t - c, [s[3] for j, s in enumerate(stats) if j != i and s[3] is not None], lam)
+            held += error(g, c, t, x)
+            first += rows_error(f, x) if f is not None else 0.0
+        tried.append((ridge, math.inf if held + first > identity + first_identity else held / identity))
+    ridge, loss = min(tried, key=lambda t: (t[1], -t[0]))
+    if loss >= 1.0:
+        return None, 1.0, tried, None
+    lam = ridge * float(gram_t.trace()) / gram_t.shape[0]
+    return ridge, loss, tried, fit(gram_t, cross_t, [s[3] for s in stats if s[3] is not None], lam)
+
+
+def assert_same_fit(new, old, rel=1e-6):
+    assert new[0] == old[0]
+    assert new[1] == pytest.approx(old[1], rel=rel)
+    for (r1, v1), (r2, v2) in zip(new[2], old[2]):
+        assert r1 == r2 and (v1 == v2 == math.inf or v1 == pytest.approx(v2, rel=rel))
+    if old[3] is None:
+        assert new[3] is None
+    else:
+        assert float((new[3] - old[3]).norm() / old[3].norm()) < rel
 
 
 def test_ridge_runs_from_least_squares_to_the_identity():
-    m, r = rows(80, 5, 3), rows(80, 5, 4)
-    eq = NormalEquations.from_rows(m, r)
+    m = rows(80, 5, 3)
+    r = m @ (torch.eye(5, dtype=torch.float64) + rows(5, 5, 5)) + 0.01 * rows(80, 5, 4)  # a map worth fitting
+    folds = [(m[i::4], r[i::4], None, None) for i in range(4)]
     lstsq = torch.linalg.lstsq(m, r).solution
-    assert torch.allclose(ridge_towards(eq, 1e-12), lstsq, atol=1e-8)
-    assert torch.allclose(ridge_towards(eq, 1e9), torch.eye(5, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(choose(folds, grid=(1e-12,))[3], lstsq, atol=1e-8)
+    with pytest.raises(CorrectionError, match=r"one N"):
+        choose([(m, r[:40], None, None)] * 2)
+
+
+def test_the_fit_equals_the_old_implementation_on_random_data():
+    """Same ridge, losses and map (1e-6 relative) as the 7-copy implementation it replaced, square
+    and rectangular, with and without a prior, position-0 rows and several batches per fold."""
+    g = torch.Generator().manual_seed(21)
+    for d_in, d_out, prior in [(8, 8, None), (24, 6, torch.randn(24, 6, generator=g, dtype=torch.float64))]:
+        planted = (torch.eye(8, dtype=torch.float64) if prior is None else prior) \
+            + 0.3 * torch.randn(d_in, d_out, generator=g, dtype=torch.float64)
+        folds = []
+        for _ in range(4):
+            fold = []
+            for _ in range(3):
+                m = torch.randn(30, d_in, generator=g)  # float32 rows, as a stage gives them
+                r = m.double() @ planted + 0.5 * torch.randn(30, d_out, generator=g, dtype=torch.float64)
+                m0 = 20 * torch.randn(2, d_in, generator=g)
+                fold.append((m, r.float(), m0, (m0.double() @ planted).float()))
+            folds.append(fold)
+        new, old = choose(folds, prior=prior), old_choose(folds, prior=prior)
+        assert new[0] is not None
+        assert_same_fit(new, old)
+        blind = [[(m, r, None, None) for m, r, _, _ in fold] for fold in folds]
+        assert_same_fit(choose(blind, prior=prior), old_choose(blind, prior=prior))
+
+
+def test_the_fit_holds_two_gram_copies(monkeypatch):
+    """The d_in^2 float64 buffers alive at the fit's peak: the training statistics and one factor."""
+    import slm_dist.core.correction_fit as cf
+
+    seen = []
+    real_solve = cf._Solver.solve
+
+    def counting(self, gram, *args):
+        import gc
+        squares = {t.untyped_storage().data_ptr() for t in gc.get_objects() if type(t) is torch.Tensor
+                   and t.dim() == 2 and t.shape == gram.shape and t.dtype == torch.float64}
+        seen.append(len(squares))
+        return real_solve(self, gram, *args)
+
+    monkeypatch.setattr(cf._Solver, "solve", counting)
+    d = 16
+    folds = [(torch.randn(40, d), torch.randn(40, 3), None, None) for _ in range(4)]
+    choose(folds, prior=torch.zeros(d, 3, dtype=torch.float64), grid=(0.1,))
+    assert seen and max(seen) == cf.GRAM_COPIES
 
 
 def test_cross_validation_recovers_a_planted_map():
@@ -69,8 +172,8 @@ def test_cross_validation_recovers_a_planted_map():
     folds = []
     for seed in range(4):
         m = rows(200, 8, 10 + seed)
-        folds.append(Fold(NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 20 + seed))))
-    ridge, loss, tried, matrix = choose_correction(folds)
+        folds.append((m, m @ planted + 0.01 * rows(200, 8, 20 + seed), None, None))
+    ridge, loss, tried, matrix = choose(folds)
     assert ridge is not None and loss < 0.01 and len(tried) > 3
     assert torch.allclose(matrix, planted, atol=0.02)
 
@@ -80,12 +183,12 @@ def test_cross_validation_keeps_the_identity_when_there_is_nothing_to_learn():
     folds = []
     for seed in range(4):
         m = rows(12, 8, 30 + seed)
-        folds.append(Fold(NormalEquations.from_rows(m, m + rows(12, 8, 40 + seed))))
-    ridge, loss, tried, matrix = choose_correction(folds, grid=(1e-6, 1e-4))
+        folds.append((m, m + rows(12, 8, 40 + seed), None, None))
+    ridge, loss, tried, matrix = choose(folds, grid=(1e-6, 1e-4))
     assert (ridge, loss, matrix) == (None, 1.0, None)
     assert all(v >= 1.0 for _, v in tried)
     with pytest.raises(CorrectionError, match="at least 2 folds"):
-        choose_correction(folds[:1])
+        choose(folds[:1])
 
 
 def test_massive_position_zero_rows_are_kept_by_the_fit_but_do_not_pick_the_ridge():
@@ -97,21 +200,19 @@ def test_massive_position_zero_rows_are_kept_by_the_fit_but_do_not_pick_the_ridg
     folds, blind = [], []
     for seed in range(4):
         m = rows(200, 8, 60 + seed)
-        rest = NormalEquations.from_rows(m, m @ planted + 0.01 * rows(200, 8, 70 + seed))
+        r = m @ planted + 0.01 * rows(200, 8, 70 + seed)
         m0 = massive + rows(4, 8, 80 + seed)
-        first = Rows.from_rows(m0, m0 + rows(4, 8, 90 + seed))  # the window keeps them as they are
-        folds.append(Fold(rest, first))
-        blind.append(Fold(rest))
-    ridge, loss, _, matrix = choose_correction(folds)
-    _, _, _, blind_matrix = choose_correction(blind)
+        folds.append((m, r, m0, m0 + rows(4, 8, 90 + seed)))  # the window keeps them as they are
+        blind.append((m, r, None, None))
+    ridge, loss, _, matrix = choose(folds)
+    _, _, _, blind_matrix = choose(blind)
     assert ridge is not None and loss < 0.15  # 0.08: the planted map, bent a little by the massive rows
     assert torch.allclose(massive @ matrix, massive, rtol=1e-3, atol=2.0)  # kept, to within noise
     assert not torch.allclose(massive @ blind_matrix, massive, rtol=0.1, atol=100.0)  # what went wrong before
     # A map that would wreck held-out position-0 rows is vetoed, whatever it gains elsewhere: here
     # one fold's massive rows want the opposite of what the others teach.
-    flipped = [Fold(folds[0].rest, Rows.from_rows(massive[None] + rows(4, 8, 99),
-                                                   -massive[None] + rows(4, 8, 98)))] + folds[1:]
-    vetoed = choose_correction(flipped, grid=(1e-3,))
+    flipped = [(folds[0][0], folds[0][1], massive[None] + rows(4, 8, 99), -massive[None] + rows(4, 8, 98))] + folds[1:]
+    vetoed = choose(flipped, grid=(1e-3,))
     assert vetoed[2] == [(1e-3, float("inf"))] and vetoed[3] is None
 
 
@@ -120,23 +221,20 @@ def test_cross_validation_equals_direct_fits_on_the_raw_rows():
     directly on the other folds' raw rows (ordinary and position 0), towards a prior."""
     g = torch.Generator().manual_seed(11)
     prior = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    raw, folds = [], []
+    raw = []
     for _ in range(3):
         m, r = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
         m0, r0 = 50 * torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
         raw.append((m, r, m0, r0))
-        folds.append(Fold(NormalEquations.from_rows(m, r), Rows.from_rows(m0, r0)))
-    _, _, tried, _ = choose_correction(folds, grid=(0.1, 10.0), prior=prior)
+    _, _, tried, _ = choose(raw, grid=(0.1, 10.0), prior=prior)
     identity = sum(float(((m @ prior - r) ** 2).sum()) for m, r, _, _ in raw)
     for ridge, loss in tried:
         held_out = 0.0
         for i, (m, r, _, _) in enumerate(raw):
             train = [x for j, x in enumerate(raw) if j != i]
-            mt = torch.cat([t[0] for t in train])
-            rt = torch.cat([t[1] for t in train])
+            mt, rt = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
             lam = ridge * float((mt * mt).sum()) / 6  # scaled by the ordinary rows alone
-            mt = torch.cat([mt, *(t[2] for t in train)])
-            rt = torch.cat([rt, *(t[3] for t in train)])
+            mt, rt = torch.cat([mt, *(t[2] for t in train)]), torch.cat([rt, *(t[3] for t in train)])
             x = torch.linalg.solve(mt.T @ mt + lam * torch.eye(6, dtype=torch.float64), mt.T @ rt + lam * prior)
             held_out += float(((m @ x - r) ** 2).sum())
         assert loss == pytest.approx(held_out / identity, rel=1e-9)
@@ -189,14 +287,14 @@ def test_cross_validation_recovers_a_planted_projection_against_its_prior():
     folds = []
     for b in range(4):
         u = torch.randn(300, 12, generator=g, dtype=torch.float64)
-        folds.append(Fold(NormalEquations.from_rows(u, u @ planted + 0.01 * torch.randn(300, 5, generator=g))))
-    ridge, loss, _, matrix = choose_correction(folds, prior=prior)
+        folds.append((u, u @ planted + 0.01 * torch.randn(300, 5, generator=g), None, None))
+    ridge, loss, _, matrix = choose(folds, prior=prior)
     assert ridge is not None and loss < 1e-3
     assert torch.allclose(matrix, planted, atol=1e-2)
     # Targets the prior already explains (plus noise): the prior is kept.
-    still = [Fold(NormalEquations.from_rows(u := torch.randn(20, 12, generator=g, dtype=torch.float64),
-                                            u @ prior + torch.randn(20, 5, generator=g))) for _ in range(4)]
-    assert choose_correction(still, grid=(1e-6,), prior=prior)[0] is None
+    still = [(u := torch.randn(20, 12, generator=g, dtype=torch.float64), u @ prior + torch.randn(20, 5, generator=g),
+              None, None) for _ in range(4)]
+    assert choose(still, grid=(1e-6,), prior=prior)[0] is None
 
 
 # ----------------------------------------------------------------------------------- stage glue
@@ -257,6 +355,28 @@ def test_stage_correction_is_the_merge_with_the_map_folded_in(tiny_model, rule, 
         err_plain += squared_error(hf_hidden(hf_model(plain), ids)[2], target)
         err_fixed += squared_error(hf_hidden(model, ids)[2], target)
     assert err_fixed < err_plain
+
+
+@pytest.mark.parametrize("kind", ["linear", "refit"])
+def test_stage_fit_equals_the_old_implementation_on_the_tiny_model(tiny_model, monkeypatch, kind):
+    """The stage's rows, recomputed per ridge, give the fit the old implementation gives on the same
+    rows held at once: same ridge, losses and map to 1e-6 relative."""
+    import slm_dist.workers.window_fits as wf
+
+    results = []
+
+    def both(rows, folds, **kwargs):
+        held = [[tuple(None if t is None else t.clone() for t in b) for b in rows(i)] for i in range(folds)]
+        new = choose_correction(rows, folds, **kwargs)
+        results.append((new, old_choose(held, **kwargs)))
+        return new
+
+    monkeypatch.setattr(wf, "choose_correction", both)
+    stages, _ = cached_stages(tiny_model)
+    fit = stages[0].fit_correction((2, 4), "drop", None, [0, 1, 2, 3], kind)
+    ((new, old),) = results
+    assert fit.matrix is not None
+    assert_same_fit(new, old)
 
 
 def test_corrected_scoring_needs_a_fitted_map(tiny_model):

@@ -8,7 +8,7 @@ Plan, validate, execute:
   the first problem before a byte is written.
 - `write_export` runs one job per output shard through a backend's `run_shard_jobs` (threads in
   this process, or Ray tasks), each within its share of the memory budget, and records every
-  finished shard's sha256 in `manifest.json` as it lands. A rerun of the same plan skips shards
+  finished shard's hash (xxh3_128, taken as its bytes are written) in `manifest.json` as it lands. A rerun of the same plan skips shards
   whose manifest entry, size and hash match and redoes the rest; `.partial` files are never taken
   for finished ones. Side files, model card, `config.json` and the index go last, then the final
   manifest: a folder without index and config is visibly unfinished.
@@ -37,10 +37,10 @@ from slm_dist.checkpoint.writer import (
     FileRecord,
     ShardWriter,
     TensorEntry,
+    hash_file,
     partial_name,
     plan_shards,
     safetensors_header,
-    sha256_file,
     shard_name,
     write_index,
     write_json,
@@ -420,18 +420,18 @@ def _read_manifest(out: Path) -> dict | None:
 
 
 def _finished_shards(export: ExportPlan) -> dict[str, FileRecord]:
-    """Shards an earlier run of this same export finished: manifest entry, size and sha256 all match."""
+    """Shards an earlier run of this same export finished: manifest entry, size and hash (the one the entry names) all match."""
     manifest = _read_manifest(export.out_dir)
     if manifest is None or manifest.get("fingerprint") != export.fingerprint:
         return {}
     done = {}
     for shard in export.shards:
-        entry = manifest["files"].get(shard.name)
+        record = FileRecord.from_json(shard.name, manifest["files"].get(shard.name))
         path = export.out_dir / shard.name
-        if not isinstance(entry, dict) or not path.is_file():
+        if record is None or not path.is_file():
             continue
-        if entry.get("bytes") == shard.file_bytes == path.stat().st_size and sha256_file(path) == entry.get("sha256"):
-            done[shard.name] = FileRecord(shard.name, entry["sha256"], entry["bytes"])
+        if record.bytes == shard.file_bytes and record.matches(path):  # by the hash the entry names
+            done[shard.name] = record
         else:
             log.warning("%s does not match its manifest entry (truncated or changed): writing it again", path)
     return done
@@ -462,7 +462,7 @@ def _write_manifest(export: ExportPlan, records, complete: bool) -> FileRecord:
 
 # ---------------------------------------------------------------------------------- side files
 def _record(path: Path) -> FileRecord:
-    return FileRecord(path.name, sha256_file(path), path.stat().st_size)
+    return FileRecord(path.name, hash_file(path), path.stat().st_size)
 
 
 def _copy_side_files(source: Path, out: Path) -> list[FileRecord]:

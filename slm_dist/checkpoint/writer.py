@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import xxhash
 
 from slm_dist.checkpoint.index import DTYPE_BYTES
 
@@ -26,11 +27,38 @@ INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "manifest.json"
 
 
+# Content hashes a manifest may name, per file: {"bytes": n, "<algorithm>": hexdigest}. xxh3_128 is
+# what slm-dist writes: it runs at memory speed (sha256 at ~0.5-1 GB/s made every output byte cost a
+# second pass through the CPU, the largest cost of a merge); it guards against torn and changed
+# files, not against an adversary. sha256 stays readable: manifests written before verify as they are.
+HASH_ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+HASH_ALGORITHM = "xxh3_128"
+
+
 @dataclass(frozen=True)
 class FileRecord:
     name: str
-    sha256: str
+    digest: str        # hex digest by ``algorithm``
     bytes: int
+    algorithm: str = HASH_ALGORITHM
+
+    def to_json(self) -> dict:
+        return {self.algorithm: self.digest, "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, name: str, entry: object) -> FileRecord | None:
+        """A manifest's entry for ``name``; None when it is not one (no size, or no hash slm-dist knows)."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+            return None
+        for algorithm in HASH_ALGORITHMS:
+            if isinstance(entry.get(algorithm), str):
+                return cls(name, entry[algorithm], entry["bytes"], algorithm)
+        return None
+
+    def matches(self, path: Path) -> bool:
+        """``path`` has this record's size and hash."""
+        path = Path(path)
+        return path.is_file() and path.stat().st_size == self.bytes and hash_file(path, self.algorithm) == self.digest
 
 
 _HASH_ON_THREAD_BYTES = 1 << 18  # smaller writes hash inline: a thread hand-off costs more than it saves
@@ -58,12 +86,23 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[
     return shards
 
 
-def sha256_file(path: Path, chunk_bytes: int = 16 * 1024**2) -> str:
-    h = hashlib.sha256()
+def new_hash(algorithm: str = HASH_ALGORITHM):
+    if algorithm not in HASH_ALGORITHMS:
+        raise ValueError(f"unknown hash algorithm {algorithm!r}; known: {sorted(HASH_ALGORITHMS)}")
+    return HASH_ALGORITHMS[algorithm]()
+
+
+def hash_file(path: Path, algorithm: str = HASH_ALGORITHM, chunk_bytes: int = 16 * 1024**2) -> str:
+    h = new_hash(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """For published identities (the corrections file in plan.json, downloaded assets)."""
+    return hash_file(path, "sha256")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,8 +176,8 @@ class ShardWriter:
         self.tmp = partial_name(self.path)
         self._entries = list(entries)
         self._header = safetensors_header(self._entries, {"format": "pt", **(metadata or {})})
-        self._hash = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._hash = new_hash()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="hash")
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._kernel_copy = True  # copy_file_range works here until it says otherwise
         self._current = 0        # index of the entry being written
@@ -173,7 +212,7 @@ class ShardWriter:
         self._written += len(data)
 
     def finish(self) -> FileRecord:
-        """Check completeness, fsync, rename to the final name; returns sha256 and size."""
+        """Check completeness, fsync, rename to the final name; returns its hash and size."""
         done = sum(e.nbytes for e in self._entries[:self._current]) + self._written
         expected = sum(e.nbytes for e in self._entries)
         if done != expected:
@@ -198,9 +237,9 @@ class ShardWriter:
             self._fd = None
 
     def _emit(self, data: memoryview, source: tuple[int, int] | None) -> None:
-        # sha256 runs on a thread of its own while this one moves the same bytes to the file:
-        # hashlib and the copy syscalls release the GIL, so the two overlap instead of adding up
-        # (hashing was the largest cost of a merge). Depth one: the bytes are hashed in order and
+        # The hash runs on a thread of its own while this one moves the same bytes to the file: the
+        # hash and the copy syscalls release the GIL, so the two overlap instead of adding up.
+        # Depth one: the bytes are hashed in order and
         # ``data`` stays alive (and mapped) only until both are done with it.
         if len(data) >= _HASH_ON_THREAD_BYTES:
             pending = self._hasher.submit(self._hash.update, data)
@@ -269,7 +308,9 @@ def write_json(path: Path, obj) -> FileRecord:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    return FileRecord(path.name, hashlib.sha256(data).hexdigest(), len(data))
+    h = new_hash()
+    h.update(data)
+    return FileRecord(path.name, h.hexdigest(), len(data))
 
 
 def write_index(out_dir: Path, weight_map: Mapping[str, str], total_size: int) -> FileRecord:
@@ -278,7 +319,7 @@ def write_index(out_dir: Path, weight_map: Mapping[str, str], total_size: int) -
 
 
 def write_manifest(out_dir: Path, records: Sequence[FileRecord], extra: Mapping | None = None) -> FileRecord:
-    files = {r.name: {"sha256": r.sha256, "bytes": r.bytes} for r in sorted(records, key=lambda r: r.name)}
+    files = {r.name: r.to_json() for r in sorted(records, key=lambda r: r.name)}
     return write_json(Path(out_dir) / MANIFEST_NAME, {**(extra or {}), "files": files})
 
 
@@ -306,6 +347,8 @@ def verify_manifest(folder: Path) -> list[str]:
             problems.append(f"{name}: listed in the manifest but missing")
         elif f.stat().st_size != entry["bytes"]:
             problems.append(f"{name}: {f.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif sha256_file(f) != entry["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest")
+        elif (record := FileRecord.from_json(name, entry)) is None:
+            problems.append(f"{name}: the manifest entry has no hash slm-dist knows ({sorted(HASH_ALGORITHMS)})")
+        elif hash_file(f, record.algorithm) != record.digest:
+            problems.append(f"{name}: {record.algorithm} differs from the manifest")
     return problems

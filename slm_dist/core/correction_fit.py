@@ -19,18 +19,28 @@ Either way the pruned checkpoint keeps the architecture and loads in ``transform
 
 Overfitting is the risk, so the fit is ridge-regularised towards the plain merge (T = I, or X = the
 merged weights) and the ridge is chosen by cross-validation over calibration batches; when no ridge
-beats the plain merge on held-out batches, the window keeps it. Position 0 (massive activations) is
-fitted but only vetoes, see ``Fold``. The fit uses only sufficient statistics (u^T u, u^T r, ||r||^2 per
-batch in float64), so a stage never holds more than one window's hidden states.
+beats the plain merge on held-out batches, the window keeps it.
+
+Position 0 carries the massive activations: in SmolLM2 layer 11's MLP writes vectors of norm ~2e4
+there against ~30 elsewhere. A map fitted without those rows sends them anywhere (300000x the
+identity's error on them, calibration NLL 3.9 -> 11.8 for window 11-17); fitted with them, it keeps
+them (0.1x) at no cost elsewhere. So they are always fitted (kept as rows, a few per batch), but they
+would swamp any score: the ridge is scaled and chosen on the ordinary rows, and position 0 only
+vetoes a ridge whose map loses to the identity once its rows are counted.
+
+Memory: refit's statistics are intermediate^2 (70B: 6.1 GiB each in float64), so the fit holds one
+training set's normal equations (u^T u, u^T r in float64) and one Cholesky factor of them, never a
+fold's own: it asks the stage for a fold's rows again (one merged-layer forward per batch) to move
+the training set from fold to fold and to score each ridge on held-out rows.
 
 This module is the PURE half: normal equations, ridge, cross-validation. ``workers/window_fits.py``
-collects the statistics on the stage holding the window's lo.
+produces the rows on the stage holding the window's lo.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,59 +64,6 @@ def check_kind(kind: str) -> None:
 
 
 @dataclass(frozen=True)
-class NormalEquations:
-    """Least-squares statistics of feature rows m [N, d_in] against targets r [N, d_out], in float64."""
-
-    gram: Tensor    # [d_in, d_in]   m^T m
-    cross: Tensor   # [d_in, d_out]  m^T r
-    target: float   # sum of ||r||^2
-    rows: int
-
-    @classmethod
-    def from_rows(cls, m: Tensor, r: Tensor) -> NormalEquations:
-        if m.dim() != 2 or r.dim() != 2 or m.shape[0] != r.shape[0]:
-            raise CorrectionError(f"features and targets must be [N, d_in] and [N, d_out] with one N, got "
-                                  f"{tuple(m.shape)} and {tuple(r.shape)}")
-        m, r = m.double(), r.double()
-        return cls(m.T @ m, m.T @ r, float((r * r).sum()), m.shape[0])
-
-    def __add__(self, other: NormalEquations) -> NormalEquations:
-        return NormalEquations(self.gram + other.gram, self.cross + other.cross, self.target + other.target,
-                               self.rows + other.rows)
-
-    def __sub__(self, other: NormalEquations) -> NormalEquations:
-        return NormalEquations(self.gram - other.gram, self.cross - other.cross, self.target - other.target,
-                               self.rows - other.rows)
-
-    def error(self, matrix: Tensor | None) -> float:
-        """sum ||m X - r||^2 over the rows, from the statistics alone (X = None: the identity)."""
-        if matrix is None:
-            return float(self.gram.trace() - 2.0 * self.cross.trace() + self.target)
-        x = matrix.to(self.gram)
-        return float(((self.gram @ x) * x).sum() - 2.0 * (self.cross * x).sum() + self.target)
-
-
-def ridge_towards(eq: NormalEquations, ridge: float, scale: float | None = None,
-                  prior: Tensor | None = None) -> Tensor:
-    """argmin_X ||m X - r||^2 + lam ||X - prior||^2, lam = ridge * scale (default trace(m^T m) / d_in);
-    prior None is the identity (square statistics). float64 [d_in, d_out]."""
-    d = eq.gram.shape[0]
-    lam = ridge * (float(eq.gram.trace()) / d if scale is None else scale)
-    return _solve_in_place(eq.gram.clone(), eq.cross.clone(), lam, prior)
-
-
-def _solve_in_place(gram: Tensor, cross: Tensor, lam: float, prior: Tensor | None) -> Tensor:
-    """(gram + lam I) X = cross + lam prior, overwriting gram and cross: refit's statistics are
-    intermediate^2, so the fit makes no copies of its own beyond the solver's."""
-    gram.diagonal().add_(lam)
-    if prior is None:
-        cross.diagonal().add_(lam)
-    else:
-        cross.add_(prior.to(cross), alpha=lam)
-    return torch.linalg.solve(gram, cross)
-
-
-@dataclass(frozen=True)
 class Rows:
     """A few rows kept as they are (position 0: batch-size rows per batch), not as d_in^2 statistics."""
 
@@ -115,9 +72,7 @@ class Rows:
 
     @classmethod
     def from_rows(cls, m: Tensor, r: Tensor) -> Rows:
-        if m.dim() != 2 or r.dim() != 2 or m.shape[0] != r.shape[0]:
-            raise CorrectionError(f"features and targets must be [N, d_in] and [N, d_out] with one N, got "
-                                  f"{tuple(m.shape)} and {tuple(r.shape)}")
+        _check_rows(m, r)
         return cls(m.detach().double(), r.detach().double())
 
     def __add__(self, other: Rows) -> Rows:
@@ -125,89 +80,162 @@ class Rows:
 
     def error(self, matrix: Tensor | None) -> float:
         """sum ||m X - r||^2 over the rows (X = None: the identity)."""
-        fitted = self.features if matrix is None else self.features @ matrix.to(self.features)
-        return float(((fitted - self.targets) ** 2).sum())
+        return _error(self.features, self.targets, matrix)
 
     def add_to(self, gram: Tensor, cross: Tensor) -> None:
         gram.addmm_(self.features.T, self.features)
         cross.addmm_(self.features.T, self.targets)
 
 
-@dataclass(frozen=True)
-class Fold:
-    """One cross-validation fold: statistics of its ordinary token rows, and its position-0 rows.
+def _check_rows(m: Tensor, r: Tensor) -> None:
+    if m.dim() != 2 or r.dim() != 2 or m.shape[0] != r.shape[0]:
+        raise CorrectionError(f"features and targets must be [N, d_in] and [N, d_out] with one N, got "
+                              f"{tuple(m.shape)} and {tuple(r.shape)}")
 
-    Position 0 carries the massive activations: in SmolLM2 layer 11's MLP writes vectors of norm
-    ~2e4 there against ~30 elsewhere. A map fitted without those rows sends them anywhere (300000x
-    the identity's error on them, calibration NLL 3.9 -> 11.8 for window 11-17); fitted with them, it
-    keeps them (0.1x) at no cost elsewhere. So they are always fitted, but they would swamp any
-    score: the ridge is scaled and chosen on the ordinary rows, and position 0 only vetoes a ridge
-    whose map loses to the identity once its rows are counted.
+
+def _error(m: Tensor, r: Tensor, matrix: Tensor | None) -> float:
+    fitted = m if matrix is None else m @ matrix
+    return float(((fitted - r) ** 2).sum())
+
+
+# One fold's calibration rows, batch by batch: ordinary features [n, d_in] and targets [n, d_out], and
+# that batch's position-0 rows (None without skip_first). ``FoldRows(i)`` yields fold i's batches; the
+# fit calls it again for every ridge (the caller recomputes them: a merged-layer forward per batch).
+Batch = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
+FoldRows = Callable[[int], Iterable[Batch]]
+# Rows go to float64 in chunks of this many: a 70B batch (16k tokens x 28672) would be 3.7 GB at once.
+ROW_CHUNK = 2048
+GRAM_COPIES = 2   # the training set's statistics and its Cholesky factor (d_in^2 float64 each)
+CROSS_COPIES = 3  # the training set's m^T r, the right-hand side (solved in place into X), the prior
+
+
+def _chunks(m: Tensor, r: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    _check_rows(m, r)
+    for start in range(0, m.shape[0], ROW_CHUNK):
+        yield m[start:start + ROW_CHUNK].double(), r[start:start + ROW_CHUNK].double()
+
+
+def _accumulate(gram: Tensor, cross: Tensor, batches: Iterable[Batch], sign: float) -> None:
+    """gram += sign m^T m, cross += sign m^T r over the ordinary rows of ``batches``."""
+    for m, r, _, _ in batches:
+        for mc, rc in _chunks(m, r):
+            gram.addmm_(mc.T, mc, alpha=sign)
+            cross.addmm_(mc.T, rc, alpha=sign)
+
+
+def _held_out(batches: Iterable[Batch], matrix: Tensor | None) -> float:
+    return sum(_error(mc, rc, matrix) for m, r, _, _ in batches for mc, rc in _chunks(m, r))
+
+
+class _Solver:
+    """(gram + firsts + lam I) X = cross + firsts + lam prior, in two preallocated buffers.
+
+    The factor is made in place (LAPACK's Cholesky on the column-major view of a row-major buffer
+    copies nothing) and the right-hand side is solved in place into X by two triangular solves: the
+    fit holds the training statistics and one factor, GRAM_COPIES, and no solver copies (an LU solve
+    copies its matrix; an eigendecomposition's workspace is two more d_in^2).
     """
 
-    rest: NormalEquations
-    first: Rows | None = None  # None: no position-0 rows (skip_first off, or none given)
+    def __init__(self, gram: Tensor, cross: Tensor):
+        self.factor = torch.empty_like(gram)
+        self.rhs = torch.empty(cross.shape[1], cross.shape[0], dtype=cross.dtype, device=cross.device).mT
 
-    def __add__(self, other: Fold) -> Fold:
-        first = self.first if other.first is None else other.first if self.first is None else self.first + other.first
-        return Fold(self.rest + other.rest, first)
+    def solve(self, gram: Tensor, cross: Tensor, firsts: Sequence[Rows], lam: float, prior: Tensor | None,
+              ridge: float) -> Tensor:
+        factor, rhs = self.factor, self.rhs
+        factor.copy_(gram)
+        rhs.copy_(cross)
+        for rows in firsts:
+            rows.add_to(factor, rhs)
+        factor.diagonal().add_(lam)
+        if prior is None:
+            rhs.diagonal().add_(lam)
+        else:
+            rhs.add_(prior, alpha=lam)
+        lower = factor.mT  # symmetric: the same matrix, column-major
+        try:
+            torch.linalg.cholesky(lower, out=lower)
+        except RuntimeError as e:  # torch.linalg.LinAlgError: not positive definite
+            raise CorrectionError(f"the correction fit is not positive definite at ridge {ridge}; check the "
+                                  "compute dtype (non-finite activations?)") from e
+        torch.linalg.solve_triangular(lower, rhs, upper=False, out=rhs)
+        torch.linalg.solve_triangular(lower.mT, rhs, upper=True, out=rhs)
+        return rhs
 
 
-def _fit(rest: NormalEquations, firsts: Sequence[Rows], ridge: float, prior: Tensor | None,
-         in_place: bool) -> Tensor:
-    """The ridge fit on ordinary-row statistics plus position-0 rows; the ridge is scaled by the
-    ordinary rows alone. ``in_place`` consumes ``rest`` (a copy made for this fit)."""
-    lam = ridge * float(rest.gram.trace()) / rest.gram.shape[0]
-    gram, cross = (rest.gram, rest.cross) if in_place else (rest.gram.clone(), rest.cross.clone())
-    for rows in firsts:
-        rows.add_to(gram, cross)
-    return _solve_in_place(gram, cross, lam, prior)
-
-
-def choose_correction(folds: Sequence[Fold], grid: Sequence[float] = RIDGE_GRID, prior: Tensor | None = None
+def choose_correction(rows: FoldRows, folds: int, grid: Sequence[float] = RIDGE_GRID, prior: Tensor | None = None
                       ) -> tuple[float | None, float, list[tuple[float, float]], Tensor | None]:
     """Cross-validated ridge: each fold is scored by the map fitted on the others (every row).
 
-    ``prior`` is the plain merge (None: the identity map; refit: the merged projection's X).
+    ``rows(i)`` yields fold i's batches (``Batch``), and is called again for every ridge: the fit
+    holds one training set's statistics (the total less the held-out fold), never a fold's own, and
+    moves from fold i to i+1 by adding fold i's rows and taking fold i+1's away. ``prior`` is the
+    plain merge (None: the identity map; refit: the merged projection's X).
+
     Returns (ridge, loss, tried, X): loss is the held-out error on ordinary rows relative to the
     prior's (1.0 = no better than the plain merge); a ridge whose map loses to the prior on all
     held-out rows together (position 0 included) is vetoed (its loss shows as inf). ridge and X are
     None when no ridge beats the prior held out; otherwise X is refitted on every fold.
 
-    Memory: the folds' statistics, their total, one training set (the total less a fold, made per
-    fit) and the solver's copy: ``dryrun.REFIT_STAT_COPIES``.
+    Memory: GRAM_COPIES d_in^2 and CROSS_COPIES d_in x d_out float64 (``dryrun.refit_stat_bytes``),
+    plus ROW_CHUNK rows in float64.
     """
-    if len(folds) < 2:
-        raise CorrectionError(f"cross-validation needs at least 2 folds of calibration batches, got {len(folds)}; "
+    if folds < 2:
+        raise CorrectionError(f"cross-validation needs at least 2 folds of calibration batches, got {folds}; "
                               "raise merge.correction_batches")
-    total = folds[0].rest
-    for f in folds[1:]:
-        total = total + f.rest
-    identity = sum(f.rest.error(prior) for f in folds)
-    if not identity > 0.0:
+    gram = cross = None
+    traces, identity = [0.0] * folds, [0.0] * folds
+    firsts: list[Rows | None] = [None] * folds
+    for j in range(folds):
+        for m, r, m0, r0 in rows(j):
+            if gram is None:
+                d_in, d_out = m.shape[-1], r.shape[-1]
+                gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=m.device)
+                cross = torch.zeros(d_in, d_out, dtype=torch.float64, device=m.device)
+                prior = None if prior is None else prior.to(gram)
+            for mc, rc in _chunks(m, r):
+                traces[j] += float((mc * mc).sum())
+                identity[j] += _error(mc, rc, prior)
+                if j != 0:  # the first training set: every fold but fold 0
+                    gram.addmm_(mc.T, mc)
+                    cross.addmm_(mc.T, rc)
+            if m0 is not None:
+                first = Rows.from_rows(m0, r0)
+                firsts[j] = first if firsts[j] is None else firsts[j] + first
+    if gram is None:
+        raise CorrectionError("the correction fit got no rows")
+    total_identity = sum(identity)
+    if not total_identity > 0.0:
         raise CorrectionError("the window adds nothing beyond its merged layer on these batches; nothing to fit")
-    first_identity = sum(f.first.error(prior) for f in folds if f.first is not None)
+    first_identity = sum(f.error(prior) for f in firsts if f is not None)
+    d_in = gram.shape[0]
+    solver = _Solver(gram, cross)
+    held_out, first = [0.0] * len(grid), [0.0] * len(grid)
+    for i in range(folds):
+        if i > 0:  # the training set of fold i-1 becomes fold i's
+            _accumulate(gram, cross, rows(i - 1), 1.0)
+            _accumulate(gram, cross, rows(i), -1.0)
+        scale = (sum(traces) - traces[i]) / d_in  # the ridge is scaled by the training set's ordinary rows
+        others = [f for j, f in enumerate(firsts) if j != i and f is not None]
+        for g, ridge in enumerate(grid):
+            matrix = solver.solve(gram, cross, others, ridge * scale, prior, ridge)
+            held_out[g] += _held_out(rows(i), matrix)
+            if firsts[i] is not None:
+                first[g] += firsts[i].error(matrix)
     tried = []
-    for ridge in grid:
-        held_out, first = 0.0, 0.0
-        for i, fold in enumerate(folds):
-            others = [g.first for j, g in enumerate(folds) if j != i and g.first is not None]
-            matrix = _fit(total - fold.rest, others, ridge, prior, in_place=True)
-            held_out += fold.rest.error(matrix)
-            if fold.first is not None:
-                first += fold.first.error(matrix)
-            del matrix
-        if not math.isfinite(held_out) or not math.isfinite(first):
+    for ridge, out, out_first in zip(grid, held_out, first):
+        if not math.isfinite(out) or not math.isfinite(out_first):
             raise CorrectionError(f"the correction fit is not finite at ridge {ridge}; check the compute dtype")
         # The veto: on every held-out row together the map must not lose to the plain merge. Only a
         # map that wrecks the massive rows trips it (their errors dwarf the rest).
-        vetoed = held_out + first > identity + first_identity
-        tried.append((float(ridge), math.inf if vetoed else held_out / identity))
+        vetoed = out + out_first > total_identity + first_identity
+        tried.append((float(ridge), math.inf if vetoed else out / total_identity))
     ridge, loss = min(tried, key=lambda t: (t[1], -t[0]))  # ties: the stronger ridge
     if loss >= 1.0:
         return None, 1.0, tried, None
-    firsts = [f.first for f in folds if f.first is not None]
-    return ridge, loss, tried, _fit(total, firsts, ridge, prior, in_place=True)
+    _accumulate(gram, cross, rows(folds - 1), 1.0)  # every fold: the final fit
+    matrix = solver.solve(gram, cross, [f for f in firsts if f is not None], ridge * sum(traces) / d_in, prior, ridge)
+    return ridge, loss, tried, matrix
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class MergeWorker:
         self._pickle_reader: LazyReader | None = None
 
     def write_shard(self, out_dir: str, job: ShardJob) -> ShardResult:
-        """Write ``job.name`` under ``out_dir`` (temporary name, fsync, rename); returns its sha256 and costs."""
+        """Write ``job.name`` under ``out_dir`` (temporary name, fsync, rename); returns its hash record and costs."""
         start = time.perf_counter()
         infos = {info.key: info for info in job.sources}
         entries = [TensorEntry(t.out_key, infos[t.source_keys[0]].dtype, infos[t.source_keys[0]].shape)

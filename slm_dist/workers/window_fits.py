@@ -9,7 +9,7 @@ and cross-validation); this module collects what they need through the stage's p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -19,11 +19,9 @@ from slm_dist.arch import ArchSpec
 from slm_dist.core.alpha_fit import AlphaFit, AlphaSearchError, alpha_grid, search_alpha, squared_error
 from slm_dist.core.correction_fit import (
     FOLDS,
+    Batch,
     CorrectionError,
     CorrectionFit,
-    Fold,
-    NormalEquations,
-    Rows,
     check_kind,
     choose_correction,
     fold_of,
@@ -118,7 +116,7 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     calibration inputs (``core/correction_fit.py`` says what is fitted and how it is regularised).
 
     The targets are the ORIGINAL window's outputs on its original inputs, as for the alpha fit. With
-    ``skip_first`` position 0 is fitted but kept out of the score (``Fold``).
+    ``skip_first`` position 0 is fitted but kept out of the score (``core/correction_fit.py``).
     """
     check_kind(kind)
     lo, hi = window
@@ -134,28 +132,36 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     if kind == "refit":
         prior = projection_prior(projection.weight, getattr(projection, "bias", None)).to(stage.device)
     inputs, targets = window_targets(stage, window, batch_ids, member)
+    folds = min(FOLDS, len(batch_ids))
     captured: list[tuple[Tensor, Tensor]] = []
-    hook = projection.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
-    folds: list[Fold | None] = [None] * min(FOLDS, len(batch_ids))
-    try:
-        with torch.inference_mode():
+
+    def fold_rows(fold: int) -> Iterator[Batch]:
+        """Fold ``fold``'s batches, recomputed by the merged layer: the fit asks again for every ridge
+        rather than holding a fold's intermediate^2 statistics (core/correction_fit.py)."""
+        hook = projection.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
+        try:
             for position, ((h, ctx), target) in enumerate(zip(inputs, targets)):
+                if fold_of(position, folds) != fold:
+                    continue
                 captured.clear()
                 out = stage.run_layer(merged, lo, h, ctx)
                 ((u, m),) = captured
+                captured.clear()
                 # The merged layer's output is h_mid + m; the window should have added r on top of h_mid.
                 r = target - out + m
+                del out
                 features = m if kind == "linear" else with_intercept(u, prior.shape[0])
                 d_in, d = features.shape[-1], r.shape[-1]
                 if skip_first and m.shape[1] > 1:
-                    fold = Fold(NormalEquations.from_rows(features[:, 1:].reshape(-1, d_in), r[:, 1:].reshape(-1, d)),
-                                Rows.from_rows(features[:, 0], r[:, 0]))
+                    yield (features[:, 1:].reshape(-1, d_in), r[:, 1:].reshape(-1, d), features[:, 0], r[:, 0])
                 else:
-                    fold = Fold(NormalEquations.from_rows(features.reshape(-1, d_in), r.reshape(-1, d)))
-                f = fold_of(position, len(folds))
-                folds[f] = fold if folds[f] is None else folds[f] + fold
-    finally:
-        hook.remove()
-    ridge, loss, tried, matrix = choose_correction([f for f in folds if f is not None], prior=prior)
+                    yield features.reshape(-1, d_in), r.reshape(-1, d), None, None
+        finally:
+            hook.remove()
+
+    # One inference_mode around the whole fit (not inside the generator, whose mode would leak
+    # across its yields): the fit's buffers and the recomputed rows are all inference tensors.
+    with torch.inference_mode():
+        ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior)
     return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
                          matrix=None if matrix is None else matrix.float().cpu(), kind=kind)
