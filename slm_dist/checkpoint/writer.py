@@ -335,9 +335,8 @@ def verify_manifest(folder: Path) -> list[str]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return [f"{path} is not valid JSON ({e}): the manifest is corrupt; rerun `slm-dist merge` to rewrite it"]
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
-            for v in manifest["files"].values()):
-        return [f"{path} is not an slm-dist manifest (an object whose 'files' maps names to bytes and sha256): "
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) for v in manifest["files"].values()):
+        return [f"{path} is not an slm-dist manifest (an object whose 'files' maps names to bytes and a hash): "
                 "rerun `slm-dist merge` to rewrite it"]
     if manifest.get("complete") is False:
         problems.append(f"{path} says the merge did not finish: rerun `slm-dist merge` to complete it")
