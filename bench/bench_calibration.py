@@ -109,7 +109,8 @@ def child_baseline(args) -> dict:
 
     ids = torch.load(args.ids)
     batches = batches_of(ids, args.batch_size)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=False).eval()
     n = model.config.num_hidden_layers
     best = 0.0
     for _ in range(args.repeats):

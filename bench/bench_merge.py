@@ -152,7 +152,7 @@ NAIVE = textwrap.dedent("""
     from slm_dist.arch import get_arch, prune_config
     from slm_dist.core.merge import merge_state_dict
     src, out, windows = sys.argv[1], sys.argv[2], [tuple(w) for w in json.loads(sys.argv[3])]
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, trust_remote_code=False)
     n = model.config.num_hidden_layers
     merged = merge_state_dict(model.state_dict(), windows, n, get_arch("llama"), "sum")
     del model

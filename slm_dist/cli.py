@@ -104,7 +104,7 @@ def cmd_plan(args) -> int:
             model_dir = assets.prepare_demo_model(config.run.cache_dir or _cache_dir() or assets.default_cache_dir())
         # The same checks a run makes first, every problem listed (the demo's texts, fetched by a run, are not).
         problems = preflight.run_problems(config, Path(model_dir), config.calibration.source, config.eval.heldout,
-                                          layers_removed=pipeline.planned_removal(config))
+                                          layers_removed=pipeline.planned_removal(config), dry_run=True)
         if problems:
             preflight.log_problems(problems)
             log.error("plan --dry-run: %d problem(s) above; fix them and run it again", len(problems))

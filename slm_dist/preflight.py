@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from slm_dist import calibration, evaluation
 from slm_dist.arch import ArchSpec, UnsupportedArchitectureError, get_arch
 from slm_dist.checkpoint.export import ExportError, check_output_dir
-from slm_dist.checkpoint.folder import load_tokenizer
+from slm_dist.checkpoint.folder import load_tokenizer, read_config
 from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_index
 from slm_dist.checkpoint.verify import verify_model
 from slm_dist.config import ClusterSection, ConfigError, SlmConfig
@@ -228,7 +228,7 @@ def output_problems(sources: Mapping[str, Path], outputs: Mapping[str, Path]) ->
         for src_what, src in sources.items():
             if src is not None and _inside(Path(out), Path(src)):
                 problems.append(f"{what}={out} is {'the' if Path(out).resolve() == Path(src).resolve() else 'inside the'}"
-                                f" {src_what} {src}; slm-dist never writes into its source. Set {what} to a folder "
+                                f" {src_what} {src}; slm-dist never writes into its input. Set {what} to a folder "
                                 "outside it.")
     names = list(outputs)
     for i, a in enumerate(names):
@@ -306,14 +306,43 @@ def cluster_problems(cluster: ClusterSection, timeout_s: float = CLUSTER_TIMEOUT
 
 
 # ------------------------------------------------------------------------------- per command
+def weights_present(model_dir: Path) -> bool:
+    """Whether the folder holds weights (a dry run also works from config.json alone)."""
+    root = Path(model_dir)
+    if (root / "model.safetensors").exists() or list(root.glob("*.bin")):
+        return True
+    index = root / "model.safetensors.index.json"
+    return index.is_file() and any(root.glob("*.safetensors"))
+
+
+def config_only_problems(model_dir: Path) -> list[str]:
+    problems: list[str] = []
+    config = _collect(lambda: read_config(Path(model_dir)), problems)
+    if config is not None:
+        _collect(lambda: get_arch(config.get("model_type")), problems)
+    return problems
+
+
 def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | None, heldout: Path | None,
                  stop_after: str | None = None,
-                 layers_removed: Callable[[CheckpointIndex], int] | None = None) -> list[str]:
+                 layers_removed: Callable[[CheckpointIndex], int] | None = None, dry_run: bool = False) -> list[str]:
     """`run` / `plan` / `plan --dry-run` / `compare`: all of the above for this config. Inputs given as
-    None (the demo's, fetched at run time) are not checked."""
-    index, problems = model_problems(model_dir, config.model.allow_pickle)
+    None (the demo's, fetched at run time) are not checked. ``dry_run``: a folder with config.json but
+    no weights yet (downloaded first to size a cluster) is checked by its config alone."""
+    if dry_run and not weights_present(model_dir):
+        index, problems = None, config_only_problems(model_dir)
+    else:
+        index, problems = model_problems(model_dir, config.model.allow_pickle)
     if index is not None:
         problems += tokenizer_problems(model_dir)
+    if dry_run:
+        # A dry run often sizes a cluster from a laptop, before the data is there: an input file absent
+        # here is noted, not failed (the run checks it again before any work); a bad one still fails.
+        for what, path in (("calibration.source", calibration_source), ("eval.heldout", heldout)):
+            if path is not None and not Path(path).exists():
+                log.warning("%s: %s is not on this machine; `run` checks it before any work", what, path)
+        calibration_source = calibration_source if calibration_source and Path(calibration_source).exists() else None
+        heldout = heldout if heldout and Path(heldout).exists() else None
     if calibration_source is not None:
         problems += calibration_problems(calibration_source)
     if heldout is not None and config.eval.enabled and stop_after is None:

@@ -120,7 +120,7 @@ def test_outputs_in_the_source_folder_are_refused_before_any_write(model, text, 
     extra = [f"merge.output_dir={target}"] if key == "merge.output_dir" else []
     run_dir = target if key == "run.dir" else tmp_path / "run"
     out = refused(capsys, ["run", *overrides(model, text, run_dir, f"cluster.backend={backend}", *extra)], model)
-    assert f"{key}=" in out and "never writes into its source" in out
+    assert f"{key}=" in out and "never writes into its input" in out
     assert not (tmp_path / "run").exists()
 
 
@@ -217,8 +217,8 @@ def test_an_unreachable_cluster_fails_in_seconds_naming_the_address(model, text,
 
 def test_the_dry_run_lists_every_problem_at_once(model, text, tmp_path, capsys):
     edit_json(model / "config.json", lambda c: c.update(intermediate_size=c["intermediate_size"] + 8))
-    out = refused(capsys, ["plan", "--dry-run", *overrides(model, text, model / "run",
-                                                           f"eval.heldout={tmp_path / 'nope.txt'}",
+    binary = write(tmp_path / "heldout.txt", b"\x00\x01binary")
+    out = refused(capsys, ["plan", "--dry-run", *overrides(model, text, model / "run", f"eval.heldout={binary}",
                                                            "cluster.backend=ray", "cluster.address=127.0.0.1:9")],
                   model)
     for needle in ("has shape", "eval.heldout", "run.dir=", "cluster.address"):
@@ -354,3 +354,20 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     path = write(tmp_path / "c.yaml", "")
     code, out = run_cli(capsys, "--debug", "run", str(path))
     assert code == cli.EXIT_BAD_INPUT and "Traceback" in out
+
+
+def test_every_transformers_load_in_the_package_refuses_remote_code():
+    """A static check: each `from_pretrained(...)` call under slm_dist/ passes trust_remote_code=False."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "slm_dist"
+    calls, missing = 0, []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
+                calls += 1
+                ok = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False
+                         for k in node.keywords)
+                if not ok:
+                    missing.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert calls >= 3 and not missing, missing
