@@ -210,11 +210,7 @@ def cmd_eval(args) -> int:
     spec = _eval_spec(args, config)
     from slm_dist import preflight
 
-    model_dir, _ = evaluation.find_model(target)
-    index, problems = preflight.model_problems(model_dir, config.model.allow_pickle)
-    problems += preflight.tokenizer_problems(model_dir) if index is not None else []
-    preflight.require(problems + preflight.eval_input_problems(spec.ppl_files, spec.tasks, spec.ppl_join, spec.limit)
-                      + preflight.cluster_problems(config.cluster))
+    preflight.require(preflight.eval_problems(config, evaluation.find_model(target)[0], spec))
     result = evaluation.run_eval(target, config, spec, _show_progress(args))
     for name, value in result["ppl"].items():
         log.info("perplexity %s: %.3f", name, value)

@@ -364,6 +364,15 @@ def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | 
     return problems
 
 
+def eval_problems(config: SlmConfig, model_dir: Path, spec: evaluation.EvalSpec) -> list[str]:
+    """`eval`: the model and its tokenizer, every perplexity and task file, the cluster."""
+    index, problems = model_problems(model_dir, config.model.allow_pickle)
+    if index is not None:
+        problems += tokenizer_problems(model_dir)
+    return (problems + eval_input_problems(spec.ppl_files, spec.tasks, spec.ppl_join, spec.limit)
+            + cluster_problems(config.cluster))
+
+
 def merge_problems(config: SlmConfig, model_dir: Path, num_layers_after: int) -> list[str]:
     """`merge`: the model, the output folder, the disk, the cluster."""
     index, problems = model_problems(model_dir, config.model.allow_pickle)
