@@ -50,6 +50,7 @@ GiB = 2**30
 PRESETS = {
     "3b": dict(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=128256),  # Llama-3.2-3B
     "1b": dict(hidden=2048, intermediate=5632, layers=16, heads=16, kv_heads=4, vocab=64000),
+    "refit-small": dict(hidden=1024, intermediate=2048, layers=16, heads=16, kv_heads=4, vocab=32000),
     "smoke": dict(hidden=256, intermediate=512, layers=8, heads=4, kv_heads=2, vocab=1000),  # the script's own check
 }
 SHARD_BYTES = 5 * 10**9
@@ -244,9 +245,9 @@ def table(name: str, predicted: dict, calibrated: dict, measured: dict, memory: 
     return lines
 
 
-def update_results(path: Path, section: str) -> None:
+def update_results(path: Path, section: str, heading: str) -> None:
     text = path.read_text()
-    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=\n## |\Z)", re.S)
+    pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda m: section.rstrip("\n") + "\n", text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
@@ -263,6 +264,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--memory-per-stage", type=int, default=None,
                         help="cluster.memory_per_stage_bytes (default 0.49 x the float32 model; smoke runs need more)")
+    parser.add_argument("--variant", choices=["default", "refit", "both"], default="both")
+    parser.add_argument("--tokens-per-s", type=float, default=None,
+                        help="measured stage tokens/s for the second prediction (default: this run's first calibration)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (model, runs, logs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -283,6 +287,9 @@ def main() -> None:
         variants = {"default plan": [], "plan.search=global merge.correction=refit":
                     ["plan.search=global", "merge.rule=scaled", "merge.correction=refit", "plan.candidates=1",
                      "plan.local_search=0", "merge.correction_batches=4"]}
+        variants = {k: v for k, v in variants.items() if ("refit" in k) == (args.variant == "refit")
+                    or args.variant == "both"}
+        refused = {}
         rows = {}
         with Cluster(work / "cluster", workers=1, cpus_per_node=2) as cluster:
             tokens_per_s = None
@@ -290,16 +297,18 @@ def main() -> None:
                 items = overrides(args, work / "model", text, work / f"run-{len(rows)}", memory, extra)
                 predicted = dry_run(items)
                 if not predicted["fits"]:
-                    raise SystemExit(f"the dry run refuses {name}: {predicted['refusal']}")
+                    log.warning("the dry run refuses %s: %s", name, predicted["refusal"])
+                    refused[name] = predicted["refusal"]
+                    continue
                 log.info("%s: submitting ...", name)
                 measured = measure(cluster, args, name, items, work)
                 if tokens_per_s is None:  # the first run's calibration, as a user would measure it
-                    tokens_per_s = args.samples * args.seq_len / measured["times"]["calibrate"]
+                    tokens_per_s = args.tokens_per_s or args.samples * args.seq_len / measured["times"]["calibrate"]
                 calibrated = dry_run(items, [f"stage_tokens_per_s={tokens_per_s:.3g}"])
                 rows[name] = (predicted, calibrated, measured)
                 log.info("%s: %s", name, json.dumps(measured))
         (work / "bench_scale.json").write_text(json.dumps(rows, indent=1, default=str))
-        lines = [HEADING, "", f"`python bench/bench_scale.py {' '.join(sys.argv[1:])}`: random Llama, "
+        lines = [f"{HEADING}, preset {args.preset}", "", f"`python bench/bench_scale.py {' '.join(sys.argv[1:])}`: random Llama, "
                  f"hidden {geometry['hidden']}, intermediate {geometry['intermediate']}, {geometry['layers']} layers, "
                  f"{geometry['heads']}/{geometry['kv_heads']} heads, vocabulary {geometry['vocab']}: "
                  f"{stored / 1e9:.2f} GB in bf16, {compute / GiB:.2f} GiB in float32; 4 stages on a head + 1 worker "
@@ -310,8 +319,10 @@ def main() -> None:
                  f"prediction column: {tokens_per_s:.3g} (the first run's calibration).", ""]
         for name, (predicted, calibrated, measured) in rows.items():
             lines += table(name, predicted, calibrated, measured, memory)
+        for name, why in refused.items():
+            lines += [f"**{name}**: refused by the dry run at this memory_per_stage_bytes: {why}", ""]
         section = "\n".join(lines) + "\n"
-        update_results(args.results, section)
+        update_results(args.results, section, f"{HEADING}, preset {args.preset}")
         sys.stdout.write(section)
     finally:
         if not args.keep:
