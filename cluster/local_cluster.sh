@@ -93,7 +93,9 @@ cmd_start() {
     start_node head --head --node-ip-address=127.0.0.1 --port="$gcs" --include-dashboard=true \
         --dashboard-host=127.0.0.1 --dashboard-port="$dash" --ray-client-server-port="$client" \
         --dashboard-agent-listen-port="$(free_port)" --resources='{"slm_node_0": 1}'
-    sleep 3
+    # Workers register with the head's GCS: on a loaded machine a fixed pause was not enough (the
+    # worker gave up with "No node info found for head node"), so wait until the head is up.
+    wait_for_nodes 1
     for k in $(seq 1 "$workers"); do
         # Nodes on one machine share the host's ports: each agent gets its own listen port.
         start_node "worker$k" --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 \

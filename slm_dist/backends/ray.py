@@ -283,7 +283,8 @@ class RayBackend(StagedScoring):
         except RayActorError as err:
             self._teardown_stages()
             raise RayBackendError(f"a stage actor failed to start (loading its layers): {err}") from None
-        log.info("stages: %s", ", ".join(f"[{r['start']},{r['stop']}) on node {r['node_id'][:8]}" for r in reports))
+        log.info("stages: %s", ", ".join(f"[{r['start']},{r['stop']}) on node {r['node_id'][:8]} pid {r['pid']}"
+                                         for r in reports))
         return self._stages
 
     def _teardown_stages(self) -> None:
