@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from slm_dist import heal
 from slm_dist.checkpoint.index import open_index
 from slm_dist.checkpoint.reader import LazyReader
+from slm_dist.checkpoint.verify import verify_model
 from slm_dist.config import LORA_TARGETS, ConfigError, load_config
 from slm_dist.testing import TINY_WORDS, make_tiny_model
-from slm_dist.checkpoint.verify import verify_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,10 +84,26 @@ def test_deepspeed_config_errors_name_the_values():
         heal_config("heal.batch_size=10")
 
 
-def test_learning_rate_warmup_then_linear_decay():
+@pytest.mark.parametrize("total, warmup", [(10, 2), (7, 3), (5, 0), (12, 1)])
+def test_learning_rate_is_the_trainers_linear_schedule_with_warmup(total, warmup):
+    """Step for step what transformers' get_linear_schedule_with_warmup gives the Trainer's optimizer."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])   # the lr the step runs with
+        optimizer.step()
+        schedule.step()
+    assert [heal.learning_rate(s, total, warmup, 1e-3) for s in range(total)] == pytest.approx(expected, abs=1e-15)
+
+
+def test_learning_rate_by_hand_and_warmup_capped_at_the_run():
     lrs = [heal.learning_rate(s, total=10, warmup_steps=2, peak_lr=1.0) for s in range(10)]
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
-    assert heal.learning_rate(0, total=3, warmup_steps=100, peak_lr=1.0) == pytest.approx(1 / 3)  # warmup capped
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    capped = [heal.learning_rate(s, total=3, warmup_steps=100, peak_lr=1.0) for s in range(3)]
+    assert capped == pytest.approx([0.0, 1 / 3, 2 / 3])
 
 
 def test_steps_follow_epochs_unless_max_steps():
@@ -241,11 +257,27 @@ def one_rank_group(tmp_path, monkeypatch):
     dist.destroy_process_group()
 
 
-def _loop(tiny_model, cycle_text, tokenizer, steps: int):
+def _loop(tiny_model, cycle_text, tokenizer, steps: int, folder: Path):
     config = heal_config("heal.batch_size=8", "heal.micro_batch_size=4", "heal.cutoff_len=32", "heal.lr=2e-2",
                          "heal.warmup_steps=1", "heal.checkpoint_every=2", f"heal.max_steps={steps}")
     _, examples = heal.prepare_examples(cycle_text, tokenizer, 32)
-    return heal.build_loop(config, tiny_model, examples, tokenizer.eos_token_id, "cpu", steps)
+    uri = str(folder / heal.EXAMPLES_NAME)
+    heal.write_examples(uri, examples)
+    return heal.build_loop(config, tiny_model, uri, len(examples), tokenizer.eos_token_id, "cpu", steps)
+
+
+def test_examples_go_to_the_workers_as_a_file(cycle_text, tokenizer, tiny_model, tmp_path):
+    """The trainer's config names the file; the file gives back every example exactly."""
+    import pickle
+
+    kind, examples = heal.prepare_examples(cycle_text, tokenizer, 32)
+    uri = str(tmp_path / "storage" / heal.EXAMPLES_NAME)
+    heal.write_examples(uri, examples)
+    assert heal.read_examples(uri) == examples and kind == "text"
+    assert not list((tmp_path / "storage").glob(".*partial"))
+    loop = heal.build_loop(heal_config(), tiny_model, uri, len(examples), 0, "cpu", 4)
+    assert "examples" not in loop and loop["examples_uri"] == uri and loop["num_examples"] == len(examples)
+    assert len(pickle.dumps(loop)) < 4096   # settings only, whatever the data's size
 
 
 def _last(root: Path) -> Path:
@@ -254,10 +286,13 @@ def _last(root: Path) -> Path:
 
 def test_training_learns_and_a_resumed_run_equals_an_uninterrupted_one(one_rank_group, tiny_model, cycle_text,
                                                                        tokenizer, tmp_path):
-    loop = _loop(tiny_model, cycle_text, tokenizer, steps=6)
+    loop = _loop(tiny_model, cycle_text, tokenizer, steps=6, folder=tmp_path)
     whole = heal.FolderSession(tmp_path / "whole")
     heal.train_worker(loop, whole)
-    assert [m["step"] for m in whole.metrics] == [2, 4, 6]                # a checkpoint every 2 steps
+    assert [m["step"] for m in whole.metrics] == [1, 2, 3, 4, 5, 6]        # metrics every step
+    assert [m["step"] for m in whole.metrics if m["checkpoint"]] == [2, 4, 6]   # a checkpoint every 2 steps
+    assert sorted(p.name for p in (tmp_path / "whole").glob("step_*")) == [f"step_{s:08d}" for s in (2, 4, 6)]
+    assert whole.metrics[0]["lr"] == 0.0 and whole.metrics[1]["lr"] == pytest.approx(2e-2)  # Trainer's warmup
     done = json.loads((_last(tmp_path / "whole") / heal.HISTORY_NAME).read_text())
     losses = [h["loss"] for h in done["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2                # it learns the cycle
@@ -285,6 +320,42 @@ def test_cli_heal_refuses_a_folder_that_is_not_a_run(tmp_path, caplog):
 
     assert cli.main(["heal", str(tmp_path)]) == cli.EXIT_BAD_INPUT
     assert "without config.resolved.yaml" in caplog.text
+
+
+def test_heal_without_its_extra_names_it_before_any_work(tiny_model, cycle_text, tmp_path, caplog, monkeypatch):
+    """`pip install slm-dist` without [heal]: exit 2 and the pip command, before data or Ray are touched."""
+    from slm_dist import cli, extras
+
+    real = extras.find_spec
+    monkeypatch.setattr(extras, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(heal, "prepare_examples", lambda *a: pytest.fail("read the data"))
+    args = [f"model.path={tiny_model}", f"heal.model={tiny_model}", f"heal.data={cycle_text}",
+            f"eval.heldout={cycle_text}", f"run.dir={tmp_path / 'run'}"]
+    assert cli.main(["heal", *args]) == cli.EXIT_BAD_INPUT
+    assert "slm-dist heal needs the [heal] extra (peft not installed): pip install 'slm-dist[heal]'" in caplog.text
+    caplog.clear()
+    assert cli.main(["run", *args, "heal.enabled=true"]) == cli.EXIT_BAD_INPUT
+    assert "heal.enabled=true needs the [heal] extra" in caplog.text and not (tmp_path / "run").exists()
+
+
+def test_heal_joins_the_ray_session_it_runs_in():
+    """Inside `ray job submit` (or any process already connected) the training cluster is that session:
+    no second Ray is started, and the session is left open for its owner."""
+    ray = pytest.importorskip("ray")
+    from slm_dist.backends import train
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds a Ray session")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        session = ray.get_runtime_context().gcs_address
+        with train.train_cluster(None, num_cpus=1) as gpus:
+            assert gpus == 0.0
+            assert ray.get_runtime_context().gcs_address == session
+            assert ray.cluster_resources()["CPU"] == 3.0   # the session's, not a new 1-CPU instance
+        assert ray.is_initialized() and ray.get_runtime_context().gcs_address == session
+    finally:
+        ray.shutdown()
 
 
 # --------------------------------------------------------------- Ray Train, two workers (slow)
