@@ -417,8 +417,25 @@ heal: {{model: {tiny_model}, batch_size: 8, micro_batch_size: 4, cutoff_len: 32,
 
 
 @pytest.mark.slow
-def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_path):
-    from slm_dist import pipeline
+def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_path, monkeypatch):
+    from slm_dist import pipeline, progress
+
+    updates: dict[str, list[int]] = {}
+
+    class Recorder:   # every bar of the run, by name: the heal bar advances once per training step
+        def __init__(self, desc):
+            self.desc = desc
+
+        def update(self, n=1):
+            updates.setdefault(self.desc, []).append(n)
+
+        def set_postfix(self, **kwargs):
+            assert set(kwargs) == {"loss", "lr"}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress, "bar", lambda show, total, desc, unit="it", initial=0: Recorder(desc))
 
     config = load_config(None, [
         f"model.path={tiny_model}", f"calibration.source={cycle_text}", f"eval.heldout={cycle_text}",
@@ -434,3 +451,4 @@ def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_pa
     healed = Path(evaluation["healed_output"])
     assert open_index(healed).num_layers == 4 and verify_model(healed) == []
     assert "perplexity_healed" in (tmp_path / "run" / "report.md").read_text()
+    assert updates["heal"] == [1] * 12   # rank 0's per-step reports, drained on the driver

@@ -139,7 +139,8 @@ class ReducerActor:
     a checkpoint of other inputs is ignored and overwritten.
     """
 
-    def __init__(self, num_threads: int = 1):
+    def __init__(self, num_threads: int = 1, log: tuple[int, bool] = (logging.INFO, False)):
+        logs.setup_worker(*log)
         torch.set_num_threads(num_threads)
         self.run: ReducerRun | None = None
         self.reducer: StatsReducer | None = None
@@ -159,6 +160,9 @@ class ReducerActor:
                     log.warning("%s was written for other inputs (model, statistics or batches); starting afresh",
                                 path)
         return self.reducer
+
+    def __repr__(self) -> str:
+        return "ReducerActor(statistics)"
 
     def ping(self) -> int:
         return os.getpid()
@@ -487,7 +491,7 @@ class RayBackend(StagedScoring):
                 num_cpus=0,
                 max_restarts=self.cluster.max_restarts,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-            ).remote(1)
+            ).remote(1, logs.current())
         return self._reducer
 
     def _prime_caches(self) -> None:
