@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -354,6 +355,20 @@ def test_heal_joins_the_ray_session_it_runs_in():
             assert ray.get_runtime_context().gcs_address == session
             assert ray.cluster_resources()["CPU"] == 3.0   # the session's, not a new 1-CPU instance
         assert ray.is_initialized() and ray.get_runtime_context().gcs_address == session
+        # A job's driver (`ray job submit` sets RAY_ADDRESS) joins the job's cluster as it is, in
+        # place of the private instance of num_cpus it would start alone.
+        code = ("import ray\nfrom slm_dist.backends import train\n"
+                "with train.train_cluster(None, num_cpus=1):\n"
+                "    print(ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n")
+        temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        env = {**os.environ, "RAY_ADDRESS": session, "RAY_TMPDIR": temp_dir}
+        try:
+            out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split() == [session, "3.0"]
     finally:
         ray.shutdown()
 
@@ -436,6 +451,11 @@ def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_pa
             pass
 
     monkeypatch.setattr(progress, "bar", lambda show, total, desc, unit="it", initial=0: Recorder(desc))
+    # The private Ray heal starts discovers no other cluster on this machine (as on a clean node).
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     config = load_config(None, [
         f"model.path={tiny_model}", f"calibration.source={cycle_text}", f"eval.heldout={cycle_text}",
@@ -452,3 +472,4 @@ def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_pa
     assert open_index(healed).num_layers == 4 and verify_model(healed) == []
     assert "perplexity_healed" in (tmp_path / "run" / "report.md").read_text()
     assert updates["heal"] == [1] * 12   # rank 0's per-step reports, drained on the driver
+    shutil.rmtree(temp_dir, ignore_errors=True)

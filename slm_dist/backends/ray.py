@@ -63,23 +63,22 @@ class StageActor(StageWorker):
     """A StageWorker in its own process: torch threads sized to the CPUs its bundle reserved, and a
     report of where it runs and what it holds (for tests and benchmarks).
 
-    Its log records go to its stderr in the driver's format and level (``log``: `logs.current()` on
+    Its log records go to its stderr in the driver's format and level (``log_settings``: `logs.current()` on
     the driver); Ray forwards them to the driver and the job log, prefixed with this actor's repr,
     which names the stage and its layers.
     """
 
     def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int, index: int = 0,
-                 log: tuple[int, bool] = (logging.INFO, False)):
+                 log_settings: tuple[int, bool] = (logging.INFO, False)):
         self._name = f"stage={index}, layers=[{spec.start},{spec.stop})"  # for __repr__, even if loading fails
-        logs.setup_worker(*log)
+        logs.setup_worker(*log_settings)
         torch.set_num_threads(num_threads)
         import accelerate  # noqa: F401  (imported before the baseline so it counts as runtime, not weights)
         import transformers  # noqa: F401
 
         self._baseline_rss = host_memory.rss_bytes()
         super().__init__(spec, stats)
-        log.info("stage %d: layers [%d, %d) loaded, %.1f MiB held", index, spec.start, spec.stop,
-                 self.held_bytes() / 2**20)
+        self._index, self._said_first = index, False
 
     # The remote entry points. Hidden states leave a stage on the host: the object store is the
     # portable hop between stages (a GPU transport could replace it behind these methods), and the
@@ -87,7 +86,12 @@ class StageActor(StageWorker):
     # output feeds nothing, so it is not stored at all. (StageWorker's own methods stay untouched:
     # it calls them internally with device tensors.)
     def calibrate_hop(self, batch_id: int, x: torch.Tensor, cache_inputs: bool = False):
+        started = time.perf_counter()
         h, stats = self.calibrate(batch_id, x, cache_inputs)
+        if not self._said_first:  # once per actor, after __init__: Ray prefixes it with this actor's repr
+            self._said_first = True
+            log.info("stage %d: layers [%d, %d), %.1f MiB held; first calibration batch in %.2f s", self._index,
+                     self.spec.start, self.spec.stop, self.held_bytes() / 2**20, time.perf_counter() - started)
         # The Grams travel as a numpy array: Ray writes those straight into the object store, where a
         # pickled tensor is first copied whole in the actor's heap (a stage's Grams grow with its layers).
         return (None if self.spec.is_last else h.cpu()), replace(stats, grams=stats.grams.numpy())
@@ -139,8 +143,8 @@ class ReducerActor:
     a checkpoint of other inputs is ignored and overwritten.
     """
 
-    def __init__(self, num_threads: int = 1, log: tuple[int, bool] = (logging.INFO, False)):
-        logs.setup_worker(*log)
+    def __init__(self, num_threads: int = 1, log_settings: tuple[int, bool] = (logging.INFO, False)):
+        logs.setup_worker(*log_settings)
         torch.set_num_threads(num_threads)
         self.run: ReducerRun | None = None
         self.reducer: StatsReducer | None = None
@@ -207,16 +211,22 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
 
     A session this process already holds (a test fixture, a notebook, the job's driver) is used as it
     is. Otherwise ``address``; with none, Ray's own discovery: RAY_ADDRESS (set inside `ray job
-    submit`), or a `ray start` cluster on this node, else a new private local instance, sized to
-    ``num_cpus`` logical CPUs when given.
+    submit`), or the cluster `ray start` last started on this node, else a new private local
+    instance, sized to ``num_cpus`` logical CPUs when given.
+
+    Not ``address="auto"``: besides those two, it joins ANY Ray instance it finds among the node's
+    processes (another user's, a test's), where the stages would then run.
     """
     if ray.is_initialized():
         return False
     if address is None and num_cpus is not None:
         try:
-            ray.init(address="auto")  # the job's (or this node's) cluster, when there is one
-        except ConnectionError:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+        except ValueError as err:
+            # Ray found a cluster to join, and sizing one is not ours to do: join it as it is.
+            if "existing cluster" not in str(err):
+                raise
+            ray.init()
     else:
         ray.init(address=address)
     return True
