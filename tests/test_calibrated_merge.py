@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slm_dist.arch import get_arch
-from slm_dist.core.alpha_fit import AlphaSearchError, alpha_grid, search_alpha, squared_error
 from slm_dist.checkpoint.index import open_index
 from slm_dist.checkpoint.reader import LazyReader
+from slm_dist.core.alpha_fit import AlphaSearchError, alpha_grid, search_alpha, squared_error
 from slm_dist.core.merge import merge_state_dict, merge_tensor, merge_window
 from slm_dist.testing import make_tiny_model
 from slm_dist.workers.stage_worker import StageSpec, StageWorker

@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerFast
 from slm_dist.calibration import (
     CalibrationDataError,
     contiguous_windows,
-    perplexity_windows,
     load_calibration,
     load_calibration_parquet,
+    perplexity_windows,
     read_records,
     read_texts,
     read_token_rows,

@@ -13,12 +13,24 @@ import pytest
 import safetensors.torch
 import torch
 
+from slm_dist.checkpoint.export import ExportError, check_output_dir
 from slm_dist.checkpoint.index import CheckpointError, open_index, read_safetensors_header
 from slm_dist.checkpoint.reader import LazyReader, RowReader, torch_dtype
-from slm_dist.checkpoint.writer import (INDEX_NAME, MANIFEST_NAME, FileRecord, ShardWriter, TensorEntry,
-                                        partial_name, plan_shards, safetensors_header, sha256_file, shard_name,
-                                        verify_manifest, write_manifest, write_safetensors)
-from slm_dist.checkpoint.export import ExportError, check_output_dir
+from slm_dist.checkpoint.writer import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    FileRecord,
+    ShardWriter,
+    TensorEntry,
+    partial_name,
+    plan_shards,
+    safetensors_header,
+    sha256_file,
+    shard_name,
+    verify_manifest,
+    write_manifest,
+    write_safetensors,
+)
 
 
 def _folder(tmp_path: Path, shards: dict[str, dict[str, torch.Tensor]], config: dict | None = None) -> Path:

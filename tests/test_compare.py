@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from slm_dist.core import baselines, planner
 from slm_dist import calibration, compare, evaluation
 from slm_dist.config import load_config
+from slm_dist.core import baselines, planner
 from slm_dist.core.planner import PlanError
 from slm_dist.testing import tiny_tokenizer
 

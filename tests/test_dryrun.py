@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from slm_dist import dryrun
-from slm_dist.core import partition, sizing
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint.index import CheckpointError, open_index
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from slm_dist.config import SlmConfig, load_config
+from slm_dist.core import partition, sizing
 from slm_dist.testing import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

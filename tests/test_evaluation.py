@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from slm_dist import calibration, evaluation
-from slm_dist.evaluation import EvalDataError, EvalSpec, Item
 from slm_dist.backends.local import LocalBackend
+from slm_dist.evaluation import EvalDataError, EvalSpec, Item
 from slm_dist.testing import tiny_tokenizer
 from slm_dist.workers.stage_worker import StageSpec
 

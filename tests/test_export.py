@@ -18,14 +18,14 @@ import torch
 
 from slm_dist import cli
 from slm_dist.arch import get_arch, prune_config
-from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
-from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
-from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
 from slm_dist.backends.local import run_jobs_local
+from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
+from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
+from slm_dist.checkpoint.verify import verify_model
+from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
 from slm_dist.core.merge import MergeError, merge_state_dict
 from slm_dist.core.planner import MergePlan
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
-from slm_dist.checkpoint.verify import verify_model
 from slm_dist.workers.merge_worker import elements_per_block
 
 LLAMA = get_arch("llama")

@@ -12,13 +12,21 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slm_dist.arch import get_arch
-from slm_dist.core.alpha_fit import squared_error
-from slm_dist.checkpoint.index import open_index
+from slm_dist.backends.local import run_jobs_local
 from slm_dist.checkpoint.corrections import checked_windows, kind_of, load_corrections, save_corrections
 from slm_dist.checkpoint.export import ExportError, plan_export, write_export
-from slm_dist.backends.local import run_jobs_local
-from slm_dist.core.correction_fit import (CorrectionError, Fold, NormalEquations, Rows, choose_correction,
-                                        correction_key, projection_prior, ridge_towards)
+from slm_dist.checkpoint.index import open_index
+from slm_dist.core.alpha_fit import squared_error
+from slm_dist.core.correction_fit import (
+    CorrectionError,
+    Fold,
+    NormalEquations,
+    Rows,
+    choose_correction,
+    correction_key,
+    projection_prior,
+    ridge_towards,
+)
 from slm_dist.core.merge import MergeError, apply_correction, correction_name, merge_state_dict
 from slm_dist.core.planner import MergePlan, PlanError
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
@@ -124,9 +132,11 @@ def test_cross_validation_equals_direct_fits_on_the_raw_rows():
         held_out = 0.0
         for i, (m, r, _, _) in enumerate(raw):
             train = [x for j, x in enumerate(raw) if j != i]
-            mt = torch.cat([t[0] for t in train]); rt = torch.cat([t[1] for t in train])
+            mt = torch.cat([t[0] for t in train])
+            rt = torch.cat([t[1] for t in train])
             lam = ridge * float((mt * mt).sum()) / 6  # scaled by the ordinary rows alone
-            mt = torch.cat([mt, *(t[2] for t in train)]); rt = torch.cat([rt, *(t[3] for t in train)])
+            mt = torch.cat([mt, *(t[2] for t in train)])
+            rt = torch.cat([rt, *(t[3] for t in train)])
             x = torch.linalg.solve(mt.T @ mt + lam * torch.eye(6, dtype=torch.float64), mt.T @ rt + lam * prior)
             held_out += float(((m @ x - r) ** 2).sum())
         assert loss == pytest.approx(held_out / identity, rel=1e-9)
@@ -347,7 +357,7 @@ def test_refit_files_say_their_kind_and_are_checked_against_the_projection(tiny_
 # ----------------------------------------------------------------------------------- the run
 @pytest.mark.parametrize("kind", ["linear", "refit"])
 def test_corrected_run_writes_fits_and_a_checkpoint_with_them(tiny_model, tiny_text_file, tmp_path, kind):
-    from slm_dist import context, pipeline
+    from slm_dist import pipeline
     from slm_dist.config import load_config
     from tests.test_pipeline import tiny_overrides
 
@@ -390,7 +400,7 @@ def test_a_plan_whose_windows_all_keep_the_plain_merge_leaves_no_file(tmp_path):
 
 
 def test_the_sliding_rule_plan_is_corrected_too(tiny_model, tiny_text_file, tmp_path):
-    from slm_dist import context, pipeline
+    from slm_dist import pipeline
     from slm_dist.config import load_config
     from tests.test_pipeline import tiny_overrides
 
@@ -422,9 +432,9 @@ def test_a_new_calibration_forgets_the_maps_fitted_on_the_old_one(tiny_model):
 def test_the_search_holds_one_plans_corrections_at_a_time(tiny_model, tiny_text_file, tmp_path, monkeypatch, kind):
     """Maps are released after each plan is scored; a released map fitted again is the same map, and
     the plan file holds the final plan's maps."""
-    from slm_dist import context, pipeline
-    from slm_dist.config import load_config
+    from slm_dist import pipeline
     from slm_dist.backends.local import LocalBackend
+    from slm_dist.config import load_config
     from tests.test_pipeline import tiny_overrides
 
     first_fit, held, refits = {}, [], []

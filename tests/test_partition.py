@@ -11,9 +11,14 @@ import pytest
 
 from slm_dist.checkpoint.index import open_index
 from slm_dist.config import load_config
-from slm_dist.core.partition import (PartitionError, balanced_slices, model_bytes_from_config, partition_layers,
-                                stages_needed)
 from slm_dist.context import index_model_bytes, stage_specs
+from slm_dist.core.partition import (
+    PartitionError,
+    balanced_slices,
+    model_bytes_from_config,
+    partition_layers,
+    stages_needed,
+)
 from slm_dist.testing import make_tiny_model
 
 # Llama-3-70B's config.json as published (weights not needed: only shapes matter here).

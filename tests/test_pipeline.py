@@ -14,11 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slm_dist import cli, pipeline
+from slm_dist.arch import get_arch
 from slm_dist.calibration import load_calibration_parquet
 from slm_dist.config import load_config
 from slm_dist.core import planner
 from slm_dist.core.merge import merge_state_dict
-from slm_dist.arch import get_arch
 from tests.conftest import folder_digest
 
 

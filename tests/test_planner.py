@@ -16,9 +16,9 @@ from slm_dist.core.planner import (
     PlanError,
     TraceStep,
     layers_for_param_ratio,
+    max_layers_removed,
     plan_windows_cka,
     plan_windows_output,
-    max_layers_removed,
     search_threshold,
 )
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from slm_dist import pipeline, run_state
-from slm_dist.core import planner
 from slm_dist.checkpoint.index import CheckpointIndex, TensorInfo
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, main
 from slm_dist.config import load_config
+from slm_dist.core import planner
 from slm_dist.workers.stage_worker import StageWorker
 from slm_dist.workers.stats_reducer import StatsReducer
 
