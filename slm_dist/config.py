@@ -169,6 +169,8 @@ class ClusterSection(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers for `heal` (one per GPU with device=cuda, "
                              "else one CPU process each)")
     placement_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the cluster to place the stage bundles")
+    autoscaling: bool = Field(False, description="the Ray cluster adds nodes on demand: stage bundles its current nodes "
+                              "can never hold wait placement_timeout_s for new nodes instead of failing at once")
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> "ClusterSection":

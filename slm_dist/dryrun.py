@@ -11,8 +11,11 @@ a promise.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -192,7 +195,14 @@ def _read_model(model_dir: Path) -> _Model:
 
 # ------------------------------------------------------------------------------ estimates
 def _cuda_available() -> bool:
-    import torch  # only for a local config with cluster.device=auto
+    """Whether torch would see a GPU (a local config with cluster.device=auto).
+
+    Without a GPU device node (NVIDIA's /dev/nvidia*, ROCm's /dev/kfd) the answer is no, and
+    importing torch (seconds) only to hear it is skipped: the dry run stays torch-free on CPU hosts.
+    """
+    if "torch" not in sys.modules and not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False
+    import torch
 
     return torch.cuda.is_available()
 

@@ -4,13 +4,15 @@ The paper recovers a pruned model with LoRA (r=8, alpha=16, dropout 0.05 on all 
 2 epochs, lr 1e-4, batch 64, cutoff 256); `HealSection`'s defaults are that recipe. The story:
 
 1. the driver tokenizes the data once (instruction/response pairs: loss on the response only;
-   plain text: cut into ``cutoff_len`` windows) and builds the DeepSpeed config as a plain dict;
+   plain text: cut into ``cutoff_len`` windows) into ``examples.parquet`` beside the Ray Train
+   checkpoints (the storage every worker reads), and builds the DeepSpeed config as a plain dict;
 2. Ray Train's `TorchTrainer` starts ``cluster.num_workers`` workers (gloo on CPU, NCCL on GPUs);
-   each runs `train_worker`: base model + peft LoRA, `deepspeed.initialize`, a fixed,
-   seeded batch order, and every ``checkpoint_every`` steps a checkpoint (DeepSpeed engine state
-   without the frozen base weights, the adapter in peft format, the loss history) reported to
-   Ray Train. A rerun with the same storage picks up the latest checkpoint and continues the
-   same schedule (the batch order and dropout seeds depend on the step only);
+   each reads the examples file and runs `train_worker`: base model + peft LoRA,
+   `deepspeed.initialize`, a fixed, seeded batch order, the loss and learning rate reported to Ray
+   Train every step (the driver draws them as a progress bar), and every ``checkpoint_every``
+   steps a checkpoint (DeepSpeed engine state without the frozen base weights, the adapter in
+   peft format, the loss history). A rerun with the same storage picks up the latest checkpoint
+   and continues the same schedule (the batch order and dropout seeds depend on the step only);
 3. the driver merges ``W + (alpha / r) * B @ A`` into the base weights tensor by tensor (one
    tensor in memory at a time, never the whole model) and writes a normal sharded checkpoint
    with the project's writer (index, config, tokenizer files, manifest), plus the adapter alone.
@@ -37,7 +39,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from slm_dist import context, preflight
+from slm_dist import context, extras, preflight, progress
 from slm_dist.backends import train
 from slm_dist.backends.base import Backend
 from slm_dist.calibration import read_texts
@@ -57,6 +59,7 @@ PEFT_PREFIX = "base_model.model."
 ENGINE_TAG = "engine"
 HISTORY_NAME = "history.json"
 SUMMARY_NAME = "heal.json"
+EXAMPLES_NAME = "examples.parquet"   # the tokenized data, beside the Ray Train checkpoints
 
 # Alpaca's prompt (the data the paper heals on); the response follows "### Response:\n".
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -145,15 +148,18 @@ def total_steps(num_examples: int, batch_size: int, epochs: int, max_steps: int 
 
 
 def learning_rate(step: int, total: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warmup to ``peak_lr`` then linear decay to 0 (Trainer's default schedule) at 0-based ``step``.
+    """The learning rate of 0-based optimizer step ``step``: transformers' `get_linear_schedule_with_warmup`
+    (the Trainer's default, which the paper's recipe ran): ``peak * step / warmup`` while ``step <
+    warmup`` (so the first step has lr 0), then linear decay from ``peak`` at step ``warmup`` towards 0.
 
-    A function of the step alone, so a resumed run continues the same schedule.
+    One deviation: ``warmup_steps`` is capped at ``total`` (a short run still climbs the whole
+    ramp; the Trainer would stay near 0). A function of the step alone, so a resumed run continues
+    the same schedule.
     """
     warmup = min(warmup_steps, total)
     if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    remaining = total - warmup
-    return peak_lr * max(0.0, (total - step) / remaining) if remaining > 0 else peak_lr
+        return peak_lr * step / warmup
+    return peak_lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
 def micro_batches(num_examples: int, batch_size: int, micro_batch_size: int, num_workers: int, rank: int,
@@ -267,6 +273,41 @@ def prepare_examples(path: Path, tokenizer, cutoff_len: int) -> tuple[str, list[
     if not examples:
         raise HealError(f"heal.data {path} has {len(stream)} tokens, fewer than heal.cutoff_len={cutoff_len}")
     return kind, examples
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem, path) of a local path or a URI Ray Train storage accepts (s3://, gs://, ...)."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+
+
+def write_examples(uri: str, examples: Sequence[Example]) -> None:
+    """The tokenized examples as one parquet file (input_ids, labels: int32 lists), written under a
+    temporary name and moved into place. The workers read it from there: the data never travels
+    inside the trainer's config (every worker, every restart, would unpickle all of it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, path = _filesystem(uri)
+    parent, _, name = path.rpartition("/")
+    filesystem.create_dir(parent, recursive=True)
+    tokens = pa.list_(pa.int32())
+    table = pa.table({"input_ids": pa.array([list(e.input_ids) for e in examples], tokens),
+                      "labels": pa.array([list(e.labels) for e in examples], tokens)})
+    tmp = f"{parent}/.{name}.partial"
+    pq.write_table(table, tmp, filesystem=filesystem)
+    filesystem.move(tmp, path)
+
+
+def read_examples(uri: str) -> list[Example]:
+    """What `write_examples` wrote."""
+    import pyarrow.parquet as pq
+
+    filesystem, path = _filesystem(uri)
+    table = pq.read_table(path, filesystem=filesystem)
+    return [Example(tuple(ids), tuple(labels))
+            for ids, labels in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
@@ -462,7 +503,10 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
                 log.info("heal: resumed at step %d of %d from %s", step, loop["total_steps"], folder)
 
     starts.append(step)   # where each (re)start of the run began: [0] for one uninterrupted run
-    examples: list[Example] = loop["examples"]
+    examples = read_examples(loop["examples_uri"])
+    if len(examples) != loop["num_examples"]:
+        raise HealError(f"{loop['examples_uri']} holds {len(examples)} examples, the driver wrote "
+                        f"{loop['num_examples']}: another heal run on the same heal.storage_path replaced it")
     total, device = loop["total_steps"], engine.device
     while step < total:
         lr = learning_rate(step, total, loop["warmup_steps"], loop["lr"])
@@ -483,12 +527,15 @@ def train_worker(loop: dict, session: TrainSession | None = None) -> None:
         step += 1
         history.append({"step": step, "loss": mean.item() / world, "lr": lr,
                         "seconds": round(time.perf_counter() - started, 3)})
+        metrics = {**history[-1], "total_steps": total}
         if step % loop["checkpoint_every"] == 0 or step == total:
             with tempfile.TemporaryDirectory(prefix="slm-heal-") as tmp:
                 _save_checkpoint(Path(tmp), engine, peft_model, loop, step, history, starts, rank)
-                session.report({"step": step, "loss": history[-1]["loss"]}, Path(tmp))
+                session.report({**metrics, "checkpoint": True}, Path(tmp))
             if rank == 0:
                 log.info("heal: step %d/%d loss %.4f (checkpoint)", step, total, history[-1]["loss"])
+        else:
+            session.report({**metrics, "checkpoint": False}, None)   # every step: metrics, progress
 
 
 # ========================================================================= driver
@@ -541,23 +588,26 @@ def keep_adapter(checkpoint, work: Path) -> tuple[Path, dict]:
     return adapter_dir, state
 
 
-def build_loop(config: SlmConfig, model_dir: Path, examples: list[Example], pad_id: int, device: str,
+def build_loop(config: SlmConfig, model_dir: Path, examples_uri: str, num_examples: int, pad_id: int, device: str,
                steps: int) -> dict:
+    """What every training worker gets: settings and the examples file's location (not the data)."""
     h = config.heal
     dtype = compute_dtype(config, device)
     return {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype,
             "attn_implementation": config.model.attn_implementation, "lora": lora_settings(h),
             "deepspeed": deepspeed_config(h, config.cluster.num_workers, device), "zero_stage": h.zero_stage,
-            "dist_backend": "nccl" if device == "cuda" else "gloo", "examples": examples, "pad_id": pad_id,
+            "dist_backend": "nccl" if device == "cuda" else "gloo", "examples_uri": examples_uri,
+            "num_examples": num_examples, "pad_id": pad_id,
             "batch_size": h.batch_size, "micro_batch_size": h.micro_batch_size, "lr": h.lr,
             "warmup_steps": h.warmup_steps, "weight_decay": h.weight_decay, "total_steps": steps,
             "checkpoint_every": h.checkpoint_every, "gradient_checkpointing": h.gradient_checkpointing,
             "seed": h.seed}
 
 
-def heal(config: SlmConfig, model_dir: Path | None = None, data: Path | None = None, ray_address: str | None = None
-         ) -> HealResult:
+def heal(config: SlmConfig, model_dir: Path | None = None, data: Path | None = None, ray_address: str | None = None,
+         show_progress: bool = False) -> HealResult:
     """LoRA-heal ``model_dir`` (default: the run's pruned checkpoint) on ``data``; merge and save."""
+    extras.require("heal", "slm-dist heal")
     started = time.perf_counter()
     h = config.heal
     model_dir = Path(model_dir or h.model or config.output_dir)
@@ -577,13 +627,26 @@ def heal(config: SlmConfig, model_dir: Path | None = None, data: Path | None = N
              model_dir, index.num_layers, len(examples), kind, data, steps, h.batch_size,
              config.cluster.num_workers, h.zero_stage)
     work.mkdir(parents=True, exist_ok=True)
+    examples_uri = f"{storage.rstrip('/')}/{EXAMPLES_NAME}"
+    write_examples(examples_uri, examples)
+
+    bar = progress.bar(show_progress, steps, "heal", "step")
+    shown = [0]
+
+    def on_report(metrics: dict) -> None:   # rank 0's per-step metrics, on the driver
+        bar.update(metrics["step"] - shown[0])
+        shown[0] = metrics["step"]
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
 
     with train.train_cluster(ray_address or config.cluster.address,
                              num_cpus=math.ceil(config.cluster.num_workers * h.cpus_per_worker)) as gpus:
         device = resolve_device(config.cluster.device, gpus, config.cluster.num_workers)
-        loop = build_loop(config, model_dir, examples, pad_id, device, steps)
-        checkpoint = train.fit(train_worker, loop, config.cluster.num_workers, device, h.cpus_per_worker, storage,
-                               h.keep_checkpoints, max_failures=config.cluster.max_restarts)
+        loop = build_loop(config, model_dir, examples_uri, len(examples), pad_id, device, steps)
+        try:
+            checkpoint = train.fit(train_worker, loop, config.cluster.num_workers, device, h.cpus_per_worker, storage,
+                                   h.keep_checkpoints, max_failures=config.cluster.max_restarts, on_report=on_report)
+        finally:
+            bar.close()
         if checkpoint is None:
             raise HealError(f"Ray Train finished without a checkpoint under {storage}/train; see the worker logs")
         adapter_dir, state = keep_adapter(checkpoint, work)
@@ -608,12 +671,13 @@ def run_heal(config: SlmConfig, cache_dir: Path | None = None, ray_address: str 
 
     Returns the summary also written to ``<run.dir>/heal/heal.json``.
     """
+    extras.require("heal", "slm-dist heal")  # before the demo assets are fetched
     ctx = context.resolve_inputs(config, cache_dir, show_progress)
     model_dir = Path(config.heal.model or config.output_dir)
     out_dir, work_dir, storage = heal_dirs(config)
     preflight.require(preflight.heal_problems(config, model_dir, config.heal.data or ctx.calibration_source, out_dir,
                                               work_dir, storage))
-    result = heal(config, model_dir, config.heal.data or ctx.calibration_source, ray_address)
+    result = heal(config, model_dir, config.heal.data or ctx.calibration_source, ray_address, show_progress)
     backend = context.make_backend(config)
     try:
         before = context.perplexity(ctx, model_dir, backend)
@@ -634,7 +698,8 @@ def heal_stage(ctx: context.RunContext, pruned_dir: Path, backend: Backend | Non
     """
     if backend is not None:
         backend.close()
-    result = heal(ctx.config, model_dir=pruned_dir, data=ctx.config.heal.data or ctx.calibration_source)
+    result = heal(ctx.config, model_dir=pruned_dir, data=ctx.config.heal.data or ctx.calibration_source,
+                  show_progress=ctx.show_progress)
     backend = backend or context.make_backend(ctx.config)
     try:
         ppl = context.perplexity(ctx, result.output_dir, backend)

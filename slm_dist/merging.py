@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from slm_dist import preflight
+from slm_dist import preflight, progress
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint.export import check_disk_space, plan_export, write_export
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
@@ -30,20 +30,15 @@ def merge_stage(config: SlmConfig, index: CheckpointIndex, plan: MergePlan, back
     runner, and save `<run.dir>/merge.json`; returns that summary."""
     export = plan_export(index, plan, config.output_dir, config.merge.max_shard_bytes)
     check_disk_space(export)
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(export.shards), desc="merge", unit="shard")
+    bar = progress.bar(show_progress, len(export.shards), "merge", "shard")
     start = time.perf_counter()
     try:
         result = write_export(export, backend.run_shard_jobs, max_parallel=config.merge.max_parallel,
                               memory_budget_bytes=config.merge.memory_budget_bytes,
                               allow_pickle=config.model.allow_pickle,
-                              on_shard=(lambda job, res: bar.update()) if bar is not None else None)
+                              on_shard=lambda job, res: bar.update())
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - start
     summary = {**result.to_json(), "backend": config.cluster.backend, "seconds": round(seconds, 3),
                "shards": len(export.shards), "total_bytes": export.total_bytes}

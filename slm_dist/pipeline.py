@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from slm_dist import calibration, context, heal, preflight, report, run_state
+from slm_dist import calibration, context, extras, heal, preflight, report, run_state
 from slm_dist.arch import get_arch
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint.export import check_output_dir
@@ -122,6 +122,8 @@ def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = 
     A finished run returns its report at once; an interrupted one resumes at the stage it was in;
     ``force`` starts over; ``stop_after="plan"`` stops once plan.json is written.
     """
+    if config.heal.enabled and stop_after is None:
+        extras.require("heal", "heal.enabled=true")  # before any download or forward pass
     ctx = context.resolve_inputs(config, cache_dir, show_progress)
     run_dir = ctx.run_dir
 

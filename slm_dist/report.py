@@ -18,14 +18,13 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.run_state import load_state
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn (not on every `run` or `plan`)
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,10 @@ def heatmap_figure(cka: Sequence[Sequence[float]], labels: Sequence[Any],
     """CKA matrix (rows/cols: embedding output, then layer 0..L-1 outputs), merged windows outlined."""
     n = len(cka)
     vmin, vmax = heatmap_range(cka)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     fig = Figure(figsize=(7.0, 6.0), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -77,6 +80,9 @@ def block_influence_figure(block_influence: Sequence[float], angular_distance: S
                            windows: Sequence[Sequence[int]]) -> Figure:
     """Bars: Block Influence per layer; line: angular distance; shaded: merged windows."""
     layers = list(range(len(block_influence)))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9.0, 3.6), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

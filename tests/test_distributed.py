@@ -170,9 +170,27 @@ def test_ray_equals_local_equals_hf_output_hidden_states(staged, tiny, num_stage
         assert len({r["node_id"] for r in reports}) == num_stages == 2
 
 
-def test_strict_spread_on_too_few_nodes_fails_with_resources_named(cluster, tiny):
+@pytest.mark.parametrize("placement, cpus, reason", [
+    ("STRICT_SPREAD", 0.5, r"STRICT_SPREAD needs 3 nodes that each hold one bundle; 2 of 2 do"),
+    # 7.5 CPUs of bundles on 8 CPUs, yet each 4-CPU node holds one 2.5-CPU bundle: counted per node
+    ("PACK", 2.5, r"the nodes hold 2 such bundles in all \(\[1, 1\] per node\), 3 are needed"),
+])
+def test_bundles_that_can_never_fit_fail_without_waiting(cluster, tiny, monkeypatch, placement, cpus, reason):
+    """Compared with the nodes' total resources before any placement group exists: no wait at all
+    (placement_timeout_s is an hour, and creating a placement group fails this test)."""
+    import slm_dist.backends.ray as ray_backend
+
     model, _ = tiny
-    backend = RayBackend(ray_cluster(num_stages=3, placement="STRICT_SPREAD", placement_timeout_s=2))
+    monkeypatch.setattr(ray_backend, "placement_group", lambda *a, **k: pytest.fail("waited for a placement group"))
+    backend = RayBackend(ray_cluster(num_stages=3, placement=placement, cpus_per_stage=cpus, placement_timeout_s=3600))
+    with pytest.raises(RayBackendError, match=r"can never place 3 stage bundles .*" + reason):
+        backend.calibrate(specs_for(model, SPLITS[3], 6), STATS, [])
+    backend.close()
+
+
+def test_an_autoscaling_cluster_waits_for_nodes_then_says_so(cluster, tiny):
+    model, _ = tiny
+    backend = RayBackend(ray_cluster(num_stages=3, placement="STRICT_SPREAD", placement_timeout_s=2, autoscaling=True))
     with pytest.raises(RayBackendError, match=r"could not place 3 stage bundles .*STRICT_SPREAD.*2 node"):
         backend.calibrate(specs_for(model, SPLITS[3], 6), STATS, [])
     backend.close()

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,10 +85,26 @@ def test_deepspeed_config_errors_name_the_values():
         heal_config("heal.batch_size=10")
 
 
-def test_learning_rate_warmup_then_linear_decay():
+@pytest.mark.parametrize("total, warmup", [(10, 2), (7, 3), (5, 0), (12, 1)])
+def test_learning_rate_is_the_trainers_linear_schedule_with_warmup(total, warmup):
+    """Step for step what transformers' get_linear_schedule_with_warmup gives the Trainer's optimizer."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])   # the lr the step runs with
+        optimizer.step()
+        schedule.step()
+    assert [heal.learning_rate(s, total, warmup, 1e-3) for s in range(total)] == pytest.approx(expected, abs=1e-15)
+
+
+def test_learning_rate_by_hand_and_warmup_capped_at_the_run():
     lrs = [heal.learning_rate(s, total=10, warmup_steps=2, peak_lr=1.0) for s in range(10)]
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
-    assert heal.learning_rate(0, total=3, warmup_steps=100, peak_lr=1.0) == pytest.approx(1 / 3)  # warmup capped
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    capped = [heal.learning_rate(s, total=3, warmup_steps=100, peak_lr=1.0) for s in range(3)]
+    assert capped == pytest.approx([0.0, 1 / 3, 2 / 3])
 
 
 def test_steps_follow_epochs_unless_max_steps():
@@ -241,11 +258,27 @@ def one_rank_group(tmp_path, monkeypatch):
     dist.destroy_process_group()
 
 
-def _loop(tiny_model, cycle_text, tokenizer, steps: int):
+def _loop(tiny_model, cycle_text, tokenizer, steps: int, folder: Path):
     config = heal_config("heal.batch_size=8", "heal.micro_batch_size=4", "heal.cutoff_len=32", "heal.lr=2e-2",
                          "heal.warmup_steps=1", "heal.checkpoint_every=2", f"heal.max_steps={steps}")
     _, examples = heal.prepare_examples(cycle_text, tokenizer, 32)
-    return heal.build_loop(config, tiny_model, examples, tokenizer.eos_token_id, "cpu", steps)
+    uri = str(folder / heal.EXAMPLES_NAME)
+    heal.write_examples(uri, examples)
+    return heal.build_loop(config, tiny_model, uri, len(examples), tokenizer.eos_token_id, "cpu", steps)
+
+
+def test_examples_go_to_the_workers_as_a_file(cycle_text, tokenizer, tiny_model, tmp_path):
+    """The trainer's config names the file; the file gives back every example exactly."""
+    import pickle
+
+    kind, examples = heal.prepare_examples(cycle_text, tokenizer, 32)
+    uri = str(tmp_path / "storage" / heal.EXAMPLES_NAME)
+    heal.write_examples(uri, examples)
+    assert heal.read_examples(uri) == examples and kind == "text"
+    assert not list((tmp_path / "storage").glob(".*partial"))
+    loop = heal.build_loop(heal_config(), tiny_model, uri, len(examples), 0, "cpu", 4)
+    assert "examples" not in loop and loop["examples_uri"] == uri and loop["num_examples"] == len(examples)
+    assert len(pickle.dumps(loop)) < 4096   # settings only, whatever the data's size
 
 
 def _last(root: Path) -> Path:
@@ -254,10 +287,13 @@ def _last(root: Path) -> Path:
 
 def test_training_learns_and_a_resumed_run_equals_an_uninterrupted_one(one_rank_group, tiny_model, cycle_text,
                                                                        tokenizer, tmp_path):
-    loop = _loop(tiny_model, cycle_text, tokenizer, steps=6)
+    loop = _loop(tiny_model, cycle_text, tokenizer, steps=6, folder=tmp_path)
     whole = heal.FolderSession(tmp_path / "whole")
     heal.train_worker(loop, whole)
-    assert [m["step"] for m in whole.metrics] == [2, 4, 6]                # a checkpoint every 2 steps
+    assert [m["step"] for m in whole.metrics] == [1, 2, 3, 4, 5, 6]        # metrics every step
+    assert [m["step"] for m in whole.metrics if m["checkpoint"]] == [2, 4, 6]   # a checkpoint every 2 steps
+    assert sorted(p.name for p in (tmp_path / "whole").glob("step_*")) == [f"step_{s:08d}" for s in (2, 4, 6)]
+    assert whole.metrics[0]["lr"] == 0.0 and whole.metrics[1]["lr"] == pytest.approx(2e-2)  # Trainer's warmup
     done = json.loads((_last(tmp_path / "whole") / heal.HISTORY_NAME).read_text())
     losses = [h["loss"] for h in done["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2                # it learns the cycle
@@ -285,6 +321,56 @@ def test_cli_heal_refuses_a_folder_that_is_not_a_run(tmp_path, caplog):
 
     assert cli.main(["heal", str(tmp_path)]) == cli.EXIT_BAD_INPUT
     assert "without config.resolved.yaml" in caplog.text
+
+
+def test_heal_without_its_extra_names_it_before_any_work(tiny_model, cycle_text, tmp_path, caplog, monkeypatch):
+    """`pip install slm-dist` without [heal]: exit 2 and the pip command, before data or Ray are touched."""
+    from slm_dist import cli, extras
+
+    real = extras.find_spec
+    monkeypatch.setattr(extras, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(heal, "prepare_examples", lambda *a: pytest.fail("read the data"))
+    args = [f"model.path={tiny_model}", f"heal.model={tiny_model}", f"heal.data={cycle_text}",
+            f"eval.heldout={cycle_text}", f"run.dir={tmp_path / 'run'}"]
+    assert cli.main(["heal", *args]) == cli.EXIT_BAD_INPUT
+    assert "slm-dist heal needs the [heal] extra (peft not installed): pip install 'slm-dist[heal]'" in caplog.text
+    caplog.clear()
+    assert cli.main(["run", *args, "heal.enabled=true"]) == cli.EXIT_BAD_INPUT
+    assert "heal.enabled=true needs the [heal] extra" in caplog.text and not (tmp_path / "run").exists()
+
+
+def test_heal_joins_the_ray_session_it_runs_in():
+    """Inside `ray job submit` (or any process already connected) the training cluster is that session:
+    no second Ray is started, and the session is left open for its owner."""
+    ray = pytest.importorskip("ray")
+    from slm_dist.backends import train
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds a Ray session")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        session = ray.get_runtime_context().gcs_address
+        with train.train_cluster(None, num_cpus=1) as gpus:
+            assert gpus == 0.0
+            assert ray.get_runtime_context().gcs_address == session
+            assert ray.cluster_resources()["CPU"] == 3.0   # the session's, not a new 1-CPU instance
+        assert ray.is_initialized() and ray.get_runtime_context().gcs_address == session
+        # A job's driver (`ray job submit` sets RAY_ADDRESS) joins the job's cluster as it is, in
+        # place of the private instance of num_cpus it would start alone.
+        code = ("import ray\nfrom slm_dist.backends import train\n"
+                "with train.train_cluster(None, num_cpus=1):\n"
+                "    print(ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n")
+        temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        env = {**os.environ, "RAY_ADDRESS": session, "RAY_TMPDIR": temp_dir}
+        try:
+            out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split() == [session, "3.0"]
+    finally:
+        ray.shutdown()
 
 
 # --------------------------------------------------------------- Ray Train, two workers (slow)
@@ -346,8 +432,30 @@ heal: {{model: {tiny_model}, batch_size: 8, micro_batch_size: 4, cutoff_len: 32,
 
 
 @pytest.mark.slow
-def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_path):
-    from slm_dist import pipeline
+def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_path, monkeypatch):
+    from slm_dist import pipeline, progress
+
+    updates: dict[str, list[int]] = {}
+
+    class Recorder:   # every bar of the run, by name: the heal bar advances once per training step
+        def __init__(self, desc):
+            self.desc = desc
+
+        def update(self, n=1):
+            updates.setdefault(self.desc, []).append(n)
+
+        def set_postfix(self, **kwargs):
+            assert set(kwargs) == {"loss", "lr"}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress, "bar", lambda show, total, desc, unit="it", initial=0: Recorder(desc))
+    # The private Ray heal starts discovers no other cluster on this machine (as on a clean node).
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     config = load_config(None, [
         f"model.path={tiny_model}", f"calibration.source={cycle_text}", f"eval.heldout={cycle_text}",
@@ -363,3 +471,5 @@ def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_pa
     healed = Path(evaluation["healed_output"])
     assert open_index(healed).num_layers == 4 and verify_model(healed) == []
     assert "perplexity_healed" in (tmp_path / "run" / "report.md").read_text()
+    assert updates["heal"] == [1] * 12   # rank 0's per-step reports, drained on the driver
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "slm_dist"
 # cycle check, ../shared/tools/import_cycles.py, keeps each floor acyclic).
 FLOORS: list[tuple[str, ...]] = [
     ("slm_dist", "slm_dist.config", "slm_dist.arch", "slm_dist.host_memory", "slm_dist.calibration",
-     "slm_dist.testing"),
+     "slm_dist.testing", "slm_dist.progress", "slm_dist.extras", "slm_dist.logs"),
     ("slm_dist.core",),
     ("slm_dist.checkpoint",),
     ("slm_dist.workers",),

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from slm_dist import progress
 from slm_dist.backends.base import Batches, StagedScoring, stage_holding
 from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
 from slm_dist.core.alpha_fit import AlphaFit
@@ -22,14 +23,6 @@ from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
 
 log = logging.getLogger(__name__)
-
-
-def progress(items, show: bool, desc: str, unit: str = "batch"):
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit=unit)
 
 
 class LocalBackend(StagedScoring):
@@ -59,7 +52,7 @@ class LocalBackend(StagedScoring):
         for stage in stages:
             stage.clear_candidates(corrections=True)  # maps fitted on an earlier calibration's inputs
         reducer = StatsReducer(specs[0].num_layers)
-        for batch_id, ids in progress(batches, show_progress, "calibrate"):
+        for batch_id, ids in progress.wrap(batches, show_progress, "calibrate", "batch"):
             x = ids
             for stage in stages:
                 x, stage_stats = stage.calibrate(batch_id, x, cache_inputs=keep_for_output_criterion)
@@ -109,7 +102,7 @@ class LocalBackend(StagedScoring):
         """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
         stages = self._workers(specs)
         out = []
-        for i, (_, ids) in enumerate(progress(batches, show_progress, desc)):
+        for i, (_, ids) in enumerate(progress.wrap(batches, show_progress, desc, "batch")):
             x = ids
             for stage in stages[:-1]:
                 x = stage.forward(x)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import resource
 import time
@@ -38,7 +39,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostErro
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from slm_dist import host_memory
+from slm_dist import host_memory, logs, progress
 from slm_dist.backends.base import StagedScoring, stage_holding
 from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
 from slm_dist.config import ClusterSection
@@ -60,15 +61,24 @@ class RayBackendError(RuntimeError):
 # ------------------------------------------------------------------------------- actor bodies
 class StageActor(StageWorker):
     """A StageWorker in its own process: torch threads sized to the CPUs its bundle reserved, and a
-    report of where it runs and what it holds (for tests and benchmarks)."""
+    report of where it runs and what it holds (for tests and benchmarks).
 
-    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int):
+    Its log records go to its stderr in the driver's format and level (``log_settings``: `logs.current()` on
+    the driver); Ray forwards them to the driver and the job log, prefixed with this actor's repr,
+    which names the stage and its layers.
+    """
+
+    def __init__(self, spec: StageSpec, stats: StatsSpec, num_threads: int, index: int = 0,
+                 log_settings: tuple[int, bool] = (logging.INFO, False)):
+        self._name = f"stage={index}, layers=[{spec.start},{spec.stop})"  # for __repr__, even if loading fails
+        logs.setup_worker(*log_settings)
         torch.set_num_threads(num_threads)
         import accelerate  # noqa: F401  (imported before the baseline so it counts as runtime, not weights)
         import transformers  # noqa: F401
 
         self._baseline_rss = host_memory.rss_bytes()
         super().__init__(spec, stats)
+        self._index, self._said_first = index, False
 
     # The remote entry points. Hidden states leave a stage on the host: the object store is the
     # portable hop between stages (a GPU transport could replace it behind these methods), and the
@@ -76,7 +86,12 @@ class StageActor(StageWorker):
     # output feeds nothing, so it is not stored at all. (StageWorker's own methods stay untouched:
     # it calls them internally with device tensors.)
     def calibrate_hop(self, batch_id: int, x: torch.Tensor, cache_inputs: bool = False):
+        started = time.perf_counter()
         h, stats = self.calibrate(batch_id, x, cache_inputs)
+        if not self._said_first:  # once per actor, after __init__: Ray prefixes it with this actor's repr
+            self._said_first = True
+            log.info("stage %d: layers [%d, %d), %.1f MiB held; first calibration batch in %.2f s", self._index,
+                     self.spec.start, self.spec.stop, self.held_bytes() / 2**20, time.perf_counter() - started)
         # The Grams travel as a numpy array: Ray writes those straight into the object store, where a
         # pickled tensor is first copied whole in the actor's heap (a stage's Grams grow with its layers).
         return (None if self.spec.is_last else h.cpu()), replace(stats, grams=stats.grams.numpy())
@@ -86,6 +101,9 @@ class StageActor(StageWorker):
 
     def run_candidate_hop(self, *args, **kwargs) -> torch.Tensor:
         return self.run_candidate(*args, **kwargs).cpu()
+
+    def __repr__(self) -> str:
+        return f"StageActor({self._name})"
 
     def ping(self) -> int:
         return os.getpid()
@@ -125,7 +143,8 @@ class ReducerActor:
     a checkpoint of other inputs is ignored and overwritten.
     """
 
-    def __init__(self, num_threads: int = 1):
+    def __init__(self, num_threads: int = 1, log_settings: tuple[int, bool] = (logging.INFO, False)):
+        logs.setup_worker(*log_settings)
         torch.set_num_threads(num_threads)
         self.run: ReducerRun | None = None
         self.reducer: StatsReducer | None = None
@@ -145,6 +164,9 @@ class ReducerActor:
                     log.warning("%s was written for other inputs (model, statistics or batches); starting afresh",
                                 path)
         return self.reducer
+
+    def __repr__(self) -> str:
+        return "ReducerActor(statistics)"
 
     def ping(self) -> int:
         return os.getpid()
@@ -189,19 +211,52 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
 
     A session this process already holds (a test fixture, a notebook, the job's driver) is used as it
     is. Otherwise ``address``; with none, Ray's own discovery: RAY_ADDRESS (set inside `ray job
-    submit`), or a `ray start` cluster on this node, else a new private local instance, sized to
-    ``num_cpus`` logical CPUs when given.
+    submit`), or the cluster `ray start` last started on this node, else a new private local
+    instance, sized to ``num_cpus`` logical CPUs when given.
+
+    Not ``address="auto"``: besides those two, it joins ANY Ray instance it finds among the node's
+    processes (another user's, a test's), where the stages would then run.
     """
     if ray.is_initialized():
         return False
     if address is None and num_cpus is not None:
         try:
-            ray.init(address="auto")  # the job's (or this node's) cluster, when there is one
-        except ConnectionError:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+        except ValueError as err:
+            # Ray found a cluster to join, and sizing one is not ours to do: join it as it is.
+            if "existing cluster" not in str(err):
+                raise
+            ray.init()
     else:
         ray.init(address=address)
     return True
+
+
+def private_cpus(cluster: ClusterSection) -> int:
+    """Logical CPUs of a private local Ray this tool starts: the stage bundles asked for, plus one for the
+    driver's merge tasks (the statistics reducer reserves none). Ray's default, the machine's cores,
+    would leave 3 stages of 1 CPU unplaceable on a 2-core machine."""
+    return math.ceil(cluster.num_stages * cluster.cpus_per_stage) + 1
+
+
+def placement_shortfall(nodes: Sequence[dict[str, float]], bundle: dict[str, float], count: int,
+                        strategy: str) -> str | None:
+    """Why ``count`` copies of ``bundle`` can never be placed on nodes with these TOTAL resources (what
+    Ray counts per node), or None when they can once the nodes are free. Exact for equal bundles."""
+    def fits(node: dict[str, float]) -> int:  # copies of the bundle one empty node holds
+        return min(int(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0) if bundle else count
+
+    per_node = [fits(n) for n in nodes]
+    if strategy == "STRICT_SPREAD":
+        usable = sum(1 for k in per_node if k >= 1)
+        if usable < count:
+            return f"STRICT_SPREAD needs {count} nodes that each hold one bundle; {usable} of {len(nodes)} do"
+    elif strategy == "STRICT_PACK":
+        if max(per_node, default=0) < count:
+            return f"STRICT_PACK needs one node holding all {count} bundles; the largest holds {max(per_node, default=0)}"
+    elif sum(per_node) < count:
+        return f"the nodes hold {sum(per_node)} such bundles in all ({per_node} per node), {count} are needed"
+    return None
 
 
 def _bundle(cluster: ClusterSection) -> dict[str, float]:
@@ -237,12 +292,22 @@ class RayBackend(StagedScoring):
 
     # ---------------------------------------------------------------------------- cluster setup
     def _connect(self) -> None:
-        if connect(self.cluster.address):
+        if connect(self.cluster.address, num_cpus=private_cpus(self.cluster)):
             self._started_ray = True
             log.info("ray: connected, cluster resources %s", ray.cluster_resources())
 
     def _placement_group(self, num_stages: int) -> PlacementGroup:
         bundle = _bundle(self.cluster)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        why = placement_shortfall(nodes, bundle, num_stages, self.cluster.placement)
+        if why is not None and not self.cluster.autoscaling:
+            # Waiting placement_timeout_s would only delay this answer: the nodes' totals, not what is
+            # busy now, say it can never fit.
+            raise RayBackendError(
+                f"the cluster can never place {num_stages} stage bundles of {bundle} with strategy "
+                f"{self.cluster.placement}: {why} (cluster resources {ray.cluster_resources()}). Lower "
+                "cluster.num_stages, cluster.cpus_per_stage or cluster.gpus_per_stage, use placement PACK/SPREAD "
+                "instead of STRICT_SPREAD, or add nodes (cluster.autoscaling=true waits for an autoscaler to add them).")
         pg = placement_group([dict(bundle) for _ in range(num_stages)], strategy=self.cluster.placement)
         if not pg.wait(timeout_seconds=self.cluster.placement_timeout_s):
             remove_placement_group(pg)
@@ -274,7 +339,7 @@ class RayBackend(StagedScoring):
                 max_restarts=cluster.max_restarts,
                 max_task_retries=0,  # lost batches are re-sent by the driver, from stage 0
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=k),
-            ).remote(spec, stats, threads)
+            ).remote(spec, stats, threads, k, logs.current())
             for k, spec in enumerate(specs)
         ]
         self._specs, self._stats = specs, stats
@@ -343,11 +408,7 @@ class RayBackend(StagedScoring):
         inflight: dict = {}
         attempts: dict[int, int] = {}
         results: dict[int, list] = {}
-        bar = None
-        if show_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(queue), desc=desc, unit="batch")
+        bar = progress.bar(show_progress, len(queue), desc, "batch")
         try:
             while queue or inflight:
                 while queue and len(inflight) < self.cluster.max_inflight:
@@ -372,11 +433,9 @@ class RayBackend(StagedScoring):
                 results[key] = values
                 if on_done is not None:
                     on_done(key)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return results
 
     # ----------------------------------------------------------------------------- calibration
@@ -443,7 +502,7 @@ class RayBackend(StagedScoring):
                 num_cpus=0,
                 max_restarts=self.cluster.max_restarts,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-            ).remote(1)
+            ).remote(1, logs.current())
         return self._reducer
 
     def _prime_caches(self) -> None:

@@ -16,12 +16,14 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch
 import xxhash
 
 from slm_dist.checkpoint.index import DTYPE_BYTES
+
+if TYPE_CHECKING:  # torch is imported only where tensors are written: `verify` and hashing run without it
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "manifest.json"
@@ -117,12 +119,18 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-# torch dtype -> safetensors dtype name (the inverse of reader.TORCH_DTYPES)
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+# torch dtype name (``str(dtype)`` without "torch.") -> safetensors dtype name (the inverse of
+# reader.TORCH_DTYPES). Keyed by name so that this module does not import torch.
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str | None:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> "BF16"), None when it has none."""
+    return SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,7 @@ class ShardWriter:
         if key != entry.key:
             raise ValueError(f"{self.path.name}: expected bytes of {entry.key!r} (planned order), got {key!r}; "
                              f"{entry.key!r} has {entry.nbytes - self._written} bytes still to come")
-        dtype = SAFETENSORS_DTYPES.get(chunk.dtype)
+        dtype = safetensors_dtype(chunk.dtype)
         if dtype != entry.dtype:
             raise ValueError(f"{self.path.name}: {key!r} is planned as {entry.dtype} but a chunk is {chunk.dtype}")
         data = _as_bytes(chunk)
@@ -280,6 +288,8 @@ class ShardWriter:
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of ``t`` in row-major order, without a copy when already contiguous."""
+    import torch
+
     flat = t.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
@@ -289,9 +299,10 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     """Write one small shard from a dict atomically (same format and guarantees as `ShardWriter`)."""
     entries = []
     for key, t in tensors.items():
-        if t.dtype not in SAFETENSORS_DTYPES:
+        dtype = safetensors_dtype(t.dtype)
+        if dtype is None:
             raise ValueError(f"{key!r}: dtype {t.dtype} cannot be stored in safetensors here")
-        entries.append(TensorEntry(key, SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)))
+        entries.append(TensorEntry(key, dtype, tuple(t.shape)))
     with ShardWriter(Path(path), entries, metadata) as writer:
         for key, t in tensors.items():
             writer.write(key, t)

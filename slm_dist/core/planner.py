@@ -19,12 +19,12 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Literal
 
 from slm_dist.core.types import Window
+
+if TYPE_CHECKING:  # torch only where a matrix is read: `plan --dry-run` counts layers without it
+    from torch import Tensor
 
 MERGE_RULES: tuple[str, ...] = ("reference", "sum", "mean", "drop", "scaled")
 CRITERIA: tuple[str, ...] = ("cka", "output")
@@ -291,6 +291,8 @@ def _max_removable(num_layers: int, protect_first: int, protect_last: int, max_w
 
 def _cka_rows(cka: Tensor | Sequence[Sequence[float]]) -> list[list[float]]:
     """Validated float64 matrix as nested lists (element access in the planning loops is faster than on a tensor)."""
+    import torch
+
     m = torch.as_tensor(cka, dtype=torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
         raise PlanError(
