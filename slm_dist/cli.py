@@ -95,6 +95,10 @@ def cmd_plan(args) -> int:
             from slm_dist import assets
 
             model_dir = assets.prepare_demo_model(config.run.cache_dir or _cache_dir() or assets.default_cache_dir())
+        else:
+            from slm_dist.checkpoint.hub import resolve_model
+
+            model_dir = resolve_model(model_dir, weights=False)  # a Hub repo id: config and index only
         result = dryrun.dry_run(config, Path(model_dir))
         sys.stdout.write((json.dumps(result.to_json()) if args.json else dryrun.format_dry_run(result)) + "\n")
         if not result.fits:
@@ -132,6 +136,7 @@ def cmd_merge(args) -> int:
     model_dir = config.model.path
     if model_dir is None:  # the demo model: fetched (once) like `run` does
         model_dir = context.resolve_inputs(config, _cache_dir(), not args.quiet).model_dir
+    model_dir = context.resolve_model(model_dir)  # a Hub repo id: its cached snapshot
     backend = context.make_backend(config)
     try:
         summary = merge_from_plan(config, Path(model_dir), backend, show_progress=not args.quiet)
@@ -190,6 +195,10 @@ def cmd_eval(args) -> int:
 
     path, overrides = _split_args(args.items)
     target = Path(args.target)
+    if not target.exists():
+        from slm_dist.checkpoint.hub import resolve_model
+
+        target = resolve_model(args.target)  # a Hub repo id (or a clear error)
     if path is None and (target / "config.resolved.yaml").is_file():
         path = target / "config.resolved.yaml"  # a run folder: evaluate with the run's own settings
     config = load_config(path, overrides)
@@ -233,10 +242,11 @@ def cmd_compare(args) -> int:
 
 def cmd_inspect(args) -> int:
     from slm_dist.arch import get_arch
+    from slm_dist.checkpoint.hub import resolve_model
     from slm_dist.checkpoint.index import open_index
     from slm_dist.context import layer_params
 
-    index = open_index(Path(args.model), allow_pickle=args.allow_pickle)
+    index = open_index(resolve_model(args.model), allow_pickle=args.allow_pickle)
     arch = get_arch(index.model_type)
     total, per_layer = layer_params(index)
     info = {
@@ -263,6 +273,16 @@ def cmd_verify(args) -> int:
             log.error("%s", p)
         return EXIT_FAILURE
     log.info("%s: manifest hashes, index and config are consistent", args.model)
+    return EXIT_OK
+
+
+def cmd_push(args) -> int:
+    from slm_dist.checkpoint.hub import push_folder
+    from slm_dist.evaluation import find_model
+
+    model_dir, _ = find_model(Path(args.target))
+    url = push_folder(model_dir, args.repo_id, private=args.private or None)
+    log.info("pushed %s to %s", model_dir, url)
     return EXIT_OK
 
 
@@ -332,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check manifest hashes, index completeness and config consistency")
     p.add_argument("model")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("push", help="upload a verified model folder (or a run's pruned model) to a Hub model repo, "
+                                    "without slm-dist's lock and marker files")
+    p.add_argument("target", metavar="MODEL|RUN")
+    p.add_argument("repo_id", metavar="REPO_ID", help="e.g. your-name/SmolLM2-135M-slm")
+    p.add_argument("--private", action="store_true", help="create the repo private (when it does not exist yet)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

@@ -18,14 +18,14 @@ import torch
 
 from slm_dist import cli
 from slm_dist.arch import get_arch, prune_config
-from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
-from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
-from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
 from slm_dist.backends.local import run_jobs_local
+from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
+from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
+from slm_dist.checkpoint.verify import verify_model
+from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
 from slm_dist.core.merge import MergeError, merge_state_dict
 from slm_dist.core.planner import MergePlan
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
-from slm_dist.checkpoint.verify import verify_model
 from slm_dist.workers.merge_worker import elements_per_block
 
 LLAMA = get_arch("llama")
@@ -127,7 +127,8 @@ def test_output_folder_is_complete_trimmed_and_documented(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     card = (out / "README.md").read_text()
-    assert str(src) in card and "[1..2], [3..5]" in card and "`sum`" in card and "0.8125" in card
+    assert str(src) not in card and "base_model: qwen" in card  # the folder's name, never its local path
+    assert "[1..2], [3..5]" in card and "`sum`" in card and "0.8125" in card
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["complete"] is True and manifest["plan"]["windows"] == [[1, 2], [3, 5]]
     assert set(manifest["files"]) == {r.name for r in result.records} and verify_manifest(out) == []
