@@ -73,8 +73,8 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _fmt(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _show_progress(args) -> bool:
@@ -206,9 +206,11 @@ def cmd_eval(args) -> int:
     for name, value in result["ppl"].items():
         log.info("perplexity %s: %.3f", name, value)
     for name, scores in result["tasks"].items():
-        log.info("%s: acc %.4f, acc_norm %.4f (n=%d)", name, scores["acc"], scores["acc_norm"], scores["n"])
+        log.info("%s: acc %.4f ± %s, acc_norm %.4f ± %s (n=%d)", name, scores["acc"], _fmt(scores["acc_stderr"], 4),
+                 scores["acc_norm"], _fmt(scores["acc_norm_stderr"], 4), scores["n"])
     if result["average"] is not None:
-        log.info("average (acc or acc_norm as reported per task): %.4f", result["average"])
+        log.info("average (acc or acc_norm as reported per task): %.4f ± %s", result["average"],
+                 _fmt(result["average_stderr"], 4))
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     return EXIT_OK
