@@ -155,7 +155,10 @@ def test_three_item_task_scores_equal_hand_computed_log_likelihoods(tmp_path, ti
                    for ll, n, it in zip(loglik, chars, items)) / 3
     inputs = evaluation.Inputs(items={"arc_challenge": items}, requests=requests)
     result = evaluation.evaluate(inputs, two_stage_scorer, batch_tokens=64)
-    assert result["tasks"]["arc_challenge"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3}
+    se = lambda p: (p * (1 - p) / 2) ** 0.5  # noqa: E731  (3 items: n - 1 = 2)
+    assert result["tasks"]["arc_challenge"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3,
+                                                "acc_stderr": pytest.approx(se(acc)),
+                                                "acc_norm_stderr": pytest.approx(se(acc_norm))}
     assert result["average"] == pytest.approx(acc_norm)  # arc_challenge reports acc_norm
 
 
