@@ -202,6 +202,8 @@ def cmd_eval(args) -> int:
     if path is None and (target / "config.resolved.yaml").is_file():
         path = target / "config.resolved.yaml"  # a run folder: evaluate with the run's own settings
     config = load_config(path, overrides)
+    if args.lm_eval:
+        return _lm_eval(args, target, config)
     result = evaluation.run_eval(target, config, _eval_spec(args, config), _show_progress(args))
     for name, value in result["ppl"].items():
         log.info("perplexity %s: %.3f", name, value)
@@ -213,6 +215,25 @@ def cmd_eval(args) -> int:
                  _fmt(result["average_stderr"], 4))
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
+    return EXIT_OK
+
+
+def _lm_eval(args, target: Path, config) -> int:
+    """`eval --lm-eval TASKS`: lm-eval's tasks on the staged model (config's backend and stages)."""
+    from slm_dist import lm_eval_adapter
+
+    if args.ppl or args.task:
+        raise SystemExit("slm-dist eval: --lm-eval runs lm-eval tasks alone; run --ppl / --task separately")
+    result = lm_eval_adapter.run_lm_eval(target, config, lm_eval_adapter.parse_tasks(args.lm_eval), args.limit,
+                                         Path(args.lm_eval_include) if args.lm_eval_include else None,
+                                         _show_progress(args))
+    for task, metrics in result["results"].items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        for key, value in shown.items():
+            se = metrics.get(key.replace(",", "_stderr,", 1))
+            log.info("lm-eval %s %s: %.4f%s", task, key, value, f" ± {se:.4f}" if isinstance(se, float) else "")
+    if args.json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
     return EXIT_OK
 
 
@@ -336,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL|RUN")
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     eval_flags(p)
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness log-likelihood tasks, "
+                                                       "scored through the stages (needs the [eval] extra)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a folder of your own lm-eval task YAML files")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="prune with every baseline and SLM variant at the same layer count; one table")
