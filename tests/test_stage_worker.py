@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm_dist.core import similarity
 from slm_dist.backends.local import LocalBackend
+from slm_dist.core import similarity
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 
