@@ -83,8 +83,8 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _fmt(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _show_progress(args) -> bool:
@@ -105,6 +105,10 @@ def cmd_plan(args) -> int:
             from slm_dist import assets
 
             model_dir = assets.prepare_demo_model(config.run.cache_dir or _cache_dir() or assets.default_cache_dir())
+        else:
+            from slm_dist.checkpoint.hub import resolve_model
+
+            model_dir = resolve_model(model_dir, weights=False)  # a Hub repo id: config and index only
         # The same checks a run makes first, every problem listed (the demo's texts, fetched by a run, are not).
         problems = preflight.run_problems(config, Path(model_dir), config.calibration.source, config.eval.heldout,
                                           layers_removed=pipeline.planned_removal(config), dry_run=True)
@@ -151,6 +155,7 @@ def cmd_merge(args) -> int:
     model_dir = config.model.path
     if model_dir is None:  # the demo model: fetched (once) like `run` does
         model_dir = context.resolve_inputs(config, _cache_dir(), _show_progress(args)).model_dir
+    model_dir = context.resolve_model(model_dir)  # a Hub repo id: its cached snapshot
     backend = context.make_backend(config)
     try:
         summary = merge_from_plan(config, Path(model_dir), backend, show_progress=_show_progress(args))
@@ -209,9 +214,15 @@ def cmd_eval(args) -> int:
 
     path, overrides = _split_args(args.items)
     target = Path(args.target)
+    if not target.exists():
+        from slm_dist.checkpoint.hub import resolve_model
+
+        target = resolve_model(args.target)  # a Hub repo id (or a clear error)
     if path is None and (target / "config.resolved.yaml").is_file():
         path = target / "config.resolved.yaml"  # a run folder: evaluate with the run's own settings
     config = load_config(path, overrides)
+    if args.lm_eval:
+        return _lm_eval(args, target, config)
     spec = _eval_spec(args, config)
     from slm_dist import preflight
 
@@ -220,11 +231,32 @@ def cmd_eval(args) -> int:
     for name, value in result["ppl"].items():
         log.info("perplexity %s: %.3f", name, value)
     for name, scores in result["tasks"].items():
-        log.info("%s: acc %.4f, acc_norm %.4f (n=%d)", name, scores["acc"], scores["acc_norm"], scores["n"])
+        log.info("%s: acc %.4f ± %s, acc_norm %.4f ± %s (n=%d)", name, scores["acc"], _fmt(scores["acc_stderr"], 4),
+                 scores["acc_norm"], _fmt(scores["acc_norm_stderr"], 4), scores["n"])
     if result["average"] is not None:
-        log.info("average (acc or acc_norm as reported per task): %.4f", result["average"])
+        log.info("average (acc or acc_norm as reported per task): %.4f ± %s", result["average"],
+                 _fmt(result["average_stderr"], 4))
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
+    return EXIT_OK
+
+
+def _lm_eval(args, target: Path, config) -> int:
+    """`eval --lm-eval TASKS`: lm-eval's tasks on the staged model (config's backend and stages)."""
+    from slm_dist import lm_eval_adapter
+
+    if args.ppl or args.task:
+        raise SystemExit("slm-dist eval: --lm-eval runs lm-eval tasks alone; run --ppl / --task separately")
+    result = lm_eval_adapter.run_lm_eval(target, config, lm_eval_adapter.parse_tasks(args.lm_eval), args.limit,
+                                         Path(args.lm_eval_include) if args.lm_eval_include else None,
+                                         _show_progress(args))
+    for task, metrics in result["results"].items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        for key, value in shown.items():
+            se = metrics.get(key.replace(",", "_stderr,", 1))
+            log.info("lm-eval %s %s: %.4f%s", task, key, value, f" ± {se:.4f}" if isinstance(se, float) else "")
+    if args.json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
     return EXIT_OK
 
 
@@ -257,9 +289,10 @@ def cmd_compare(args) -> int:
 def cmd_inspect(args) -> int:
     from slm_dist import preflight
     from slm_dist.arch import get_arch
+    from slm_dist.checkpoint.hub import resolve_model
     from slm_dist.context import layer_params
 
-    index, problems = preflight.model_problems(Path(args.model), allow_pickle=args.allow_pickle)
+    index, problems = preflight.model_problems(resolve_model(args.model), allow_pickle=args.allow_pickle)
     preflight.require(problems)
     arch = get_arch(index.model_type)
     total, per_layer = layer_params(index)
@@ -292,6 +325,16 @@ def cmd_verify(args) -> int:
             log.error("%s", p)
         return EXIT_FAILURE
     log.info("%s: manifest hashes, index and config are consistent", args.model)
+    return EXIT_OK
+
+
+def cmd_push(args) -> int:
+    from slm_dist.checkpoint.hub import push_folder
+    from slm_dist.evaluation import find_model
+
+    model_dir, _ = find_model(Path(args.target))
+    url = push_folder(model_dir, args.repo_id, private=args.private or None)
+    log.info("pushed %s to %s", model_dir, url)
     return EXIT_OK
 
 
@@ -349,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL|RUN")
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     eval_flags(p)
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness log-likelihood tasks, "
+                                                       "scored through the stages (needs the [eval] extra)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a folder of your own lm-eval task YAML files")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="prune with every baseline and SLM variant at the same layer count; one table")
@@ -368,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help='print {"model", "ok", "problems"} as one JSON line')
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("push", help="upload a verified model folder (or a run's pruned model) to a Hub model repo, "
+                                    "without slm-dist's lock and marker files")
+    p.add_argument("target", metavar="MODEL|RUN")
+    p.add_argument("repo_id", metavar="REPO_ID", help="e.g. your-name/SmolLM2-135M-slm")
+    p.add_argument("--private", action="store_true", help="create the repo private (when it does not exist yet)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

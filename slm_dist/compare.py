@@ -575,6 +575,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _fmt_se(value: float | None, stderr: float | None) -> str:
+    """A proportion as a percentage with one decimal and its standard error: '61.0 ± 2.2'."""
+    if value is None:
+        return "n/a"
+    return _fmt(100 * value, 1) + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
+
 def describe_plan(windows: Sequence[Sequence[int]], rule: str | None) -> str:
     """'drop 12-17' (layers removed) for removals, 'sum 20-23, 25-28' (inclusive windows) for merges."""
     if not windows:
@@ -591,7 +598,8 @@ def correction_label(key: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    """One Markdown table: a row per model, perplexities, each task's reported metric (%), average."""
+    """One Markdown table: a row per model, perplexities, each task's reported metric (%) and the average,
+    each ± its standard error."""
     ppl_files = list(result["eval_settings"]["ppl_windows"])
     tasks = list(result["eval_settings"]["metric"])
     metric = result["eval_settings"]["metric"]
@@ -607,7 +615,8 @@ def format_table(result: dict) -> str:
             cells = [row["label"], str(row["layers_removed"]), str(row["layers_after"]),
                      describe_plan(row["windows"], row["rule"]) + correction_label(row["key"]),
                      *(_fmt(ev["ppl"].get(f)) for f in ppl_files),
-                     *(_fmt(100 * ev["tasks"][t][metric[t]], 1) if t in ev["tasks"] else "n/a" for t in tasks),
-                     _fmt(None if ev["average"] is None else 100 * ev["average"], 1)]
+                     *(_fmt_se(ev["tasks"][t][metric[t]], ev["tasks"][t].get(f"{metric[t]}_stderr"))
+                       if t in ev["tasks"] else "n/a" for t in tasks),
+                     _fmt_se(ev["average"], ev.get("average_stderr"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: Path | None = Field(None, description="Hugging Face folder with safetensors weights; null = the SmolLM2-135M demo")
+    path: Path | None = Field(None, description="Hugging Face folder with safetensors weights, or a Hub repo id (org/name, fetched into the Hub cache); null = the SmolLM2-135M demo")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype of the stages; auto = bfloat16 on CUDA, float32 on CPU")
     attn_implementation: Literal["sdpa", "eager"] = Field(

@@ -20,6 +20,7 @@ import torch
 from slm_dist import calibration
 from slm_dist.arch import get_arch
 from slm_dist.checkpoint import folder
+from slm_dist.checkpoint.hub import resolve_model
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.config import SlmConfig, compute_dtype, resolve_device
 from slm_dist.core.partition import DTYPE_BYTES, ModelBytes, model_bytes_from_tensors, partition_layers
@@ -56,8 +57,11 @@ class RunContext:
 
 
 def resolve_inputs(config: SlmConfig, cache_dir: Path | None, show_progress: bool = True) -> RunContext:
-    """Fill in the demo model and text where the config leaves them null (fetching them once)."""
+    """Fill in the demo model and text where the config leaves them null (fetching them once); a
+    ``model.path`` that names a Hub repo id becomes its snapshot folder."""
     model_dir, source, heldout = config.model.path, config.calibration.source, config.eval.heldout
+    if model_dir is not None:
+        model_dir = resolve_model(model_dir)  # a Hub repo id: its snapshot in the Hub cache
     if model_dir is None or source is None or (heldout is None and config.eval.enabled):
         from slm_dist import assets  # the demo download: only when the config asks for it
 

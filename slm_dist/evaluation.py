@@ -348,8 +348,13 @@ def score_requests(requests: Sequence[Request], logprobs: Scorer, batch_tokens: 
     return out
 
 
-def accuracy(items: Sequence[Item], loglik: Sequence[Sequence[float]]) -> dict[str, float | int]:
-    """acc (argmax log-likelihood) and acc_norm (argmax log-likelihood per character); first index wins ties."""
+def accuracy(items: Sequence[Item], loglik: Sequence[Sequence[float]]) -> dict[str, float | int | None]:
+    """acc (argmax log-likelihood) and acc_norm (argmax log-likelihood per character); first index wins ties.
+
+    ``acc_stderr`` / ``acc_norm_stderr``: the standard error of the mean over items, as lm-eval
+    reports it (sample standard deviation / sqrt(n) = sqrt(p (1 - p) / (n - 1)) for 0/1 scores);
+    None for a single item.
+    """
     def argmax(values: Sequence[float]) -> int:
         return max(range(len(values)), key=lambda k: (values[k], -k))
 
@@ -358,13 +363,29 @@ def accuracy(items: Sequence[Item], loglik: Sequence[Sequence[float]]) -> dict[s
         hits += argmax(ll) == item.gold
         hits_norm += argmax([v / n for v, n in zip(ll, item.choice_chars)]) == item.gold
     n = len(items)
-    return {"acc": hits / n, "acc_norm": hits_norm / n, "n": n}
+    acc, acc_norm = hits / n, hits_norm / n
+    return {"acc": acc, "acc_stderr": binary_stderr(acc, n), "acc_norm": acc_norm,
+            "acc_norm_stderr": binary_stderr(acc_norm, n), "n": n}
+
+
+def binary_stderr(p: float, n: int) -> float | None:
+    """Standard error of a mean of n 0/1 scores with mean p (sample variance, n - 1)."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
 
 
 def average(tasks: Mapping[str, Mapping[str, float]]) -> float | None:
     """Plain mean over tasks of the metric the papers report for each (TASK_METRIC)."""
     values = [scores[TASK_METRIC[name]] for name, scores in tasks.items()]
     return sum(values) / len(values) if values else None
+
+
+def average_stderr(tasks: Mapping[str, Mapping[str, float]]) -> float | None:
+    """Standard error of `average`, the tasks taken as independent: sqrt(sum of se_i^2) / number of tasks;
+    None when a task has none (one item, or a result measured before standard errors were recorded)."""
+    errors = [scores.get(f"{TASK_METRIC[name]}_stderr") for name, scores in tasks.items()]
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
 # ------------------------------------------------------------------------------- perplexity
@@ -454,8 +475,9 @@ def prepare_inputs(spec: EvalSpec, tokenizer) -> Inputs:
 
 
 def evaluate(inputs: Inputs, logprobs: Scorer, batch_tokens: int = 4096, pad_id: int = 0) -> dict:
-    """The eval object: {"ppl": {file: value}, "tasks": {name: {acc, acc_norm, n}}, "average": mean}."""
-    result: dict = {"ppl": {}, "tasks": {}, "average": None}
+    """The eval object: {"ppl": {file: value}, "tasks": {name: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}},
+    "average": mean, "average_stderr": its standard error}."""
+    result: dict = {"ppl": {}, "tasks": {}, "average": None, "average_stderr": None}
     for name, windows in inputs.ppl.items():
         batch_size = max(1, batch_tokens // windows.shape[1])
         result["ppl"][name], _ = perplexity(windows, logprobs, batch_size)
@@ -468,6 +490,7 @@ def evaluate(inputs: Inputs, logprobs: Scorer, batch_tokens: int = 4096, pad_id:
         for name, items in inputs.items.items():
             result["tasks"][name] = accuracy(items, loglik[name])
         result["average"] = average(result["tasks"])
+        result["average_stderr"] = average_stderr(result["tasks"])
     return result
 
 

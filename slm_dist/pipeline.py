@@ -15,7 +15,7 @@ import torch
 from slm_dist import calibration, context, extras, heal, preflight, report, run_state
 from slm_dist.arch import get_arch
 from slm_dist.backends.base import Backend
-from slm_dist.checkpoint.export import check_output_dir
+from slm_dist.checkpoint.export import add_evaluation_to_card, check_output_dir
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.verify import verify_model
 from slm_dist.checkpoint.writer import write_json
@@ -193,6 +193,10 @@ def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = 
                 write_json(run_dir / "eval.json", {
                     "perplexity_before": ppl_before, "perplexity_after": ppl_after,
                     "perplexity_text": str(ctx.heldout_text) if ctx.heldout_text else None, **healed})
+                if ppl_after is not None:  # the model card reports what was measured (its hash re-recorded)
+                    add_evaluation_to_card(out_dir, {"before": ppl_before, "after": ppl_after,
+                                                     "text": ctx.heldout_text})
+                    state.rerecord_checkpoint("merge", out_dir)
             state.mark_done("eval", ctx.timings["eval"])
 
         if "report" in todo:

@@ -267,6 +267,16 @@ class RunState:
         self.data["stages"][name] = entry
         self._save()
 
+    def rerecord_checkpoint(self, name: str, checkpoint_dir: Path) -> None:
+        """A later stage changed stage ``name``'s finished output on purpose (eval writes the measured
+        perplexity into the model card and re-records its hash): record the folder as it is now, so a
+        rerun still finds that stage done."""
+        entry, record = self.stage(name), checkpoint_record(checkpoint_dir)
+        if entry is None or record is None or "checkpoint" not in entry:
+            raise RunStateError(f"stage {name} recorded no checkpoint {checkpoint_dir} to re-record; this is a bug")
+        entry["checkpoint"].update(record)
+        self._save()
+
     def _save(self) -> None:
         inputs = self.inputs
         self.data.update({

@@ -310,3 +310,21 @@ def test_runs_over_other_methods_add_up_in_one_file(compared, monkeypatch):
     again = compare.compare(config, [2], spec, methods=("last_layers",), show_progress=False)
     before = {r["method"]: r["eval"] for r in result["rows"]}
     assert again["rows"][1]["method"] == "last_layers" and again["rows"][1]["eval"] == before["last_layers"]
+
+
+def test_the_table_shows_each_metric_and_the_average_with_its_standard_error():
+    tasks = {"piqa": {"acc": 0.6, "acc_stderr": 0.06 ** 0.5, "acc_norm": 0.4, "acc_norm_stderr": 0.2, "n": 5},
+             "hellaswag": {"acc": 0.2, "acc_stderr": 0.2, "acc_norm": 0.4, "acc_norm_stderr": 0.3, "n": 5}}
+    ev = {"ppl": {"/d/wiki.txt": 12.3456}, "tasks": tasks, "average": evaluation.average(tasks),
+          "average_stderr": evaluation.average_stderr(tasks)}
+    result = {"eval_settings": {"ppl_windows": {"/d/wiki.txt": 4}, "metric": {"piqa": "acc", "hellaswag": "acc_norm"}},
+              "rows": [{"label": "Dense", "layers_removed": 0, "layers_after": 6, "windows": [], "rule": None,
+                        "key": {}, "eval": ev},
+                       {"label": "Old", "layers_removed": 2, "layers_after": 4, "windows": [[1, 2]], "rule": "sum",
+                        "key": {}, "eval": {"ppl": {}, "tasks": {"piqa": {"acc": 0.5, "acc_norm": 0.5, "n": 4}},
+                                            "average": 0.5}}]}   # measured before standard errors existed
+    table = compare.format_table(result).splitlines()
+    # piqa acc 60.0 ± 24.5 (sqrt(.06)); hellaswag acc_norm 40.0 ± 30.0; average (.6 + .4) / 2 = 50.0 with
+    # sqrt(.06 + .09) / 2 = 0.19365 -> ± 19.4
+    assert table[2].endswith("| 12.35 | 60.0 ± 24.5 | 40.0 ± 30.0 | 50.0 ± 19.4 |")
+    assert table[3].endswith("| n/a | 50.0 | n/a | 50.0 |")

@@ -92,13 +92,27 @@ def test_acc_and_acc_norm_by_hand():
              Item(("c", "c", "c"), (" a", " b", " c"), gold=0, choice_chars=(1, 1, 1))]
     loglik = [[-2.0, -5.0],          # acc picks 0 (wrong); per char -2 vs -0.5 -> acc_norm picks 1 (right)
               [-1.0, -1.0, -3.0]]    # tie between 0 and 1: the first wins (right) for both metrics
-    assert evaluation.accuracy(items, loglik) == {"acc": 0.5, "acc_norm": 1.0, "n": 2}
+    # acc: scores 0, 1 -> sample sd sqrt(((0-.5)^2 + (1-.5)^2) / 1) = sqrt(.5); se = sqrt(.5) / sqrt(2) = 0.5
+    # acc_norm: scores 1, 1 -> se 0
+    assert evaluation.accuracy(items, loglik) == {"acc": 0.5, "acc_stderr": 0.5, "acc_norm": 1.0,
+                                                  "acc_norm_stderr": 0.0, "n": 2}
+    assert evaluation.accuracy(items[:1], loglik[:1])["acc_stderr"] is None   # one item: no sample variance
+
+
+def test_stderr_by_hand_equals_lm_evals_mean_stderr():
+    # 3 right of 5: mean .6, sample variance (3 * .4^2 + 2 * .6^2) / 4 = .3, se = sqrt(.3 / 5) = sqrt(.06)
+    assert evaluation.binary_stderr(0.6, 5) == pytest.approx(0.06 ** 0.5, abs=1e-15)
+    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    assert evaluation.binary_stderr(0.6, 5) == pytest.approx(lm_metrics.mean_stderr([1, 1, 1, 0, 0]), abs=1e-12)
 
 
 def test_average_uses_each_task_reported_metric():
     tasks = {"hellaswag": {"acc": 0.3, "acc_norm": 0.4, "n": 5}, "boolq": {"acc": 0.6, "acc_norm": 0.1, "n": 5}}
     assert evaluation.average(tasks) == pytest.approx(0.5)
     assert evaluation.average({}) is None
+    assert evaluation.average_stderr(tasks) is None   # results without standard errors: none for the average
+    tasks["hellaswag"]["acc_norm_stderr"], tasks["boolq"]["acc_stderr"] = 0.03, 0.04
+    assert evaluation.average_stderr(tasks) == pytest.approx(0.05 / 2)   # sqrt(.03^2 + .04^2) / 2 tasks
 
 
 # ------------------------------------------------------------------------- scoring vs HF
@@ -141,7 +155,10 @@ def test_three_item_task_scores_equal_hand_computed_log_likelihoods(tmp_path, ti
                    for ll, n, it in zip(loglik, chars, items)) / 3
     inputs = evaluation.Inputs(items={"arc_challenge": items}, requests=requests)
     result = evaluation.evaluate(inputs, two_stage_scorer, batch_tokens=64)
-    assert result["tasks"]["arc_challenge"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3}
+    se = lambda p: (p * (1 - p) / 2) ** 0.5  # noqa: E731  (3 items: n - 1 = 2)
+    assert result["tasks"]["arc_challenge"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3,
+                                                "acc_stderr": pytest.approx(se(acc)),
+                                                "acc_norm_stderr": pytest.approx(se(acc_norm))}
     assert result["average"] == pytest.approx(acc_norm)  # arc_challenge reports acc_norm
 
 
@@ -283,7 +300,7 @@ def test_eval_command_prints_the_object_and_writes_it_into_a_runs_report(tmp_pat
             "--json"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == {"ppl", "tasks", "average"}
+    assert set(printed) == {"ppl", "tasks", "average", "average_stderr"}
     assert printed["tasks"]["arc_challenge"]["n"] == 2
     assert printed["average"] == printed["tasks"]["arc_challenge"]["acc_norm"]
     report = json.loads((run / "report.json").read_text())

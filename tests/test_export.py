@@ -127,7 +127,8 @@ def test_output_folder_is_complete_trimmed_and_documented(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     card = (out / "README.md").read_text()
-    assert str(src) in card and "[1..2], [3..5]" in card and "`sum`" in card and "0.8125" in card
+    assert str(src) not in card and "base_model: qwen" in card  # the folder's name, never its local path
+    assert "[1..2], [3..5]" in card and "`sum`" in card and "0.8125" in card
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["complete"] is True and manifest["plan"]["windows"] == [[1, 2], [3, 5]]
     assert set(manifest["files"]) == {r.name for r in result.records} and verify_manifest(out) == []

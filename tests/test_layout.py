@@ -24,7 +24,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("slm_dist.backends",),
     ("slm_dist.context", "slm_dist.run_state", "slm_dist.assets"),
     ("slm_dist.planning", "slm_dist.merging", "slm_dist.evaluation", "slm_dist.heal", "slm_dist.dryrun",
-     "slm_dist.report", "slm_dist.preflight"),
+     "slm_dist.report", "slm_dist.preflight", "slm_dist.lm_eval_adapter"),
     ("slm_dist.pipeline",),
     ("slm_dist.compare",),
     ("slm_dist.cli", "slm_dist.__main__"),

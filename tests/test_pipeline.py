@@ -60,6 +60,23 @@ def test_run_writes_every_artifact(finished_run):
     assert "position 0" in report["similarity"]["note"]
 
 
+def test_the_model_card_reports_the_measured_perplexity_and_the_folder_still_verifies(finished_run):
+    from huggingface_hub import ModelCard
+
+    from slm_dist.checkpoint.verify import verify_model
+
+    run_dir, report = finished_run
+    out = Path(report["output"])
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == Path(report["model"]).name and card.data.library_name == "transformers"
+    assert f"| {report['perplexity_before']:.3f} |" in card.text and f"| {report['perplexity_after']:.3f} |" in card.text
+    assert verify_model(out) == []     # the rewritten card's hash was re-recorded
+    config = load_config(run_dir / "config.resolved.yaml")
+    state = pipeline.open_run_state(pipeline.context.resolve_inputs(config, None, False),
+                                    pipeline.open_index(config.model.path), False)
+    assert state.stages_to_run() == ()  # and the run still counts as finished
+
+
 def test_output_loads_generates_and_equals_in_memory_merge(finished_run, tiny_model):
     run_dir, _ = finished_run
     plan = json.loads((run_dir / "plan.json").read_text())

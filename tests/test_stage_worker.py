@@ -70,6 +70,19 @@ def test_chained_stages_equal_full_model(tiny_model, num_stages):
     tail = workers[-1].token_logprobs(x, ids, start)
     assert tail.shape == logp.shape and bool(tail[:, :start].isnan().all())
     torch.testing.assert_close(tail[:, start:], logp[:, start:], atol=1e-6, rtol=0)
+    # greedy (lm-eval's is_greedy): a second channel, 1 exactly where the next token is the HF argmax.
+    both = workers[-1].token_logprobs(x, ids, start, greedy=True)
+    assert both.shape == (*logp.shape, 2) and bool(both[:, :start].isnan().all())
+    torch.testing.assert_close(both[:, start:, 0], logp[:, start:], atol=1e-6, rtol=0)
+    ids = ids.clone()
+    ids[0, start + 1] = int(logits[0, start].argmax())     # plant one hit, so both values are checked
+    x = ids
+    for w in workers[:-1]:
+        x = w.forward(x)
+    both = workers[-1].token_logprobs(x, ids, start, greedy=True)
+    hits = (hf_layer_outputs(tiny_model, ids)[1][:, :-1].argmax(-1) == ids[:, 1:]).float()
+    assert 0 < hits[:, start:].sum() < hits[:, start:].numel()
+    assert torch.equal(both[:, start:, 1], hits[:, start:])
 
 
 def test_stage_reads_only_its_own_tensors(tiny_model):

@@ -55,8 +55,9 @@ class Backend(Protocol):
         """Drop candidate layers built while scoring (and, with ``corrections``, the fitted maps)."""
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
-                 desc: str = "score", starts: Sequence[int] | None = None) -> list[Tensor]:
-        """Per batch, log p(token t+1 | prefix) [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
+                 desc: str = "score", starts: Sequence[int] | None = None, greedy: bool = False) -> list[Tensor]:
+        """Per batch, log p(token t+1 | prefix) [batch, seq-1] float32, in order; NaN before ``starts[i]``.
+        ``greedy``: [batch, seq-1, 2], the second channel 1.0 where the token is the distribution's argmax."""
 
     def nll(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False) -> tuple[float, int]:
         """(summed next-token NLL, tokens scored) over ``batches``."""
@@ -103,7 +104,7 @@ class StagedScoring:
         raise NotImplementedError
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
-                 desc: str = "score", starts: Sequence[int] | None = None) -> list[Tensor]:
+                 desc: str = "score", starts: Sequence[int] | None = None, greedy: bool = False) -> list[Tensor]:
         raise NotImplementedError
 
     def _require_cache(self, what: str) -> None:

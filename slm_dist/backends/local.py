@@ -98,15 +98,17 @@ class LocalBackend(StagedScoring):
             stage.clear_candidates(corrections)
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
-                 desc: str = "score", starts: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
+                 desc: str = "score", starts: Sequence[int] | None = None, greedy: bool = False
+                 ) -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``
+        (``greedy``: [batch, seq-1, 2], with 1.0 where the token is the argmax)."""
         stages = self._workers(specs)
         out = []
         for i, (_, ids) in enumerate(progress.wrap(batches, show_progress, desc, "batch")):
             x = ids
             for stage in stages[:-1]:
                 x = stage.forward(x)
-            out.append(stages[-1].token_logprobs(x, ids, 0 if starts is None else starts[i]))
+            out.append(stages[-1].token_logprobs(x, ids, 0 if starts is None else starts[i], greedy))
         return out
 
     def run_shard_jobs(self, jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int,

@@ -590,9 +590,10 @@ class RayBackend(StagedScoring):
 
     # ------------------------------------------------------------------------------ evaluation
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
-                 show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None
-                 ) -> list[torch.Tensor]:
-        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
+                 show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None,
+                 greedy: bool = False) -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``
+        (``greedy``: [batch, seq-1, 2], with 1.0 where the token is the argmax)."""
         stages = self._workers(specs)
         inputs = [ray.put(ids) for _, ids in batches]
 
@@ -600,7 +601,7 @@ class RayBackend(StagedScoring):
             x = inputs[i]
             for stage in stages[:-1]:
                 x = stage.forward_hop.remote(x)
-            return [stages[-1].token_logprobs.remote(x, inputs[i], 0 if starts is None else starts[i])]
+            return [stages[-1].token_logprobs.remote(x, inputs[i], 0 if starts is None else starts[i], greedy)]
 
         results = self._stream(range(len(batches)), submit, desc, show_progress)
         return [results[i][0] for i in range(len(batches))]

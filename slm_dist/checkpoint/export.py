@@ -24,7 +24,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from slm_dist.arch import ArchSpec, get_arch, prune_config
 from slm_dist.checkpoint.corrections import checked_windows, kind_of, matrix_shapes
@@ -286,21 +286,120 @@ def _fingerprint(index: CheckpointIndex, plan: MergePlan, shards: Sequence[Shard
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
-def model_card(export: ExportPlan, threshold: float | None) -> str:
-    plan = export.plan
+CARD_TAGS = ("pruned", "depth-pruning", "sliding-layer-merging", "slm-dist")
+# Licence and use-policy files travel with the weights (Llama's licence requires them on redistribution).
+_LICENCE_FILE = re.compile(r"^(licen[cs]e|copying|notice|use_policy)([._-][\w.-]*)?$", re.IGNORECASE)
+
+
+def licence_files(folder: Path) -> list[str]:
+    """Names of the licence, notice and use-policy files at the top of ``folder``."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and _LICENCE_FILE.match(p.name))
+
+
+def base_model_name(source: Path, config: Mapping | None = None) -> str:
+    """The source as the Hub knows it: its repo id when it is a Hub-cache snapshot (or its config names
+    one), else its folder name; never a local path."""
+    from slm_dist.checkpoint.hub import looks_like_repo_id, repo_id_of
+
+    repo = repo_id_of(source)
+    if repo:
+        return repo
+    named = str((config or {}).get("_name_or_path") or "")
+    if named and not Path(named).is_absolute() and looks_like_repo_id(named):
+        return named
+    return Path(source).resolve().name
+
+
+def source_licence(source: Path) -> dict[str, str]:
+    """``license`` (and ``license_name`` / ``license_link``) of the source's model card front matter or
+    config.json; empty when it states none."""
+    from huggingface_hub import ModelCard
+
+    found: dict[str, str] = {}
+    readme = Path(source) / MODEL_CARD
+    if readme.is_file():
+        try:
+            data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+        except (ValueError, OSError) as e:  # a README without valid front matter states no licence
+            log.warning("%s: front matter unreadable (%s); no licence carried over from it", readme, e)
+            data = {}
+        found = {k: str(data[k]) for k in ("license", "license_name", "license_link") if data.get(k)}
+    config_path = Path(source) / CONFIG_NAME
+    if "license" not in found and config_path.is_file():
+        license_ = json.loads(config_path.read_text()).get("license")
+        if isinstance(license_, str) and license_:
+            found["license"] = license_
+    return found
+
+
+def card_data(source: Path, config: Mapping | None = None):
+    """The Hub metadata of a pruned model of ``source`` (a ``huggingface_hub.ModelCardData``)."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(base_model=base_model_name(source, config), library_name="transformers",
+                         pipeline_tag="text-generation", tags=list(CARD_TAGS), **source_licence(source))
+
+
+def model_card(export: ExportPlan, threshold: float | None, perplexity: Mapping[str, Any] | None = None) -> str:
+    """The output's README.md: Hub front matter (``card_data``) and what was done to the source."""
+    return card_text(card_data(export.source, export.config), export.plan, threshold, perplexity)
+
+
+def card_text(data, plan: MergePlan, threshold: float | None, perplexity: Mapping[str, Any] | None = None) -> str:
+    """A model card from its metadata and the plan; ``perplexity`` ({before, after, text}, when measured)
+    adds the evaluation section."""
+    from huggingface_hub import ModelCard
+
     windows = ", ".join(f"[{lo}..{hi}]" for lo, hi in plan.windows) or "none"
     kind = kind_of(plan.corrections) if plan.corrections else None
-    return (f"# Depth-pruned with slm-dist\n\n"
-            f"- source: `{export.source}`\n"
-            f"- layers: {plan.num_layers_before} -> {plan.num_layers_after}\n"
-            f"- merged windows (inclusive, original indices): {windows}\n"
-            f"- new layer -> original layer: {plan.new_to_old}\n"
-            f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else "") +
-            (f"\n- {kind} correction (merge.correction={kind}) folded into each corrected window's MLP output "
-             "projection" if kind else "") +
-            f"\n- criterion: `{plan.criterion}`\n- threshold: {threshold}\n\n"
-            "Sliding Layer Merging (arXiv 2502.19159): each window of consecutive layers is folded into one "
-            "layer at the window's bottom position. The full plan is in `manifest.json`.\n")
+    base = data.base_model
+    lines = [
+        f"# {base} depth-pruned with slm-dist", "",
+        f"`{base}` with {plan.num_layers_before - plan.num_layers_after} of its {plan.num_layers_before} decoder "
+        f"layers merged away by Sliding Layer Merging (arXiv 2502.19159): each window of consecutive layers is "
+        "folded into one layer at the window's bottom position. It loads with "
+        "`transformers.AutoModelForCausalLM.from_pretrained` like the base model; no custom code.", "",
+        "## Pruning plan", "",
+        f"- layers: {plan.num_layers_before} -> {plan.num_layers_after}",
+        f"- merged windows (inclusive, original indices): {windows}",
+        f"- new layer -> original layer: {plan.new_to_old}",
+        f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else ""),
+        f"- correction: `{kind}` (fitted on calibration data, folded into each merged window's MLP output "
+        "projection)" if kind else "- correction: none",
+        f"- similarity criterion: `{plan.criterion}`",
+        f"- threshold: {threshold}", "",
+        "The full plan and every file's sha256 are in `manifest.json` (`slm-dist verify` checks them).",
+    ]
+    if perplexity and (perplexity.get("before") is not None or perplexity.get("after") is not None):
+        def fmt(x):
+            return "n/a" if x is None else f"{x:.3f}"
+
+        text = perplexity.get("text")
+        lines += ["", "## Evaluation", "",
+                  "Perplexity on held-out text" + (f" (`{Path(str(text)).name}`)" if text else "") +
+                  ", measured by slm-dist:", "",
+                  "| model | perplexity |", "|---|---|",
+                  f"| {base} ({plan.num_layers_before} layers) | {fmt(perplexity.get('before'))} |",
+                  f"| this model ({plan.num_layers_after} layers) | {fmt(perplexity.get('after'))} |"]
+    template = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+    return str(ModelCard.from_template(data, template_str=template, body="\n".join(lines)))
+
+
+def add_evaluation_to_card(out_dir: Path, perplexity: Mapping[str, Any]) -> FileRecord:
+    """Rewrite a finished output's README.md with measured perplexity, keeping its metadata, and
+    re-record its hash in manifest.json (so `slm-dist verify` still passes)."""
+    from huggingface_hub import ModelCard
+
+    out_dir = Path(out_dir)
+    manifest = _read_manifest(out_dir)
+    if manifest is None or "plan" not in manifest:
+        raise ExportError(f"{out_dir} has no slm-dist manifest with a plan; it was not written by `slm-dist merge`")
+    plan = MergePlan.from_json(manifest["plan"])
+    data = ModelCard.load(out_dir / MODEL_CARD, ignore_metadata_errors=True).data
+    record = _write_text(out_dir / MODEL_CARD, card_text(data, plan, plan.threshold, perplexity))
+    manifest["files"][MODEL_CARD] = {"sha256": record.sha256, "bytes": record.bytes}
+    write_json(out_dir / MANIFEST_NAME, manifest)
+    return record
 
 
 # ------------------------------------------------------------------------------------- write
@@ -466,10 +565,10 @@ def _record(path: Path) -> FileRecord:
 
 
 def _copy_side_files(source: Path, out: Path) -> list[FileRecord]:
-    """The tokenizer and generation files, each confined to the source folder (folder.side_file) and
-    without auto_map; written to a temporary name, fsynced, renamed."""
+    """The tokenizer, generation and licence files, each confined to the source folder (folder.side_file)
+    and without auto_map; written to a temporary name, fsynced, renamed."""
     records = []
-    for name in SIDE_FILES:
+    for name in (*SIDE_FILES, *licence_files(source)):
         data = side_file_bytes(source, name)
         if data is None:
             continue

@@ -278,26 +278,31 @@ class StageWorker:
         return h, stats
 
     @torch.inference_mode()
-    def token_logprobs(self, x: Tensor, input_ids: Tensor, start: int = 0) -> Tensor:
+    def token_logprobs(self, x: Tensor, input_ids: Tensor, start: int = 0, greedy: bool = False) -> Tensor:
         """Last stage: log p(input_ids[:, t+1] | prefix), [batch, seq-1] float32, for positions t >= start.
 
         Positions before ``start`` come back NaN: the vocabulary projection is about a fifth of a
         small model's forward, and a multiple-choice request scores only its last few tokens.
+        ``greedy`` adds a last axis, [batch, seq-1, 2]: the log-probability and 1.0 where the token is
+        the argmax of the distribution (lm-eval's is_greedy), 0.0 where not.
         """
         if not (self.spec.is_last and self.lm_head is not None):
             raise RuntimeError("token_logprobs runs on the last stage, built with with_lm_head=True")
         h = self.forward(x) if self.layers else self._inputs(x)
-        return self._logprobs(h, input_ids, start)
+        return self._logprobs(h, input_ids, start, greedy)
 
-    def _logprobs(self, h: Tensor, input_ids: Tensor, start: int = 0) -> Tensor:
+    def _logprobs(self, h: Tensor, input_ids: Tensor, start: int = 0, greedy: bool = False) -> Tensor:
         width = h.shape[1] - 1
         start = min(max(int(start), 0), width)
         logits = self.lm_head(self.norm(h[:, start:-1])).float()
         logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, input_ids[:, start + 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+        target = input_ids[:, start + 1:].to(logp.device).long()
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu()
+        if greedy:
+            picked = torch.stack([picked, (logp.argmax(-1) == target).float().cpu()], dim=-1)
         if start == 0:
             return picked
-        out = torch.full((h.shape[0], width), math.nan, dtype=picked.dtype)
+        out = torch.full((h.shape[0], width, *picked.shape[2:]), math.nan, dtype=picked.dtype)
         out[:, start:] = picked
         return out
 
