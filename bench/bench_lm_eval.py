@@ -108,7 +108,9 @@ def main() -> None:
         f"first {args.limit} items ({n} log-likelihood requests), 0-shot, float32 on CPU.", "",
         "| model | acc (%) | acc_norm (%) | wall (load + score) |", "|---|---|---|---|", *rows, "",
         f"Per request: largest |log-likelihood difference| {worst:.2e}; is_greedy disagreements: {flips} of {n}. "
-        f"StagedLM took {staged_s / hf_s:.2f}x HFLM's time (Ray start-up and two stage actors included). "
+        f"StagedLM took {staged_s / hf_s:.2f}x HFLM's time (Ray start-up and two stage actors included; one "
+        "timing each on a loaded machine, and StagedLM projects onto the vocabulary only at continuation "
+        "positions while HFLM does at every position, so this is no speed claim). "
         "The same through the CLI: `slm-dist eval MODEL cluster.backend=ray cluster.num_stages=2 "
         "model.dtype=float32 --lm-eval arc_easy_local --lm-eval-include DIR --limit N` (DIR holding the task "
         "YAML this script writes).", ""])
