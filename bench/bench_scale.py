@@ -129,20 +129,31 @@ class Sampler(threading.Thread):
 
     def __init__(self, pgids: set[int], period_s: float = 0.5):
         super().__init__(daemon=True)
-        self.pgids, self.period_s = pgids, period_s
+        self.leaders, self.period_s = pgids, period_s  # each node's `ray start` (its pid is its group id)
         self.peak: dict[int, int] = {}
         self.titles: dict[int, set[str]] = {}
         self.stop = threading.Event()
 
+    def cluster_pids(self) -> set[int]:
+        """The nodes' processes and all their descendants (Ray's workers leave the nodes' process groups)."""
+        parent = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry.name}/stat").read_text()
+                    parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        found, frontier = set(self.leaders), set(self.leaders)
+        while frontier:
+            frontier = {p for p, pp in parent.items() if pp in frontier and p not in found}
+            found |= frontier
+        return found
+
     def run(self) -> None:
         while not self.stop.is_set():
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
-                    continue
-                pid = int(entry.name)
+            for pid in self.cluster_pids():
                 try:
-                    if os.getpgid(pid) not in self.pgids:
-                        continue
                     title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
@@ -217,9 +228,20 @@ def measure(cluster: Cluster, args, name: str, items: list[str], work: Path) -> 
     first = generations[0]  # calibration's stages hold the dense model the dry run describes
     per_stage = [max(sampler.peak.get(gen[k], 0) for gen in generations if len(gen) == len(first))
                  for k in range(len(first))]
+    # From the driver's log: the calibration stage's start, its stages up (the pid line), its end.
+    stamps = {}
+    for line in output.splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) INFO (.*)", line)
+        if m:
+            at = time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + int(m.group(1)[20:]) / 1000
+            for key, needle in (("begin", "stage calibrate ..."), ("up", "slm_dist.backends.ray: stages: ["),
+                                ("end", "stage calibrate done")):
+                if needle in m.group(2) and key not in stamps:
+                    stamps[key] = at
     state = json.loads((run_dir / "state.json").read_text())
     times = {k: v.get("seconds") for k, v in state["stages"].items()}
-    return {"job_seconds": seconds, "stage_private_peak": per_stage, "calibration_stage_peak":
+    return {"start_seconds": stamps["up"] - stamps["begin"], "batch_seconds": stamps["end"] - stamps["up"],
+            "job_seconds": seconds, "stage_private_peak": per_stage, "calibration_stage_peak":
             [sampler.peak.get(p, 0) for p in first], "driver_peak": sampler.peak_of("driver"),
             "merge_peak": sampler.peak_of("merge"), "times": times, "generations": len(generations)}
 
@@ -267,6 +289,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["default", "refit", "both"], default="both")
     parser.add_argument("--tokens-per-s", type=float, default=None,
                         help="measured stage tokens/s for the second prediction (default: this run's first calibration)")
+    parser.add_argument("--reuse-model", type=Path, default=None, help="move this earlier run's model folder in")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (model, runs, logs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -278,7 +301,11 @@ def main() -> None:
     try:
         log.info("writing a random bf16 Llama (%s) shard by shard ...", geometry)
         t0 = time.perf_counter()
-        stored = make_checkpoint(work / "model", geometry)
+        if args.reuse_model:
+            shutil.move(str(args.reuse_model), str(work / "model"))
+            stored = json.loads((work / "model" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        else:
+            stored = make_checkpoint(work / "model", geometry)
         compute = 2 * stored  # float32
         memory = args.memory_per_stage or int(0.49 * compute)
         log.info("%.2f GB in %.0f s; float32 compute size %.2f GiB, memory_per_stage_bytes %.2f GiB", stored / 1e9,
@@ -292,7 +319,7 @@ def main() -> None:
         refused = {}
         rows = {}
         with Cluster(work / "cluster", workers=1, cpus_per_node=2) as cluster:
-            tokens_per_s = None
+            tokens_per_s = start_s = None
             for name, extra in variants.items():
                 items = overrides(args, work / "model", text, work / f"run-{len(rows)}", memory, extra)
                 predicted = dry_run(items)
@@ -303,8 +330,9 @@ def main() -> None:
                 log.info("%s: submitting ...", name)
                 measured = measure(cluster, args, name, items, work)
                 if tokens_per_s is None:  # the first run's calibration, as a user would measure it
-                    tokens_per_s = args.tokens_per_s or args.samples * args.seq_len / measured["times"]["calibrate"]
-                calibrated = dry_run(items, [f"stage_tokens_per_s={tokens_per_s:.3g}"])
+                    tokens_per_s = args.tokens_per_s or args.samples * args.seq_len / measured["batch_seconds"]
+                    start_s = measured["start_seconds"]
+                calibrated = dry_run(items, [f"stage_tokens_per_s={tokens_per_s:.3g}", f"stage_start_s={start_s:.3g}"])
                 rows[name] = (predicted, calibrated, measured)
                 log.info("%s: %s", name, json.dumps(measured))
         (work / "bench_scale.json").write_text(json.dumps(rows, indent=1, default=str))
@@ -316,7 +344,8 @@ def main() -> None:
                  f"cluster.memory_per_stage_bytes = {memory / GiB:.2f} GiB (0.49 x the float32 model); "
                  f"{args.samples} calibration samples x {args.seq_len} tokens; {os.cpu_count()} CPU cores shared with "
                  f"other work (load average {os.getloadavg()[0]:.1f} at the end). Measured tokens/s for the second "
-                 f"prediction column: {tokens_per_s:.3g} (the first run's calibration).", ""]
+                 f"prediction column: {tokens_per_s:.3g} per stage, stage start {start_s:.0f} s (the first run's calibration, "
+                 "from the driver's log: stages up to calibration done, and calibration start to stages up).", ""]
         for name, (predicted, calibrated, measured) in rows.items():
             lines += table(name, predicted, calibrated, measured, memory)
         for name, why in refused.items():

@@ -59,6 +59,7 @@ class Assumptions:
     cpu_fp64_flops_per_s: float = 25e9   # the same solves on a CPU stage
     hash_bytes_per_s: float = 10e9       # xxh3_128 of the merge's output (verify re-reads at read_bytes_per_s)
     stage_tokens_per_s: float | None = None  # measured calibration tokens/s of one stage (None: from FLOPs)
+    stage_start_s: float = 10.0          # starting a pipeline's stages: actor processes, imports, placement
     gpu_overhead_bytes: int = 2 * GiB    # CUDA context + allocator slack per GPU
     cpu_overhead_bytes: int = GiB // 2   # interpreter, torch and buffers per CPU stage
     given: tuple[str, ...] = ()          # the fields set by the user (the rest are these defaults)
@@ -79,11 +80,13 @@ class Assumptions:
             if not value > 0:
                 raise DryRunError(f"--assume {item!r}: must be positive")
             values[key] = int(value) if key.endswith("_bytes") else value
+        if "stage_start_s" in values and not values["stage_start_s"] >= 0:
+            raise DryRunError("--assume stage_start_s must be >= 0")
         return cls(**values, given=tuple(values))
 
     def describe(self, device: str) -> str:
         """The figures this estimate used, each marked given or default."""
-        used = ["read_bytes_per_s", "write_bytes_per_s", "hop_bytes_per_s", "hash_bytes_per_s"]
+        used = ["read_bytes_per_s", "write_bytes_per_s", "hop_bytes_per_s", "hash_bytes_per_s", "stage_start_s"]
         if self.stage_tokens_per_s is not None:
             used.append("stage_tokens_per_s")
         else:
@@ -307,7 +310,7 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
         rate = a.stage_tokens_per_s * widest * fpt
         gram = 0.0
     per_batch = max((b - s) * (batch_tokens * fpt / rate + gram) for s, b in stages) + hop
-    load = max(stage_read) / a.read_bytes_per_s
+    load = a.stage_start_s + max(stage_read) / a.read_bytes_per_s  # a pipeline's stages start and load
     seconds = {"calibrate": load + (num_batches + len(stages) - 1) * per_batch}
     if config.similarity.criterion == "output":
         # Each step of the published loop re-runs, on average, half the model on every calibration sample.
@@ -323,8 +326,10 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     if config.eval.enabled:
         tokens = eval_tokens(config)
         lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
-        forward = tokens * (fpt * n + lm_head) / rate
-        seconds["eval"] = 2 * forward + 2 * max(stage_read) / a.read_bytes_per_s  # load each model's stages
+        # Windows stream through the stages as calibration batches do: the widest stage sets the pace.
+        # The dense model is scored on the calibration stages; only the pruned one starts and loads its own.
+        forward = tokens * (fpt * widest + lm_head) / rate + (len(stages) - 1) * per_batch
+        seconds["eval"] = 2 * forward + load
     return {k: round(v, 1) for k, v in seconds.items()}
 
 

@@ -288,7 +288,7 @@ def test_measured_throughputs_replace_the_assumed_ones_and_the_output_says_which
     assert "write_bytes_per_s=1e+09 (default)" in text
     # Calibration is load + the batches through the widest stage at the measured rate (+ hops):
     # four times the rate, a quarter of the compute time.
-    load = max(s.read_bytes for s in d_slow.stages) / 1e9
+    load = 10.0 + max(s.read_bytes for s in d_slow.stages) / 1e9  # stage_start_s (default) + reading
     assert (d_slow.seconds["calibrate"] - load) / (d_fast.seconds["calibrate"] - load) == pytest.approx(4, rel=0.05)
     assert d_slow.seconds["eval"] > d_fast.seconds["eval"]
     for bad in (["nope=1"], ["read_bytes_per_s=fast"], ["read_bytes_per_s=-1"], ["read_bytes_per_s"]):
