@@ -225,10 +225,19 @@ def test_the_dry_run_lists_every_problem_at_once(model, text, tmp_path, capsys):
         assert needle in out, needle
 
 
-def test_outputs_of_a_finished_run_are_left_alone_by_a_refused_rerun(model, text, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    code, out = run_cli(capsys, "run", *overrides(model, text, run_dir, "eval.enabled=false"))
-    assert code == cli.EXIT_OK, out
+@pytest.fixture(scope="module")
+def finished(pristine, tiny_text_file, tmp_path_factory) -> tuple[Path, Path]:
+    """(model, run folder) of one finished tiny run, shared: tests copy what they change."""
+    root = tmp_path_factory.mktemp("finished")
+    model = Path(shutil.copytree(pristine, root / "model"))
+    code = cli.main(["--quiet", "run", *overrides(model, tiny_text_file, root / "run", "eval.enabled=false")])
+    assert code == cli.EXIT_OK
+    return model, root / "run"
+
+
+def test_outputs_of_a_finished_run_are_left_alone_by_a_refused_rerun(finished, text, tmp_path, capsys):
+    model = Path(shutil.copytree(finished[0], tmp_path / "model"))
+    run_dir = Path(shutil.copytree(finished[1], tmp_path / "run"))
     (model / "config.json").write_text("[]")
     out = refused(capsys, ["run", *overrides(model, text, run_dir, "eval.enabled=false")], run_dir)
     assert "config.json must hold a JSON object" in out
@@ -295,14 +304,12 @@ def test_a_malformed_safetensors_index(model, capsys, index, needle):
     assert "model.safetensors.index.json" in out and needle in out
 
 
-def finished_checkpoint(model: Path, text: Path, tmp_path: Path, capsys) -> Path:
-    code, out = run_cli(capsys, "run", *overrides(model, text, tmp_path / "run", "eval.enabled=false"))
-    assert code == cli.EXIT_OK, out
-    return tmp_path / "run" / "model"
+def finished_checkpoint(finished, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished[1] / "model", tmp_path / "out"))
 
 
-def test_verify_names_a_shard_whose_header_has_a_flipped_byte(model, text, tmp_path, capsys):
-    out_dir = finished_checkpoint(model, text, tmp_path, capsys)
+def test_verify_names_a_shard_whose_header_has_a_flipped_byte(finished, tmp_path, capsys):
+    out_dir = finished_checkpoint(finished, tmp_path)
     shard = sorted(out_dir.glob("model-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
@@ -316,8 +323,8 @@ def test_verify_names_a_shard_whose_header_has_a_flipped_byte(model, text, tmp_p
     assert shard.name in out and "data_offsets" in out
 
 
-def test_verify_a_malformed_manifest(model, text, tmp_path, capsys):
-    out_dir = finished_checkpoint(model, text, tmp_path, capsys)
+def test_verify_a_malformed_manifest(finished, tmp_path, capsys):
+    out_dir = finished_checkpoint(finished, tmp_path)
     (out_dir / "manifest.json").write_text("{oops")
     code, out = run_cli(capsys, "verify", str(out_dir))
     assert code == cli.EXIT_FAILURE and "Traceback" not in out
