@@ -32,12 +32,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from slm_dist.checkpoint.writer import FileRecord, sha256_file, write_manifest
+    from slm_dist.checkpoint.writer import FileRecord, hash_file, write_manifest
     from slm_dist.testing import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "model")
-        write_manifest(model, [FileRecord(p.name, sha256_file(p), p.stat().st_size) for p in sorted(model.iterdir())])
+        write_manifest(model, [FileRecord(p.name, hash_file(p), p.stat().st_size) for p in sorted(model.iterdir())])
         commands = {"verify": ["-q", "verify", str(model)],
                     "plan --dry-run": ["-q", "plan", "--dry-run", "--json", str(REPO / "configs" / "tiny.yaml"),
                                        f"model.path={model}", f"run.dir={tmp}/run"]}

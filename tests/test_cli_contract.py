@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from slm_dist import __version__, cli, logs, progress
-from slm_dist.checkpoint.writer import FileRecord, sha256_file, write_manifest
+from slm_dist.checkpoint.writer import FileRecord, hash_file, write_manifest
 from slm_dist.testing import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.mod
 def finished_folder(path: Path) -> Path:
     """A tiny model folder with a manifest, as `slm-dist merge` leaves one (verify passes on it)."""
     model = make_tiny_model(path)
-    records = [FileRecord(p.name, sha256_file(p), p.stat().st_size) for p in sorted(model.iterdir())]
+    records = [FileRecord(p.name, hash_file(p), p.stat().st_size) for p in sorted(model.iterdir())]
     write_manifest(model, records)
     return model
 

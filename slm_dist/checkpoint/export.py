@@ -397,7 +397,7 @@ def add_evaluation_to_card(out_dir: Path, perplexity: Mapping[str, Any]) -> File
     plan = MergePlan.from_json(manifest["plan"])
     data = ModelCard.load(out_dir / MODEL_CARD, ignore_metadata_errors=True).data
     record = _write_text(out_dir / MODEL_CARD, card_text(data, plan, plan.threshold, perplexity))
-    manifest["files"][MODEL_CARD] = {"sha256": record.sha256, "bytes": record.bytes}
+    manifest["files"][MODEL_CARD] = record.to_json()
     write_json(out_dir / MANIFEST_NAME, manifest)
     return record
 
