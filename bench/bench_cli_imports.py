@@ -1,6 +1,7 @@
 """Wall time of `slm-dist verify` and `slm-dist plan --dry-run` in a fresh interpreter (issue 18),
-against the same commands with torch, transformers and matplotlib imported first: what every call
-paid before those imports moved to the paths that need them. Both measured in this run.
+against the same commands with torch imported first: what these two paid before (the checkpoint
+writer's dtype table and the planner imported torch; neither loaded transformers or matplotlib).
+Both measured in this run, interleaved.
 
     python bench/bench_cli_imports.py [--repeats 7]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "import sys\n{pre}from slm_dist.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-HEAVY = "import torch, transformers, matplotlib.figure\n"
+HEAVY = "import torch\n"
 
 
 def seconds(code: str, args: list[str]) -> float:
@@ -51,7 +52,7 @@ def main() -> None:
                           "now_stderr": statistics.stdev(now) / len(now) ** 0.5,
                           "before_stderr": statistics.stdev(before) / len(before) ** 0.5}
             rows[name]["speedup"] = rows[name]["with_heavy_imports_s"] / rows[name]["now_s"]
-    print("| command | now (median s) | with torch+transformers+matplotlib imported (median s) | ratio |")
+    print("| command | now: median s (± s.e. of the mean) | with torch imported first, as before | ratio of medians |")
     print("|---|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| `{name}` | {r['now_s']:.2f} ± {r['now_stderr']:.2f} | {r['with_heavy_imports_s']:.2f} ± "
