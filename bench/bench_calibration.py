@@ -424,8 +424,7 @@ def main() -> None:
             sweep = memory_sweep(model_dir, num_layers, batches, args)
             cka_diff = max(float((torch.tensor(r["cka"]) - torch.tensor(baseline["cka"])).abs().max())
                            for r in (ray1, ray2))
-            from slm_dist.checkpoint.index import open_index
-            from slm_dist.context import layer_params
+            from slm_dist.checkpoint.index import layer_params, open_index
 
             rows.append({"name": name, "params": layer_params(open_index(model_dir))[0], "baseline": baseline,
                          "stats": stats, "ray1": ray1, "ray2": ray2, "sweep": sweep, "cka_diff": cka_diff})

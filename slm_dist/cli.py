@@ -98,7 +98,7 @@ def cmd_plan(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
     if args.dry_run:
-        from slm_dist import dryrun, pipeline, preflight
+        from slm_dist import dryrun, preflight
 
         model_dir = config.model.path
         if model_dir is None:
@@ -111,7 +111,7 @@ def cmd_plan(args) -> int:
             model_dir = resolve_model(model_dir, weights=False)  # a Hub repo id: config and index only
         # The same checks a run makes first, every problem listed (the demo's texts, fetched by a run, are not).
         problems = preflight.run_problems(config, Path(model_dir), config.calibration.source, config.eval.heldout,
-                                          layers_removed=pipeline.planned_removal(config), dry_run=True)
+                                          layers_removed=preflight.planned_removal(config), dry_run=True)
         if problems:
             preflight.log_problems(problems)
             log.error("plan --dry-run: %d problem(s) above; fix them and run it again", len(problems))
@@ -262,9 +262,8 @@ def _lm_eval(args, target: Path, config) -> int:
 
 def cmd_compare(args) -> int:
     from slm_dist import compare, context
-    from slm_dist.checkpoint.index import open_index
+    from slm_dist.checkpoint.index import layers_for_ratio, open_index
     from slm_dist.config import load_config
-    from slm_dist.planning import layers_for_ratio
 
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
@@ -290,7 +289,7 @@ def cmd_inspect(args) -> int:
     from slm_dist import preflight
     from slm_dist.arch import get_arch
     from slm_dist.checkpoint.hub import resolve_model
-    from slm_dist.context import layer_params
+    from slm_dist.checkpoint.index import layer_params
 
     index, problems = preflight.model_problems(resolve_model(args.model), allow_pickle=args.allow_pickle)
     preflight.require(problems)

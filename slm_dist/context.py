@@ -103,19 +103,6 @@ def index_model_bytes(index: CheckpointIndex, dtype: str) -> ModelBytes:
                                     index.num_layers, DTYPE_BYTES[dtype], tied_head)
 
 
-def layer_params(index: CheckpointIndex) -> tuple[int, int]:
-    """(all parameters, parameters of one decoder layer) from shapes alone."""
-    arch = get_arch(index.model_type)
-    total = per_layer = 0
-    for key, info in index.tensors.items():
-        numel = math.prod(info.shape)
-        total += numel
-        split = arch.split_key(key)
-        if split is not None and split[0] == 0:
-            per_layer += numel
-    return total, per_layer
-
-
 def stats_spec(config: SlmConfig) -> StatsSpec:
     s = config.similarity
     return StatsSpec(kernel=s.kernel, unit=s.unit, tokens_per_batch=s.tokens_per_batch,

@@ -27,7 +27,7 @@ from slm_dist.config import SlmConfig, needs_cached_inputs
 from slm_dist.config import compute_dtype as config_compute_dtype
 from slm_dist.config import resolve_device as config_resolve_device
 from slm_dist.core import planner, sizing
-from slm_dist.core.correction_fit import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK
+from slm_dist.core.correction_sizes import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK
 from slm_dist.core.partition import PartitionError, partition_layers
 
 GiB = 2**30

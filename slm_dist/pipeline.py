@@ -16,13 +16,13 @@ from slm_dist import calibration, context, extras, heal, preflight, report, run_
 from slm_dist.arch import get_arch
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint.export import add_evaluation_to_card, check_output_dir
-from slm_dist.checkpoint.index import CheckpointIndex, open_index
+from slm_dist.checkpoint.index import CheckpointIndex, layer_params, open_index
 from slm_dist.checkpoint.verify import verify_model
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.config import SlmConfig, needs_cached_inputs, to_yaml
 from slm_dist.context import RunContext
 from slm_dist.merging import merge_stage
-from slm_dist.planning import PlanSearch, check_target_feasible, layers_for_ratio
+from slm_dist.planning import PlanSearch, check_target_feasible
 from slm_dist.run_state import load_plan
 from slm_dist.workers.stats_reducer import StatsReducer
 
@@ -101,15 +101,6 @@ def open_run_state(ctx: RunContext, index: CheckpointIndex, force: bool = False)
                                    run_state.run_key(config, index_fp), inputs, force=force)
 
 
-def planned_removal(config: SlmConfig):
-    """How many layers the config's target removes, from the index (None: a threshold decides, so the
-    output is sized as if none went)."""
-    p = config.plan
-    if p.target_ratio is None:
-        return None
-    return lambda index: layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last, p.max_window)
-
-
 def write_if_changed(path: Path, text: str) -> None:
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -130,7 +121,7 @@ def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = 
     with ctx.timed("inspect"):
         # Every input, output and the cluster, before anything is written or computed (all problems at once).
         preflight.require(preflight.run_problems(config, ctx.model_dir, ctx.calibration_source, ctx.heldout_text,
-                                                 stop_after, layers_removed=planned_removal(config)))
+                                                 stop_after, layers_removed=preflight.planned_removal(config)))
         index = open_index(ctx.model_dir, allow_pickle=config.model.allow_pickle)
         get_arch(index.model_type)
         check_output_dir(ctx.model_dir, config.output_dir)
@@ -177,8 +168,8 @@ def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = 
                 merge_stage(config, index, plan, backend, ctx.show_progress)
             with ctx.timed("verify"):
                 verify(out_dir)
-            info = {"params_before": context.layer_params(index)[0],
-                    "params_after": context.layer_params(open_index(out_dir))[0],
+            info = {"params_before": layer_params(index)[0],
+                    "params_after": layer_params(open_index(out_dir))[0],
                     "verify_seconds": ctx.timings["verify"]}
             state.mark_done("merge", ctx.timings["merge"], info=info, checkpoint_dir=out_dir)
 

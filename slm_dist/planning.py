@@ -23,9 +23,9 @@ import torch
 
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint import corrections as corrections_file
-from slm_dist.checkpoint.index import CheckpointIndex
+from slm_dist.checkpoint.index import CheckpointIndex, layers_for_ratio
 from slm_dist.config import SlmConfig
-from slm_dist.context import RunContext, layer_params
+from slm_dist.context import RunContext
 from slm_dist.core import global_planner as gp
 from slm_dist.core import planner
 from slm_dist.core.alpha_fit import AlphaFit
@@ -46,14 +46,6 @@ class PlanMemo:
     fits: dict[Window, AlphaFit] = field(default_factory=dict)                # rule scaled: alpha per window
     corrections: dict[CorrectionKey, CorrectionFit] = field(default_factory=dict)  # maps released after scoring
     losses: MutableMapping[LossKey, float] = field(default_factory=dict)      # calibration loss per plan
-
-
-def layers_for_ratio(index: CheckpointIndex, ratio: float, protect_first: int, protect_last: int,
-                     max_window: int | None) -> int:
-    """The layer count nearest ``ratio`` of all parameters; an error when no plan can remove it."""
-    total, per_layer = layer_params(index)
-    return planner.layers_for_param_ratio(
-        total, per_layer, ratio, planner.max_layers_removed(index.num_layers, protect_first, protect_last, max_window))
 
 
 def check_target_feasible(config: SlmConfig, index: CheckpointIndex) -> None:

@@ -18,16 +18,17 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
-from slm_dist import calibration, evaluation
 from slm_dist.arch import ArchSpec, UnsupportedArchitectureError, get_arch
-from slm_dist.checkpoint.export import ExportError, check_output_dir
 from slm_dist.checkpoint.folder import load_tokenizer, read_config
-from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_index
+from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, layers_for_ratio, open_index
 from slm_dist.checkpoint.verify import verify_model
 from slm_dist.config import ClusterSection, ConfigError, SlmConfig
 from slm_dist.core.planner import PlanError
+
+if TYPE_CHECKING:  # the data readers import torch: only the checks that read data load them
+    from slm_dist.evaluation import EvalSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ CLUSTER_TIMEOUT_S = 5.0    # a Ray head that does not accept a connection in thi
 NUL = bytes(1)
 MAX_LISTED = 8             # problems of one kind listed before "... and N more"
 DISK_MARGIN_BYTES = 64 * 1024**2
-_BAD_INPUT = (CheckpointError, UnsupportedArchitectureError, calibration.CalibrationDataError,
-              evaluation.EvalDataError, ExportError, ConfigError, PlanError, FileNotFoundError, ValueError)
+# ValueError covers the data readers' and the export's own errors (CalibrationDataError, EvalDataError,
+# ExportError), whose modules import torch: they are imported only by the checks that need them.
+_BAD_INPUT = (CheckpointError, UnsupportedArchitectureError, ConfigError, PlanError, FileNotFoundError,
+              ValueError)
 
 
 class PreflightError(ValueError):
@@ -187,19 +190,26 @@ def text_file_problems(path: Path, what: str) -> list[str]:
     return []
 
 
-def calibration_problems(source: Path) -> list[str]:
+def calibration_problems(source: Path, parse: bool = True) -> list[str]:
+    """The calibration source decodes (text) and, with ``parse``, reads as records (the dry run skips
+    that: the readers import torch)."""
     source = Path(source)
     if source.suffix in (".txt", ".jsonl"):
         problems = text_file_problems(source, "calibration.source")
-        if problems:
+        if problems or not parse:
             return problems
     problems: list[str] = []
-    _collect(lambda: calibration.read_records(source), problems)
+    if parse:
+        from slm_dist import calibration
+
+        _collect(lambda: calibration.read_records(source), problems)
     return problems
 
 
 def eval_input_problems(ppl_files: Sequence[Path], tasks: Sequence[tuple[str, Path]], ppl_join: str = "auto",
                         limit: int | None = None) -> list[str]:
+    from slm_dist import evaluation
+
     problems: list[str] = []
     for path in ppl_files:
         found = text_file_problems(Path(path), "perplexity text")
@@ -333,7 +343,7 @@ def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | 
         index, problems = None, config_only_problems(model_dir)
     else:
         index, problems = model_problems(model_dir, config.model.allow_pickle)
-    if index is not None:
+    if index is not None and not dry_run:  # a dry run sizes from shapes: no tokenizer, no transformers
         problems += tokenizer_problems(model_dir)
     if dry_run:
         # A dry run often sizes a cluster from a laptop, before the data is there: an input file absent
@@ -344,7 +354,7 @@ def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | 
         calibration_source = calibration_source if calibration_source and Path(calibration_source).exists() else None
         heldout = heldout if heldout and Path(heldout).exists() else None
     if calibration_source is not None:
-        problems += calibration_problems(calibration_source)
+        problems += calibration_problems(calibration_source, parse=not dry_run)
     if heldout is not None and config.eval.enabled and stop_after is None:
         problems += text_file_problems(heldout, "eval.heldout")
     outputs = {"run.dir": config.run.dir}
@@ -353,7 +363,9 @@ def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | 
         if config.heal.enabled:
             outputs["heal.output_dir"] = config.heal.output_dir or config.run.dir / "healed"
     problems += output_problems({"model folder (model.path)": model_dir}, outputs)
-    if stop_after is None and not any("merge.output_dir" in p for p in problems):
+    if stop_after is None and not dry_run and not any("merge.output_dir" in p for p in problems):
+        from slm_dist.checkpoint.export import check_output_dir  # torch via the merge rules: not on the dry run
+
         _collect(lambda: check_output_dir(model_dir, config.output_dir), problems)  # a foreign non-empty folder
     if index is not None and stop_after is None:
         removed = config.plan.target_layers_removed or 0
@@ -364,7 +376,7 @@ def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | 
     return problems
 
 
-def eval_problems(config: SlmConfig, model_dir: Path, spec: evaluation.EvalSpec) -> list[str]:
+def eval_problems(config: SlmConfig, model_dir: Path, spec: EvalSpec) -> list[str]:
     """`eval`: the model and its tokenizer, every perplexity and task file, the cluster."""
     index, problems = model_problems(model_dir, config.model.allow_pickle)
     if index is not None:
@@ -409,3 +421,12 @@ def heal_problems(config: SlmConfig, model_dir: Path, data: Path | None, out_dir
 def log_problems(problems: Sequence[str]) -> None:
     for p in problems:
         log.error("%s", p)
+
+
+def planned_removal(config: SlmConfig):
+    """How many layers the config's target removes, from the index (None: a threshold decides, so the
+    output is sized as if none went)."""
+    p = config.plan
+    if p.target_ratio is None:
+        return None
+    return lambda index: layers_for_ratio(index, p.target_ratio, p.protect_first, p.protect_last, p.max_window)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from slm_dist.checkpoint.index import open_index
+from slm_dist.checkpoint.index import layer_params, layers_for_ratio, open_index
 from slm_dist.config import load_config
-from slm_dist.context import layer_params
 from slm_dist.core.planner import PlanError
-from slm_dist.planning import check_target_feasible, layers_for_ratio
+from slm_dist.planning import check_target_feasible
 from slm_dist.testing import make_tiny_model
 
 

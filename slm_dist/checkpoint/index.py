@@ -13,7 +13,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from slm_dist.arch import get_arch
 from slm_dist.checkpoint.folder import CheckpointError, inside, read_config, read_json_object
+from slm_dist.core.planner import layers_for_param_ratio, max_layers_removed
 
 __all__ = ["CheckpointError", "CheckpointIndex", "TensorInfo", "open_index", "read_safetensors_header"]
 
@@ -215,3 +217,24 @@ def _open_pickle_index(root: Path, config: dict) -> CheckpointIndex:
             dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(t.dtype, str(t.dtype))
             tensors[key] = TensorInfo(key, f, dtype, tuple(t.shape), t.numel() * t.element_size())
     return CheckpointIndex(root, config, tensors, tuple(files), "pickle")
+
+
+def layer_params(index: CheckpointIndex) -> tuple[int, int]:
+    """(all parameters, parameters of one decoder layer) from shapes alone."""
+    arch = get_arch(index.model_type)
+    total = per_layer = 0
+    for key, info in index.tensors.items():
+        numel = math.prod(info.shape)
+        total += numel
+        split = arch.split_key(key)
+        if split is not None and split[0] == 0:
+            per_layer += numel
+    return total, per_layer
+
+
+def layers_for_ratio(index: CheckpointIndex, ratio: float, protect_first: int, protect_last: int,
+                     max_window: int | None) -> int:
+    """The layer count nearest ``ratio`` of all parameters; an error when no plan can remove it."""
+    total, per_layer = layer_params(index)
+    return layers_for_param_ratio(
+        total, per_layer, ratio, max_layers_removed(index.num_layers, protect_first, protect_last, max_window))

@@ -46,11 +46,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from slm_dist.core.correction_sizes import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK  # noqa: F401
 from slm_dist.core.types import Window
 
-# Ridge strengths, relative to the mean eigenvalue of m^T m (trace / hidden): scale-free.
-RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
-FOLDS = 4  # cross-validation folds over calibration batches (fewer when there are fewer batches)
 KINDS = ("linear", "refit")  # merge.correction values that fit something
 
 
@@ -103,10 +101,6 @@ def _error(m: Tensor, r: Tensor, matrix: Tensor | None) -> float:
 # fit calls it again for every ridge (the caller recomputes them: a merged-layer forward per batch).
 Batch = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
 FoldRows = Callable[[int], Iterable[Batch]]
-# Rows go to float64 in chunks of this many: a 70B batch (16k tokens x 28672) would be 3.7 GB at once.
-ROW_CHUNK = 2048
-GRAM_COPIES = 2   # the training set's statistics and its Cholesky factor (d_in^2 float64 each)
-CROSS_COPIES = 3  # the training set's m^T r, the right-hand side (solved in place into X), the prior
 
 
 def _chunks(m: Tensor, r: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
