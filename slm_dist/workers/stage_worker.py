@@ -21,10 +21,10 @@ from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_ind
 from slm_dist.checkpoint.reader import LazyReader, torch_dtype
 from slm_dist.core import similarity
 from slm_dist.core.alpha_fit import AlphaFit
-from slm_dist.core.correction_fit import CorrectionFit, correction_key
+from slm_dist.core.correction_fit import BASELINE_KINDS, CorrectionFit, correction_key, fold_kind
 from slm_dist.core.merge import apply_correction, merge_window
 from slm_dist.core.types import Window
-from slm_dist.workers.window_fits import fit_window_alpha, fit_window_correction
+from slm_dist.workers.window_fits import fit_window_alpha, fit_window_correction, fit_window_replaceme
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ class StageWorker:
             if matrix is not None:
                 for suffix in self.arch.mlp_out_suffixes():
                     if suffix in merged:
-                        merged[suffix] = apply_correction(merged[suffix], matrix, correction)
+                        merged[suffix] = apply_correction(merged[suffix], matrix, fold_kind(correction))
             self._merged_layers[key] = self.new_layer(window[0], merged)
         return self._merged_layers[key]
 
@@ -372,8 +372,15 @@ class StageWorker:
     def fit_correction(self, window: Window, rule: str, alpha: float | None, batch_ids: Sequence[int],
                        kind: str = "linear") -> CorrectionFit:
         """merge.correction=linear|refit: fit the window's correction on cached inputs (window_fits)
-        and keep it for ``run_candidate(..., correction=kind)``; returns the fit, map included."""
-        fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token, kind)
+        and keep it for ``run_candidate(..., correction=kind)``; returns the fit, map included. The
+        ReplaceMe baseline's kinds (``replaceme_lstsq``/``replaceme_cosine``, rule drop) fit its map instead."""
+        if kind in BASELINE_KINDS:
+            if rule != "drop" or alpha is not None:
+                raise ValueError(f"{kind} fits the map of a removed block (rule drop, no alpha), got rule {rule!r}")
+            fit = fit_window_replaceme(self, window, batch_ids, kind.removeprefix("replaceme_"))
+        else:
+            fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token,
+                                        kind)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
 
