@@ -32,6 +32,11 @@ Methods (k = layers removed):
   the identity with Adam) on the MLP output of the layer below the block, folded into its down
   projection (``core/replaceme.py``). The map is fitted on the stage holding that layer
   (``Backend.fit_corrections``) and written as a linear corrections file beside the plan.
+- ``linearpatch_sleb`` / ``linearpatch_angular``: LinearPatch (Chen et al. 2025) on SLEB's or the
+  angular block's layers: at each pruning interface a patch P = H D H^T on the residual stream
+  (``core/linear_patch.py``), fitted on the stage holding the layer below the cut. It does not fold
+  into a plain checkpoint: the checkpoint is the plain removal, the patches go to ``patches.safetensors``
+  beside the plan, and the model is evaluated with them applied in memory (``StageSpec.patch_file``).
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ LABELS = {
     "sleb": "SLEB (Song et al. 2024)",
     "replaceme_lstsq": "ReplaceMe, least squares (Shopkhoev et al. 2025)",
     "replaceme_cosine": "ReplaceMe, cosine (Shopkhoev et al. 2025)",
+    "linearpatch_sleb": "SLEB + LinearPatch (Chen et al. 2025; patch in memory)",
+    "linearpatch_angular": "Angular block + LinearPatch (patch in memory)",
 }
 
 
@@ -358,10 +365,14 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
         out_dir = out_root / f"{method}-{k}"
         out_dir.mkdir(parents=True, exist_ok=True)
         protect_first = max(p.protect_first, 1)
-        if method == "sleb":
+        if method in ("sleb", "linearpatch_sleb"):
             plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows), protect_first)
+        elif method == "linearpatch_angular":
+            plan = baselines.angular_block(stats.angular, k, protect_first=protect_first)
         else:
             plan = replaceme_plan(backend, stats, k, method, protect_first, out_dir)
+        if method.startswith("linearpatch_"):
+            plan = linear_patch_plan(backend, plan, method, out_dir)
         write_json(out_dir / "plan.json", plan.to_json())
         return plan
 
@@ -399,6 +410,26 @@ def replaceme_plan(backend: Backend, stats: Statistics, k: int, method: str, pro
     return baselines.LayerPlan(method, inner, {**block.details, "fit": method, "fit_loss": fit.loss})
 
 
+def linear_patch_plan(backend: Backend, base: baselines.LayerPlan, method: str,
+                      out_dir: Path) -> baselines.LayerPlan:
+    """LinearPatch on ``base``'s removal: one patch per window (pruning interface), fitted on every
+    cached calibration batch, saved keyed by the pruned model's index of the layer below the cut."""
+    windows = list(base.windows)
+    patches = backend.fit_patches(windows, num_batches=1 << 30)
+    backend.clear_candidates()
+    by_layer = {lo - sum(h - l for l, h in windows if h < lo): p for (lo, _), p in zip(windows, patches)}
+    path = out_dir / corrections_file.PATCH_FILE_NAME
+    sha = corrections_file.save_patches(path, by_layer)
+    log.info("%s: %d patch(es) after pruned layers %s written to %s", method, len(by_layer), sorted(by_layer), path)
+    return baselines.LayerPlan(method, base.plan, {**base.details, "patch": {"file": str(path.resolve()),
+                                                                            "sha256": sha}})
+
+
+def plan_patch(plan) -> dict | None:
+    """LinearPatch's patch file of a plan ({"file", "sha256"}), or None."""
+    return getattr(plan, "details", {}).get("patch") if plan is not None else None
+
+
 def keep_previous(results_path: Path, previous: dict, reused: int) -> None:
     """Measured rows this run cannot reuse (another model, other eval items or files) are moved aside
     to ``compare.<time>.json``, never overwritten: they may have cost hours."""
@@ -421,6 +452,8 @@ def model_identity(plan) -> str:
              else [list(w), plan.rule, a] for w, a in zip(plan.windows, alphas)]
     if getattr(plan, "corrections", None):
         parts.append(["corrections", plan.corrections_sha256])  # fitted maps change the weights
+    if plan_patch(plan):
+        parts.append(["patch", plan_patch(plan)["sha256"]])  # an in-memory patch changes the model too
     return json.dumps(parts)
 
 
@@ -436,6 +469,8 @@ def _row_key(method: str, plan) -> dict:
         kind = getattr(plan, "details", {}).get("fit", kind)  # ReplaceMe: its objective, folded as linear
         if kind != "linear":
             key["correction_kind"] = kind
+    if plan_patch(plan):
+        key["patch"] = plan_patch(plan)["sha256"]
     return key
 
 
@@ -534,7 +569,9 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
                     merge_stage(method_config, index, plan, backend, show_progress)
                     model_dir = method_config.output_dir
                 log.info("evaluating %s (k=%d) from %s", method, k, model_dir)
-                scores = evaluation.evaluate_model(model_dir, spec, config, backend, show_progress, inputs)
+                patch = plan_patch(plan)
+                scores = evaluation.evaluate_model(model_dir, spec, config, backend, show_progress, inputs,
+                                                   patch_file=None if patch is None else Path(patch["file"]))
             except Exception as err:  # one broken method must not cost the other models' hours
                 log.exception("%s (k=%d) failed; its row records the error", method, k)
                 record({"key": key | {"k": k}, "method": method, "label": LABELS[method], "target_removed": k,
@@ -645,7 +682,8 @@ def describe_plan(windows: Sequence[Sequence[int]], rule: str | None) -> str:
 
 def correction_label(key: dict) -> str:
     """' + linear' / ' + refit' for a row whose plan carries corrections, else ''."""
-    return f" + {key.get('correction_kind', 'linear')}" if key.get("corrections") else ""
+    label = f" + {key.get('correction_kind', 'linear')}" if key.get("corrections") else ""
+    return label + (" + LinearPatch (in memory)" if key.get("patch") else "")
 
 
 def format_table(result: dict) -> str:

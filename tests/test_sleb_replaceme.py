@@ -16,7 +16,7 @@ from slm_dist.core import baselines
 from slm_dist.core.correction_fit import CorrectionError, NormalEquations
 from slm_dist.core.planner import PlanError
 from slm_dist.core.replaceme import cosine_loss, cosine_map, least_squares_map
-from slm_dist.workers.stage_worker import StageSpec, StatsSpec
+from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 from tests.test_linear_correction import cached_stages
 
 
@@ -145,7 +145,7 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
                                 "merge.max_shard_bytes=40000", "cluster.num_stages=2", "eval.seq_len=32",
                                 "eval.max_windows=4"])
     spec = evaluation.EvalSpec.from_config(config.eval, [tiny_text_file], {})
-    methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine")
+    methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular")
     result = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     rows = {r["method"]: r for r in result["rows"]}
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
@@ -158,6 +158,102 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
         assert "same_model_as" not in rows[method]
     assert rows["replaceme_lstsq"]["eval"]["ppl"] != rows["angular"]["eval"]["ppl"]
     assert "+ replaceme_lstsq" in compare.format_table(result)
+    # LinearPatch: the plain removal's checkpoint, patched in memory: another model than the removal.
+    for method, base in (("linearpatch_sleb", "sleb"), ("linearpatch_angular", "angular")):
+        assert rows[method]["windows"] == rows[base]["windows"] and rows[method]["key"]["patch"]
+        assert rows[method]["eval"]["ppl"] != rows[base]["eval"]["ppl"], method
+    assert "+ LinearPatch (in memory)" in compare.format_table(result)
     # A rerun reuses every plan (the ReplaceMe maps included) and every measured row.
     again = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in result["rows"]]
+
+
+# ------------------------------------------------------------------------------ LinearPatch
+def test_rotation_is_orthogonal_and_hadamard_on_powers_of_two():
+    from slm_dist.core.linear_patch import rotation, sylvester
+
+    for d in (8, 12, 576):
+        r = rotation(d)
+        assert torch.allclose(r @ r.T, torch.eye(d, dtype=torch.float64), atol=1e-10), d
+    h = sylvester(8)
+    assert set(h.unique().tolist()) == {-1.0, 1.0} and torch.equal(rotation(8), h / 8 ** 0.5)
+
+
+def test_linear_patch_matches_magnitudes_of_the_rotated_channels(tiny_model):
+    """The stage's patch equals H diag(d) H^T with d the ratio of mean |h H| of layer hi's and layer lo's
+    outputs, taken from transformers; applied to h_lo it matches the rotated magnitudes of h_hi."""
+    from slm_dist.core.linear_patch import rotation
+
+    window = (2, 4)
+    stages, batches = cached_stages(tiny_model)
+    patch = stages[0].fit_patch(window, [0, 1, 2, 3])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    los, his = [], []
+    with torch.no_grad():
+        for ids in batches:
+            hidden = model(ids, output_hidden_states=True).hidden_states  # [i] = input of layer i
+            los.append(hidden[3].reshape(-1, 32))
+            his.append(hidden[5].reshape(-1, 32))
+    lo, hi, h = torch.cat(los).double(), torch.cat(his).double(), rotation(32)
+    scale = (hi @ h).abs().mean(0) / (lo @ h).abs().mean(0)
+    assert torch.allclose(patch.double(), h @ torch.diag(scale) @ h.T, atol=1e-4)
+    assert torch.allclose(((lo @ patch.double()) @ h).abs().mean(0), (hi @ h).abs().mean(0), rtol=1e-3)
+
+
+def test_a_patched_stage_applies_the_patch_after_its_layer(tiny_model, tmp_path):
+    from slm_dist.checkpoint.corrections import load_patches, save_patches
+
+    patch = torch.eye(32) * 0.5 + 0.01 * torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "patches.safetensors"
+    save_patches(path, {1: patch})
+    assert torch.equal(load_patches(path, 32)[1], patch)
+    with pytest.raises(PlanError, match="layer.<index>"):
+        load_patches(path, 16)
+    ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = StageWorker(StageSpec(str(tiny_model), 0, 3, 6))
+    patched = StageWorker(StageSpec(str(tiny_model), 0, 3, 6, patch_file=str(path)))
+    with torch.inference_mode():
+        h = plain._inputs(ids)
+        ctx = plain.context(h)
+        for i, layer in zip(plain.layer_ids, plain.layers):
+            h = plain.run_layer(layer, i, h, ctx)
+            if i == 1:
+                h = h @ patch
+        assert torch.allclose(patched.forward(ids), h, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ LAMBADA
+def test_lambada_counts_texts_whose_last_word_is_the_greedy_continuation(tiny_model, tmp_path):
+    """Through the stages (greedy gaps) against transformers' argmax: one text built to be a hit, others
+    random; the per-text verdicts agree and the built one counts."""
+    import json
+
+    from slm_dist.evaluation import EvalSpec, backend_scorer, evaluate, prepare_inputs
+    from slm_dist.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    words = "the city of the north river was".split()
+    ids = tok(" ".join(words), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        greedy = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    texts = [" ".join(words) + " " + tok.decode([greedy]).strip(), "the king of the south", "a team and the music of war"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    inputs = prepare_inputs(EvalSpec(lambada=path), tok)
+    assert len(inputs.lambada) == 3
+
+    def hf_hit(request) -> bool:
+        t = torch.tensor([request.tokens])
+        with torch.no_grad():
+            top = model(t).logits[0, :-1].argmax(-1)
+        c = request.num_continuation
+        return bool((top[-c:] == t[0, -c:]).all())
+
+    expected = [hf_hit(r) for r in inputs.lambada]
+    assert expected[0]
+    backend = LocalBackend()
+    specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
+    result = evaluate(inputs, backend_scorer(backend, specs))
+    assert result["lambada"] == {"acc": sum(expected) / 3, "n": 3}
+    backend.close()

@@ -51,12 +51,16 @@ class Backend(Protocol):
     def fit_corrections(self, requests: Sequence[CorrectionRequest], num_batches: int) -> list[CorrectionFit]:
         """merge.correction: each request's correction, fitted and kept on the stage holding its lo."""
 
+    def fit_patches(self, windows: Sequence[Window], num_batches: int) -> list[Tensor]:
+        """LinearPatch: each window's residual-stream patch [hidden, hidden], on the stage holding its lo."""
+
     def clear_candidates(self, corrections: bool = False) -> None:
         """Drop candidate layers built while scoring (and, with ``corrections``, the fitted maps)."""
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
-                 desc: str = "score", starts: Sequence[int] | None = None) -> list[Tensor]:
-        """Per batch, log p(token t+1 | prefix) [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
+                 desc: str = "score", starts: Sequence[int] | None = None, greedy: bool = False) -> list[Tensor]:
+        """Per batch, log p(token t+1 | prefix) [batch, seq-1] float32, in order; NaN before ``starts[i]``.
+        ``greedy``: log p(token t+1) - max over the vocabulary instead (0 exactly at the argmax)."""
 
     def nll(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False) -> tuple[float, int]:
         """(summed next-token NLL, tokens scored) over ``batches``."""
@@ -103,7 +107,7 @@ class StagedScoring:
         raise NotImplementedError
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
-                 desc: str = "score", starts: Sequence[int] | None = None) -> list[Tensor]:
+                 desc: str = "score", starts: Sequence[int] | None = None, greedy: bool = False) -> list[Tensor]:
         raise NotImplementedError
 
     def _require_cache(self, what: str) -> None:

@@ -99,21 +99,29 @@ class LocalBackend(StagedScoring):
         return [self.stages[stage_holding(specs, w[0])].fit_correction(tuple(w), rule, alpha, batch_ids, kind)
                 for w, rule, alpha, kind in requests]
 
+    def fit_patches(self, windows: Sequence[Window], num_batches: int) -> list[torch.Tensor]:
+        """LinearPatch: each window's residual-stream patch, fitted on the stage holding its lo."""
+        self._require_cache("fit_patches")
+        specs = self._stage_specs()
+        batch_ids = self._batch_ids[:num_batches]
+        return [self.stages[stage_holding(specs, lo)].fit_patch((lo, hi), batch_ids) for lo, hi in windows]
+
     def clear_candidates(self, corrections: bool = False) -> None:
         """Drop the merged candidate layers the stages built while scoring (and the fitted corrections)."""
         for stage in self.stages:
             stage.clear_candidates(corrections)
 
     def logprobs(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False,
-                 desc: str = "score", starts: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
+                 desc: str = "score", starts: Sequence[int] | None = None, greedy: bool = False) -> list[torch.Tensor]:
+        """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``.
+        ``greedy``: log p(token) - max log p instead (0 where the token is the most likely)."""
         stages = self._workers(specs)
         out = []
         for i, (_, ids) in enumerate(progress(batches, show_progress, desc)):
             x = ids
             for stage in stages[:-1]:
                 x = stage.forward(x)
-            out.append(stages[-1].token_logprobs(x, ids, 0 if starts is None else starts[i]))
+            out.append(stages[-1].token_logprobs(x, ids, 0 if starts is None else starts[i], greedy))
         return out
 
     def run_shard_jobs(self, jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int,

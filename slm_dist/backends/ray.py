@@ -518,6 +518,13 @@ class RayBackend(StagedScoring):
             self._corrections[fit.key] = fit.matrix
         return fits
 
+    def fit_patches(self, windows: Sequence[tuple[int, int]], num_batches: int) -> list[torch.Tensor]:
+        """LinearPatch: each window's residual-stream patch, fitted on the stage holding its lo."""
+        self._require_cache("fit_patches")
+        batch_ids = [b for b, _ in self._calibration][:num_batches]
+        return ray.get([self._stages[stage_holding(self._specs, lo)].fit_patch.remote((lo, hi), batch_ids)
+                        for lo, hi in windows])
+
     def _reinstall_corrections(self) -> None:
         ray.get([self._stages[stage_holding(self._specs, key[0][0])].set_correction.remote(key, matrix)
                  for key, matrix in self._corrections.items()])
@@ -530,8 +537,8 @@ class RayBackend(StagedScoring):
 
     # ------------------------------------------------------------------------------ evaluation
     def logprobs(self, specs: Sequence[StageSpec], batches: Sequence[tuple[int, torch.Tensor]],
-                 show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None
-                 ) -> list[torch.Tensor]:
+                 show_progress: bool = False, desc: str = "score", starts: Sequence[int] | None = None,
+                 greedy: bool = False) -> list[torch.Tensor]:
         """Per batch, log p(token t+1 | prefix): [batch, seq-1] float32, in order; NaN before ``starts[i]``."""
         stages = self._workers(specs)
         inputs = [ray.put(ids) for _, ids in batches]
@@ -540,7 +547,7 @@ class RayBackend(StagedScoring):
             x = inputs[i]
             for stage in stages[:-1]:
                 x = stage.forward_hop.remote(x)
-            return [stages[-1].token_logprobs.remote(x, inputs[i], 0 if starts is None else starts[i])]
+            return [stages[-1].token_logprobs.remote(x, inputs[i], 0 if starts is None else starts[i], greedy)]
 
         results = self._stream(range(len(batches)), submit, desc, show_progress)
         return [results[i][0] for i in range(len(batches))]

@@ -24,7 +24,12 @@ from slm_dist.core.alpha_fit import AlphaFit
 from slm_dist.core.correction_fit import BASELINE_KINDS, CorrectionFit, correction_key, fold_kind
 from slm_dist.core.merge import apply_correction, merge_window
 from slm_dist.core.types import Window
-from slm_dist.workers.window_fits import fit_window_alpha, fit_window_correction, fit_window_replaceme
+from slm_dist.workers.window_fits import (
+    fit_window_alpha,
+    fit_window_correction,
+    fit_window_patch,
+    fit_window_replaceme,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,9 @@ class StageSpec:
     attn_implementation: str = "sdpa"
     allow_pickle: bool = False
     with_lm_head: bool = True  # the last stage also scores tokens (perplexity)
+    # LinearPatch (evaluation only): residual-stream patches h -> h P after some layers, from this file
+    # (checkpoint/corrections.py ``save_patches``); ``forward`` applies them, calibration and scoring do not.
+    patch_file: str | None = None
 
     @property
     def is_first(self) -> bool:
@@ -139,6 +147,12 @@ class StageWorker:
 
         for layer_id, layer in zip(self.layer_ids, self.layers):
             self._load_module(layer, f"{self.arch.layers_module}.{layer_id}")
+        self.patches: dict[int, Tensor] = {}
+        if self.spec.patch_file is not None:
+            from slm_dist.checkpoint.corrections import load_patches
+
+            self.patches = {i: p.to(self.device, self.dtype) for i, p in
+                            load_patches(self.spec.patch_file, config.hidden_size).items() if i in self.layer_ids}
         if self.embed is not None:
             self._load_module(self.embed, self.arch.embed_module)
         if self.norm is not None:
@@ -228,6 +242,8 @@ class StageWorker:
         ctx = self.context(h)
         for layer_id, layer in zip(self.layer_ids, self.layers):
             h = self.run_layer(layer, layer_id, h, ctx)
+            if layer_id in self.patches:
+                h = h @ self.patches[layer_id]
         return h
 
     @torch.inference_mode()
@@ -276,7 +292,7 @@ class StageWorker:
         return h, stats
 
     @torch.inference_mode()
-    def token_logprobs(self, x: Tensor, input_ids: Tensor, start: int = 0) -> Tensor:
+    def token_logprobs(self, x: Tensor, input_ids: Tensor, start: int = 0, greedy: bool = False) -> Tensor:
         """Last stage: log p(input_ids[:, t+1] | prefix), [batch, seq-1] float32, for positions t >= start.
 
         Positions before ``start`` come back NaN: the vocabulary projection is about a fifth of a
@@ -285,14 +301,17 @@ class StageWorker:
         if not (self.spec.is_last and self.lm_head is not None):
             raise RuntimeError("token_logprobs runs on the last stage, built with with_lm_head=True")
         h = self.forward(x) if self.layers else self._inputs(x)
-        return self._logprobs(h, input_ids, start)
+        return self._logprobs(h, input_ids, start, greedy)
 
-    def _logprobs(self, h: Tensor, input_ids: Tensor, start: int = 0) -> Tensor:
+    def _logprobs(self, h: Tensor, input_ids: Tensor, start: int = 0, greedy: bool = False) -> Tensor:
         width = h.shape[1] - 1
         start = min(max(int(start), 0), width)
         logits = self.lm_head(self.norm(h[:, start:-1])).float()
         logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, input_ids[:, start + 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1).cpu()
+        picked = logp.gather(-1, input_ids[:, start + 1:].to(logp.device).long().unsqueeze(-1)).squeeze(-1)
+        if greedy:  # LAMBADA: how far below the most likely token; 0 exactly when the token is the argmax
+            picked = picked - logp.max(-1).values
+        picked = picked.cpu()
         if start == 0:
             return picked
         out = torch.full((h.shape[0], width), math.nan, dtype=picked.dtype)
@@ -383,6 +402,10 @@ class StageWorker:
                                         kind)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
+
+    def fit_patch(self, window: Window, batch_ids: Sequence[int]) -> Tensor:
+        """LinearPatch for removing the window's upper layers (window_fits.fit_window_patch)."""
+        return fit_window_patch(self, window, batch_ids)
 
     def set_correction(self, key: tuple, matrix: Tensor | None) -> None:
         """Install a map fitted earlier (the Ray driver re-installs them on a restarted stage)."""

@@ -30,6 +30,7 @@ from slm_dist.core.correction_fit import (
     projection_prior,
     with_intercept,
 )
+from slm_dist.core.linear_patch import PatchError, patch_matrix, rotation
 from slm_dist.core.merge import merge_window
 from slm_dist.core.replaceme import MODES, cosine_map, least_squares_map
 from slm_dist.core.types import Window
@@ -206,3 +207,32 @@ def fit_window_replaceme(stage: LayerHost, window: Window, batch_ids: Sequence[i
     loss = eq.error(matrix) / identity if identity > 0.0 else 1.0
     return CorrectionFit(window=(lo, hi), rule="drop", alpha=None, ridge=0.0, loss=loss, tried=(),
                          matrix=matrix.float().cpu(), kind=f"replaceme_{mode}")
+
+
+def fit_window_patch(stage: LayerHost, window: Window, batch_ids: Sequence[int]) -> Tensor:
+    """LinearPatch (``core/linear_patch.py``) for removing layers lo+1..hi: P [hidden, hidden] float32
+    from the rotated magnitudes of layer lo's output and layer hi's output on the original model
+    (every token of ``batch_ids``)."""
+    lo, hi = window
+    check_window_on_stage(stage, window)
+    if not batch_ids:
+        raise PatchError(f"the patch of window {list(window)} needs at least one calibration batch")
+    _, member = stage.window_members(window)
+    with torch.inference_mode():
+        states = []
+        for batch_id in batch_ids:
+            h = stage.cached_input(batch_id, lo)
+            states.append((h, stage.context(h)))
+        outs = [h for h, _ in states]
+        lows = None
+        for layer_id in range(lo, hi + 1):
+            module = member(layer_id)
+            outs = [stage.run_layer(module, layer_id, x, ctx) for x, (_, ctx) in zip(outs, states)]
+            if layer_id == lo:
+                lows = outs
+            del module
+        d = outs[0].shape[-1]
+        rot = rotation(d).to(outs[0].device)
+        before = sum((x.reshape(-1, d).double() @ rot).abs().sum(0) for x in lows)
+        after = sum((x.reshape(-1, d).double() @ rot).abs().sum(0) for x in outs)
+    return patch_matrix(before.cpu(), after.cpu(), rot.cpu()).float()
