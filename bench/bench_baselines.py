@@ -49,7 +49,8 @@ def table(result: dict) -> str:
     metric, items = settings["metric"], settings["items"]
     head = ["Method", "Removed", "Plan", *(f"PPL {compare._short(f)}" for f in ppl_files),
             *(f"x dense {compare._short(f)}" for f in ppl_files[:1]),
-            *(f"{t} ({metric[t]})" for t in tasks), *(["Avg ± SE"] if tasks else [])]
+            *(f"{t} ({metric[t]})" for t in tasks), *(["Avg ± SE"] if tasks else []),
+            *(["LAMBADA (acc) ± SE"] if "lambada_items" in settings else [])]
     rows = [r for r in result["rows"] if "eval" in r]
     dense = next((r for r in rows if r["method"] == "dense"), None)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -66,6 +67,9 @@ def table(result: dict) -> str:
         if tasks:
             se = average_stderr(row, settings)
             cells.append("n/a" if ev["average"] is None else f"{100 * ev['average']:.1f} ± {100 * se:.1f}")
+        if "lambada_items" in settings:
+            p = ev.get("lambada", {}).get("acc")
+            cells.append("n/a" if p is None else f"{100 * p:.1f} ± {100 * stderr(p, settings['lambada_items']):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,11 +129,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, "bench-baselines", limit=200, long_limit=None, ppl_windows=32)
     parser.add_argument("--no-tasks", action="store_true", help="perplexity only")
+    parser.add_argument("--lambada", action="store_true", help="also LAMBADA last-word accuracy (first --limit texts)")
     args = parser.parse_args()
-    if args.no_tasks:
-        import compare_common
+    import compare_common
 
+    if args.no_tasks:
         compare_common.TASKS = {}
+    if args.lambada:
+        compare_common.LAMBADA = compare_common.DATA / "lambada" / "lambada_test.jsonl"
     return run(args, SECTION, section, METHODS)
 
 

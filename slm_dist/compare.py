@@ -691,8 +691,9 @@ def format_table(result: dict) -> str:
     ppl_files = list(result["eval_settings"]["ppl_windows"])
     tasks = list(result["eval_settings"]["metric"])
     metric = result["eval_settings"]["metric"]
+    lambada = any("lambada" in r.get("eval", {}) for r in result["rows"])
     head = (["Method", "Removed", "Layers", "Plan", *(f"PPL {_short(f)}" for f in ppl_files),
-             *(f"{t} ({metric[t]})" for t in tasks), "Avg"])
+             *(f"{t} ({metric[t]})" for t in tasks), "Avg", *(["LAMBADA (acc)"] if lambada else [])])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         if "error" in row:
@@ -705,5 +706,7 @@ def format_table(result: dict) -> str:
                      *(_fmt(ev["ppl"].get(f)) for f in ppl_files),
                      *(_fmt(100 * ev["tasks"][t][metric[t]], 1) if t in ev["tasks"] else "n/a" for t in tasks),
                      _fmt(None if ev["average"] is None else 100 * ev["average"], 1)]
+            if lambada:
+                cells.append(_fmt(100 * ev["lambada"]["acc"], 1) if "lambada" in ev else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
