@@ -37,6 +37,8 @@ Methods (k = layers removed):
   (``core/linear_patch.py``), fitted on the stage holding the layer below the cut. It does not fold
   into a plain checkpoint: the checkpoint is the plain removal, the patches go to ``patches.safetensors``
   beside the plan, and the model is evaluated with them applied in memory (``StageSpec.patch_file``).
+- ``angular_refit``: slm-dist's ``refit`` correction (cross-validated ridge, position 0 kept out of the
+  ridge choice) on the angular block: the same layers as ReplaceMe, our correction instead of its map.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ LABELS = {
     "replaceme_cosine": "ReplaceMe, cosine (Shopkhoev et al. 2025)",
     "linearpatch_sleb": "SLEB + LinearPatch (Chen et al. 2025; patch in memory)",
     "linearpatch_angular": "Angular block + LinearPatch (patch in memory)",
+    "angular_refit": "slm-dist refit on the angular block",
 }
 
 
@@ -369,6 +372,8 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
             plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows), protect_first)
         elif method == "linearpatch_angular":
             plan = baselines.angular_block(stats.angular, k, protect_first=protect_first)
+        elif method == "angular_refit":
+            plan = refit_plan(backend, stats, k, protect_first, out_dir, config.merge.correction_batches)
         else:
             plan = replaceme_plan(backend, stats, k, method, protect_first, out_dir)
         if method.startswith("linearpatch_"):
@@ -408,6 +413,21 @@ def replaceme_plan(backend: Backend, stats: Statistics, k: int, method: str, pro
     log.info("%s: block %s, map error on its fitting tokens %.3f of the plain removal's", method, list(window),
              fit.loss)
     return baselines.LayerPlan(method, inner, {**block.details, "fit": method, "fit_loss": fit.loss})
+
+
+def refit_plan(backend: Backend, stats: Statistics, k: int, protect_first: int, out_dir: Path,
+               num_batches: int) -> baselines.LayerPlan:
+    """The angular block with slm-dist's ``refit`` correction of the kept layer below it."""
+    block = baselines.angular_block(stats.angular, k, protect_first=protect_first)
+    (window,) = block.windows
+    (fit,) = backend.fit_corrections([(window, "drop", None, "refit")], num_batches)
+    backend.clear_candidates(corrections=True)
+    if not fit.corrects:
+        return baselines.LayerPlan("angular_refit", block.plan, {**block.details, "refit": fit.to_json()})
+    file, sha = write_corrections(out_dir, {window: fit.matrix}, "refit")
+    log.info("angular_refit: block %s, held-out error %.3f of the plain removal's", list(window), fit.loss)
+    return baselines.LayerPlan("angular_refit", replace(block.plan, corrections=file, corrections_sha256=sha),
+                               {**block.details, "refit": fit.to_json()})
 
 
 def linear_patch_plan(backend: Backend, base: baselines.LayerPlan, method: str,

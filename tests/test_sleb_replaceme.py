@@ -145,7 +145,8 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
                                 "merge.max_shard_bytes=40000", "cluster.num_stages=2", "eval.seq_len=32",
                                 "eval.max_windows=4"])
     spec = evaluation.EvalSpec.from_config(config.eval, [tiny_text_file], {})
-    methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular")
+    methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
+               "angular_refit")
     result = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     rows = {r["method"]: r for r in result["rows"]}
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
@@ -163,6 +164,10 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
         assert rows[method]["windows"] == rows[base]["windows"] and rows[method]["key"]["patch"]
         assert rows[method]["eval"]["ppl"] != rows[base]["eval"]["ppl"], method
     assert "+ LinearPatch (in memory)" in compare.format_table(result)
+    # slm-dist's refit on the same block: a refit corrections file (or the plain removal when it kept it).
+    refit = rows["angular_refit"]
+    assert refit["windows"] == rows["angular"]["windows"]
+    assert refit["key"].get("correction_kind") == "refit" or "same_model_as" in refit
     # A rerun reuses every plan (the ReplaceMe maps included) and every measured row.
     again = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in result["rows"]]
