@@ -33,6 +33,7 @@ TASKS = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
 LONG_TASKS = {"hellaswag": 6, "boolq": 1}  # tasks with 2-4x longer items: lines per item in the file
 PLAN_SETTINGS = ("plan.cost=measured", "plan.candidates=12", "plan.local_search=32", "plan.refine_metric=nll")
 CALIBRATION = ("calibration.num_samples=32", "calibration.seq_len=256", "calibration.batch_size=8")
+LAMBADA: Path | None = None  # set by a bench that reports LAMBADA (its first --limit texts)
 
 Section = Callable[[dict, str], str]  # (compare result, command line) -> the Markdown section
 
@@ -148,6 +149,10 @@ def run(args, title: str, section: Section, methods: tuple[str, ...],
             "cluster.num_stages=1", f"eval.seq_len={args.seq_len}", f"eval.max_windows={args.ppl_windows}",
             "eval.batch_tokens=4096", *args.overrides])
         spec = evaluation.EvalSpec.from_config(config.eval, [DATA / p for p in PPL], task_files(args), args.limit)
+        if LAMBADA is not None:
+            from dataclasses import replace
+
+            spec = replace(spec, lambada=LAMBADA)
         chosen = args.methods.split(",") if args.methods else methods
         result = compare.compare(config, args.removed or [6, 10], spec, chosen, show_progress=False)
         body = section(result, command)

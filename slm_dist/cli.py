@@ -202,10 +202,13 @@ def _task_args(items: list[str]) -> dict[str, Path]:
 
 
 def _eval_spec(args, config):
+    from dataclasses import replace
+
     from slm_dist.evaluation import EvalSpec
 
-    return EvalSpec.from_config(config.eval, [Path(p) for p in args.ppl or []], _task_args(args.task), args.limit,
+    spec = EvalSpec.from_config(config.eval, [Path(p) for p in args.ppl or []], _task_args(args.task), args.limit,
                                 args.seq_len)
+    return replace(spec, lambada=Path(args.lambada)) if args.lambada else spec
 
 
 def cmd_eval(args) -> int:
@@ -384,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ppl", action="append", metavar="FILE", help="perplexity text (repeatable)")
         p.add_argument("--task", action="append", metavar="NAME=FILE", help="zero-shot task file (repeatable)")
         p.add_argument("--limit", type=int, help="first N items of each task")
+        p.add_argument("--lambada", metavar="FILE", help="LAMBADA jsonl: last-word accuracy (first --limit texts)")
         p.add_argument("--seq-len", type=int, help="perplexity window length (tokens)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 

@@ -23,6 +23,22 @@ Methods (k = layers removed):
   and ``slm_global_refit`` are ``scaled`` with ``merge.correction: linear`` (a fitted map per window)
   or ``refit`` (each window's MLP output projection refitted). Each one's plan.json
   (ranked candidates, alphas, corrections) is kept under ``<run.dir>/compare/<method>-<k>/``.
+- ``sleb``: SLEB (Song et al. 2024): k single layers removed one at a time, each the one whose removal
+  from the model pruned so far gives the lowest calibration NLL (``baselines.sleb``); every trial is a
+  plan scored by ``Backend.score_plan`` on the stages' cached calibration inputs, run from its lowest
+  removed layer up. Trials are shared with the global search's memo (same plans, same losses).
+- ``replaceme_lstsq`` / ``replaceme_cosine``: ReplaceMe (Shopkhoev et al. 2025): the angular block,
+  and one hidden x hidden map fitted on every calibration batch (least squares, or the cosine loss from
+  the identity with Adam) on the MLP output of the layer below the block, folded into its down
+  projection (``core/replaceme.py``). The map is fitted on the stage holding that layer
+  (``Backend.fit_corrections``) and written as a linear corrections file beside the plan.
+- ``linearpatch_sleb`` / ``linearpatch_angular``: LinearPatch (Chen et al. 2025) on SLEB's or the
+  angular block's layers: at each pruning interface a patch P = H D H^T on the residual stream
+  (``core/linear_patch.py``), fitted on the stage holding the layer below the cut. It does not fold
+  into a plain checkpoint: the checkpoint is the plain removal, the patches go to ``patches.safetensors``
+  beside the plan, and the model is evaluated with them applied in memory (``StageSpec.patch_file``).
+- ``angular_refit``: slm-dist's ``refit`` correction (cross-validated ridge, position 0 kept out of the
+  ridge choice) on the angular block: the same layers as ReplaceMe, our correction instead of its map.
 """
 
 from __future__ import annotations
@@ -45,11 +61,11 @@ from slm_dist.checkpoint import corrections as corrections_file
 from slm_dist.checkpoint.index import CheckpointIndex, open_index
 from slm_dist.checkpoint.writer import write_json
 from slm_dist.config import COMPARE_METHODS as METHODS
-from slm_dist.config import GLOBAL_METHODS, GLOBAL_RULES, SLM_RULES, ConfigError, SlmConfig
+from slm_dist.config import GLOBAL_METHODS, GLOBAL_RULES, SLM_RULES, STAGED_BASELINES, ConfigError, SlmConfig
 from slm_dist.context import RunContext
 from slm_dist.core import baselines, planner
 from slm_dist.merging import merge_stage
-from slm_dist.planning import PlanMemo, PlanSearch
+from slm_dist.planning import PlanMemo, PlanSearch, write_corrections
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
 
 log = logging.getLogger(__name__)
@@ -65,6 +81,12 @@ LABELS = {
     **{f"slm_global_{r}": f"slm-dist global search, rule {r}" for r in GLOBAL_RULES},
     "slm_global_linear": "slm-dist global search, scaled + linear correction",
     "slm_global_refit": "slm-dist global search, scaled + refitted projection",
+    "sleb": "SLEB (Song et al. 2024)",
+    "replaceme_lstsq": "ReplaceMe, least squares (Shopkhoev et al. 2025)",
+    "replaceme_cosine": "ReplaceMe, cosine (Shopkhoev et al. 2025)",
+    "linearpatch_sleb": "SLEB + LinearPatch (Chen et al. 2025; patch in memory)",
+    "linearpatch_angular": "Angular block + LinearPatch (patch in memory)",
+    "angular_refit": "slm-dist refit on the angular block",
 }
 
 
@@ -140,8 +162,13 @@ def plan_from_json(data: dict, num_layers: int):
     if "error" in data:
         return data["error"]
     if "method" in data:  # a baseline's LayerPlan
-        return baselines.layer_plan(data["method"], num_layers, [tuple(w) for w in data["windows"]], data["rule"],
+        plan = baselines.layer_plan(data["method"], num_layers, [tuple(w) for w in data["windows"]], data["rule"],
                                     **data.get("details", {}))
+        if "corrections" in data:  # ReplaceMe: its fitted map
+            inner = replace(plan.plan, corrections=data["corrections"]["file"],
+                            corrections_sha256=data["corrections"]["sha256"])
+            plan = baselines.LayerPlan(plan.method, inner, plan.details)
+        return plan
     return planner.MergePlan.from_json({k: v for k, v in data.items() if k != "details"})
 
 
@@ -246,7 +273,8 @@ class PlanLosses(dict):
 # --------------------------------------------------------------------------------- plans
 def make_plans(stats: Statistics, k: int, config: SlmConfig, methods: Sequence[str],
                output_plan: Callable[[int], tuple[float, list, list]] | None,
-               global_plan: Callable[[int, str], planner.MergePlan] | None = None) -> dict[str, object]:
+               global_plan: Callable[[int, str], planner.MergePlan] | None = None,
+               staged_plan: Callable[[int, str], object] | None = None) -> dict[str, object]:
     """Every requested method's plan for k removed layers; a method that cannot plan gets its error text."""
     p = config.plan
     n = stats.num_layers
@@ -273,6 +301,8 @@ def make_plans(stats: Statistics, k: int, config: SlmConfig, methods: Sequence[s
                                                   "cka", threshold)
             elif method in GLOBAL_METHODS:
                 plans[method] = global_plan(k, method)
+            elif method in STAGED_BASELINES:
+                plans[method] = staged_plan(k, method)
             elif method == "slm_output":
                 t, windows, tried = output_plan(k)
                 plans[method] = planner.MergePlan(n, tuple(map(tuple, windows)), "reference", "output", t)
@@ -293,11 +323,11 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
     methods = {m for ms in wanted.values() for m in ms}
     show_progress = ctx.show_progress
     with ctx.timed("calibrate"):
-        keep = any(m == "slm_output" or m.startswith("slm_global_") for m in methods)
+        keep = any(m == "slm_output" or m.startswith("slm_global_") or m in STAGED_BASELINES for m in methods)
         reducer = pipeline.calibrate(ctx, index, backend, input_ids, keep_inputs=keep)
         write_json(ctx.run_dir / "similarity.json", pipeline.similarity_json(reducer, config))
     angular = None
-    if "angular" in methods:
+    if "angular" in methods or any(m.startswith("replaceme_") for m in methods):
         with ctx.timed("angular"):
             first = context.stage_specs(config, index, ctx.model_dir)[0]
             states = boundary_last_token_states(first, input_ids, config.calibration.batch_size, show_progress)
@@ -332,12 +362,90 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
         write_json(out_dir / "plan.json", {**plan.to_json(), "details": details})
         return plan
 
+    def staged_plan(k: int, method: str):
+        out_dir = out_root / f"{method}-{k}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        protect_first = max(p.protect_first, 1)
+        if method in ("sleb", "linearpatch_sleb"):
+            plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows), protect_first)
+        elif method == "linearpatch_angular":
+            plan = baselines.angular_block(stats.angular, k, protect_first=protect_first)
+        elif method == "angular_refit":
+            plan = refit_plan(backend, stats, k, protect_first, out_dir, config.merge.correction_batches)
+        else:
+            plan = replaceme_plan(backend, stats, k, method, protect_first, out_dir)
+        if method.startswith("linearpatch_"):
+            plan = linear_patch_plan(backend, plan, method, out_dir)
+        write_json(out_dir / "plan.json", plan.to_json())
+        return plan
+
     with ctx.timed("plan"):
-        plans = {k: make_plans(stats, k, config, ms, search, global_plan) for k, ms in wanted.items() if ms}
+        plans = {k: make_plans(stats, k, config, ms, search, global_plan, staged_plan)
+                 for k, ms in wanted.items() if ms}
     # Free the merged layers and fitted corrections the stages built while planning (the plans that use
     # corrections carry them in their own files).
     backend.clear_candidates(corrections=True)
     return plans
+
+
+def plan_loss(backend: Backend, memo: PlanMemo, windows: tuple) -> float:
+    """Calibration NLL of removing ``windows`` (rule drop, uncorrected), measured once per memo: SLEB's
+    trials and the global search's measured plans are the same plans."""
+    key = (tuple(windows), "drop", "nll")
+    if key not in memo.losses:
+        memo.losses[key] = backend.score_plan(windows, "drop", None, "nll")
+        log.info("plan %s (drop): calibration nll %.4f", [list(w) for w in windows], memo.losses[key])
+    return memo.losses[key]
+
+
+def replaceme_plan(backend: Backend, stats: Statistics, k: int, method: str, protect_first: int,
+                   out_dir: Path) -> baselines.LayerPlan:
+    """ReplaceMe: the angular block, its map fitted on every cached calibration batch and written beside
+    the plan (a linear corrections file: the merge folds it into the down projection of the layer below)."""
+    block = baselines.angular_block(stats.angular, k, protect_first=protect_first)
+    (window,) = block.windows
+    (fit,) = backend.fit_corrections([(window, "drop", None, method)], num_batches=1 << 30)  # every batch
+    backend.clear_candidates(corrections=True)
+    file, sha = write_corrections(out_dir, {window: fit.matrix}, "linear")
+    inner = replace(block.plan, corrections=file, corrections_sha256=sha)
+    log.info("%s: block %s, map error on its fitting tokens %.3f of the plain removal's", method, list(window),
+             fit.loss)
+    return baselines.LayerPlan(method, inner, {**block.details, "fit": method, "fit_loss": fit.loss})
+
+
+def refit_plan(backend: Backend, stats: Statistics, k: int, protect_first: int, out_dir: Path,
+               num_batches: int) -> baselines.LayerPlan:
+    """The angular block with slm-dist's ``refit`` correction of the kept layer below it."""
+    block = baselines.angular_block(stats.angular, k, protect_first=protect_first)
+    (window,) = block.windows
+    (fit,) = backend.fit_corrections([(window, "drop", None, "refit")], num_batches)
+    backend.clear_candidates(corrections=True)
+    if not fit.corrects:
+        return baselines.LayerPlan("angular_refit", block.plan, {**block.details, "refit": fit.to_json()})
+    file, sha = write_corrections(out_dir, {window: fit.matrix}, "refit")
+    log.info("angular_refit: block %s, held-out error %.3f of the plain removal's", list(window), fit.loss)
+    return baselines.LayerPlan("angular_refit", replace(block.plan, corrections=file, corrections_sha256=sha),
+                               {**block.details, "refit": fit.to_json()})
+
+
+def linear_patch_plan(backend: Backend, base: baselines.LayerPlan, method: str,
+                      out_dir: Path) -> baselines.LayerPlan:
+    """LinearPatch on ``base``'s removal: one patch per window (pruning interface), fitted on every
+    cached calibration batch, saved keyed by the pruned model's index of the layer below the cut."""
+    windows = list(base.windows)
+    patches = backend.fit_patches(windows, num_batches=1 << 30)
+    backend.clear_candidates()
+    by_layer = {lo - sum(h - l for l, h in windows if h < lo): p for (lo, _), p in zip(windows, patches)}
+    path = out_dir / corrections_file.PATCH_FILE_NAME
+    sha = corrections_file.save_patches(path, by_layer)
+    log.info("%s: %d patch(es) after pruned layers %s written to %s", method, len(by_layer), sorted(by_layer), path)
+    return baselines.LayerPlan(method, base.plan, {**base.details, "patch": {"file": str(path.resolve()),
+                                                                            "sha256": sha}})
+
+
+def plan_patch(plan) -> dict | None:
+    """LinearPatch's patch file of a plan ({"file", "sha256"}), or None."""
+    return getattr(plan, "details", {}).get("patch") if plan is not None else None
 
 
 def keep_previous(results_path: Path, previous: dict, reused: int) -> None:
@@ -362,6 +470,8 @@ def model_identity(plan) -> str:
              else [list(w), plan.rule, a] for w, a in zip(plan.windows, alphas)]
     if getattr(plan, "corrections", None):
         parts.append(["corrections", plan.corrections_sha256])  # fitted maps change the weights
+    if plan_patch(plan):
+        parts.append(["patch", plan_patch(plan)["sha256"]])  # an in-memory patch changes the model too
     return json.dumps(parts)
 
 
@@ -374,8 +484,11 @@ def _row_key(method: str, plan) -> dict:
         # Rows written before refit existed hold linear maps and no kind. A missing file is left to the
         # merge, which names it.
         kind = corrections_file.kind_of(plan.corrections) if Path(plan.corrections).is_file() else "linear"
+        kind = getattr(plan, "details", {}).get("fit", kind)  # ReplaceMe: its objective, folded as linear
         if kind != "linear":
             key["correction_kind"] = kind
+    if plan_patch(plan):
+        key["patch"] = plan_patch(plan)["sha256"]
     return key
 
 
@@ -476,7 +589,9 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
                     merge_stage(method_config, index, plan, backend, show_progress)
                     model_dir = method_config.output_dir
                 log.info("evaluating %s (k=%d) from %s", method, k, model_dir)
-                scores = evaluation.evaluate_model(model_dir, spec, config, backend, show_progress, inputs)
+                patch = plan_patch(plan)
+                scores = evaluation.evaluate_model(model_dir, spec, config, backend, show_progress, inputs,
+                                                   patch_file=None if patch is None else Path(patch["file"]))
             except Exception as err:  # one broken method must not cost the other models' hours
                 log.exception("%s (k=%d) failed; its row records the error", method, k)
                 record({"key": key | {"k": k}, "method": method, "label": LABELS[method], "target_removed": k,
@@ -594,7 +709,8 @@ def describe_plan(windows: Sequence[Sequence[int]], rule: str | None) -> str:
 
 def correction_label(key: dict) -> str:
     """' + linear' / ' + refit' for a row whose plan carries corrections, else ''."""
-    return f" + {key.get('correction_kind', 'linear')}" if key.get("corrections") else ""
+    label = f" + {key.get('correction_kind', 'linear')}" if key.get("corrections") else ""
+    return label + (" + LinearPatch (in memory)" if key.get("patch") else "")
 
 
 def format_table(result: dict) -> str:
@@ -603,8 +719,9 @@ def format_table(result: dict) -> str:
     ppl_files = list(result["eval_settings"]["ppl_windows"])
     tasks = list(result["eval_settings"]["metric"])
     metric = result["eval_settings"]["metric"]
+    lambada = any("lambada" in r.get("eval", {}) for r in result["rows"])
     head = (["Method", "Removed", "Layers", "Plan", *(f"PPL {_short(f)}" for f in ppl_files),
-             *(f"{t} ({metric[t]})" for t in tasks), "Avg"])
+             *(f"{t} ({metric[t]})" for t in tasks), "Avg", *(["LAMBADA (acc)"] if lambada else [])])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         if "error" in row:
@@ -618,5 +735,8 @@ def format_table(result: dict) -> str:
                      *(_fmt_se(ev["tasks"][t][metric[t]], ev["tasks"][t].get(f"{metric[t]}_stderr"))
                        if t in ev["tasks"] else "n/a" for t in tasks),
                      _fmt_se(ev["average"], ev.get("average_stderr"))]
+            if lambada:
+                lam = ev.get("lambada")
+                cells.append("n/a" if lam is None else _fmt_se(lam["acc"], lam.get("acc_stderr")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -20,8 +20,12 @@ GLOBAL_RULES = ("drop", "scaled")
 # slm_global_<method suffix> -> (merge.rule, merge.correction)
 GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES},
                   **{f"slm_global_{c}": ("scaled", c) for c in ("linear", "refit")}}
+# Baselines that run forward passes on the stages' cached calibration inputs (issue 19).
+STAGED_BASELINES = ("sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
+                    "angular_refit")
 COMPARE_METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
-                                    *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS)
+                                    *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS,
+                                    *STAGED_BASELINES)
 
 
 class ConfigError(ValueError):

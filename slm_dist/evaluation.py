@@ -18,6 +18,10 @@ Conventions (the ones the depth-pruning papers report, as lm-evaluation-harness 
   by the choice string's length in characters (lm-eval's definition). Tokenization follows
   lm-eval: trailing spaces of the context move to the continuation, the continuation's tokens are
   those of tokenize(context + continuation) after tokenize(context).
+- LAMBADA (``EvalSpec.lambada``, the OpenAI test file of lm-eval's ``lambada_openai``): each text is
+  split at its last space into context and " " + last word; acc = the share of texts whose every
+  last-word token is the model's most likely next token (greedy), as lm-eval computes it. Reported
+  beside the tasks, not in their average (the papers' 7-task average does not include it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -373,6 +377,36 @@ def binary_stderr(p: float, n: int) -> float | None:
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
 
 
+def read_lambada(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """(context, " " + last word) of the first ``limit`` texts of a LAMBADA jsonl file ({"text": ...})."""
+    pairs = []
+    for n, row in enumerate(read_rows(Path(path))[:limit], start=1):
+        text = row.get("text")
+        if not isinstance(text, str) or " " not in text.strip():
+            raise EvalDataError(f"{path}:{n}: a LAMBADA row needs a \"text\" of at least two words; got {row!r:.80}")
+        context, word = text.rstrip().rsplit(" ", 1)
+        pairs.append((context, " " + word))
+    if not pairs:
+        raise EvalDataError(f"{path} holds no LAMBADA texts")
+    return pairs
+
+
+def lambada_accuracy(requests: Sequence[Request], logprobs: Scorer, batch_tokens: int = 4096,
+                     pad_id: int = 0) -> dict[str, float | int]:
+    """Share of requests whose every continuation token is the greedy choice (``logprobs`` with greedy:
+    channel 1 is 1.0 where the token is the argmax)."""
+    groups = pack_batches([len(r.tokens) for r in requests], batch_tokens)
+    batches = [(b, pad_right([requests[i].tokens for i in g], pad_id)) for b, g in enumerate(groups)]
+    starts = [min(len(requests[i].tokens) - 1 - requests[i].num_continuation for i in g) for g in groups]
+    hits = 0
+    for g, scored in zip(groups, logprobs(batches, starts, greedy=True)):
+        for row, i in enumerate(g):
+            n, c = len(requests[i].tokens), requests[i].num_continuation
+            hits += bool((scored[row, n - 1 - c:n - 1, 1] == 1.0).all())
+    acc = hits / len(requests)
+    return {"acc": acc, "acc_stderr": binary_stderr(acc, len(requests)), "n": len(requests)}
+
+
 def average(tasks: Mapping[str, Mapping[str, float]]) -> float | None:
     """Plain mean over tasks of the metric the papers report for each (TASK_METRIC)."""
     values = [scores[TASK_METRIC[name]] for name, scores in tasks.items()]
@@ -438,6 +472,7 @@ class EvalSpec:
     batch_tokens: int = 4096
     max_length: int = 2048
     ppl_join: str = "auto"
+    lambada: Path | None = None   # LAMBADA jsonl (``limit`` texts of it), scored apart from the tasks
 
     @classmethod
     def from_config(cls, eval_section, ppl_files: Sequence[Path] = (), tasks: Mapping[str, Path] | None = None,
@@ -459,6 +494,7 @@ class Inputs:
     ppl: dict[str, Tensor] = field(default_factory=dict)            # file -> windows [n, seq_len]
     items: dict[str, list[Item]] = field(default_factory=dict)      # task -> items
     requests: list[Request] = field(default_factory=list)
+    lambada: list[Request] = field(default_factory=list)
 
 
 def prepare_inputs(spec: EvalSpec, tokenizer) -> Inputs:
@@ -471,6 +507,11 @@ def prepare_inputs(spec: EvalSpec, tokenizer) -> Inputs:
         items = read_task(name, path, spec.limit)
         inputs.items[name] = items
         inputs.requests += build_requests(name, items, tokenizer, spec.add_bos, spec.max_length)
+    if spec.lambada is not None:
+        pairs = read_lambada(spec.lambada, spec.limit)
+        items = [Item((c, c), (w, w), 0, (len(w), len(w))) for c, w in pairs]  # one choice, twice: Item's shape
+        inputs.lambada = [r for r in build_requests("lambada", items, tokenizer, spec.add_bos, spec.max_length)
+                          if r.choice == 0]
     return inputs
 
 
@@ -491,21 +532,27 @@ def evaluate(inputs: Inputs, logprobs: Scorer, batch_tokens: int = 4096, pad_id:
             result["tasks"][name] = accuracy(items, loglik[name])
         result["average"] = average(result["tasks"])
         result["average_stderr"] = average_stderr(result["tasks"])
+    if inputs.lambada:
+        result["lambada"] = lambada_accuracy(inputs.lambada, logprobs, batch_tokens, pad_id)
     return result
 
 
 def backend_scorer(backend: Backend, specs: Sequence[StageSpec], show_progress: bool = False) -> Scorer:
     """``logprobs`` bound to a backend (local or Ray) and the stage specs of one model."""
-    return lambda batches, starts=None: backend.logprobs(specs, batches, show_progress=show_progress, starts=starts)
+    return lambda batches, starts=None, greedy=False: backend.logprobs(specs, batches, show_progress=show_progress,
+                                                                       starts=starts, greedy=greedy)
 
 
 def evaluate_model(model_dir: Path, spec: EvalSpec, config: SlmConfig, backend: Backend, show_progress: bool = False,
-                   inputs: Inputs | None = None) -> dict:
-    """Load the model's stages on ``backend`` and measure everything ``spec`` asks for."""
+                   inputs: Inputs | None = None, patch_file: Path | None = None) -> dict:
+    """Load the model's stages on ``backend`` and measure everything ``spec`` asks for. ``patch_file``:
+    LinearPatch's residual-stream patches, applied in memory (they fold into no weight)."""
     tokenizer = load_tokenizer(model_dir)
     inputs = inputs or prepare_inputs(spec, tokenizer)
     index = open_index(Path(model_dir), allow_pickle=config.model.allow_pickle)
     specs = stage_specs(config, index, Path(model_dir))
+    if patch_file is not None:
+        specs = [replace(s, patch_file=str(patch_file)) for s in specs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return evaluate(inputs, backend_scorer(backend, specs, show_progress), spec.batch_tokens, pad_id)
 
@@ -518,6 +565,7 @@ def describe(spec: EvalSpec, inputs: Inputs) -> dict:
                                   for k, v in inputs.ppl.items()},
             "items": {name: len(items) for name, items in inputs.items.items()},
             "metric": {name: TASK_METRIC[name] for name in inputs.items},
+            **({"lambada_items": len(inputs.lambada)} if inputs.lambada else {}),
             "bos": "prepended to every window and context" if spec.add_bos else
                    "none: no special tokens; a window's first token is context only"}
 

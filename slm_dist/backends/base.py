@@ -51,6 +51,9 @@ class Backend(Protocol):
     def fit_corrections(self, requests: Sequence[CorrectionRequest], num_batches: int) -> list[CorrectionFit]:
         """merge.correction: each request's correction, fitted and kept on the stage holding its lo."""
 
+    def fit_patches(self, windows: Sequence[Window], num_batches: int) -> list[Tensor]:
+        """LinearPatch: each window's residual-stream patch [hidden, hidden], on the stage holding its lo."""
+
     def clear_candidates(self, corrections: bool = False) -> None:
         """Drop candidate layers built while scoring (and, with ``corrections``, the fitted maps)."""
 

@@ -92,6 +92,13 @@ class LocalBackend(StagedScoring):
         return [self.stages[stage_holding(specs, w[0])].fit_correction(tuple(w), rule, alpha, batch_ids, kind)
                 for w, rule, alpha, kind in requests]
 
+    def fit_patches(self, windows: Sequence[Window], num_batches: int) -> list[torch.Tensor]:
+        """LinearPatch: each window's residual-stream patch, fitted on the stage holding its lo."""
+        self._require_cache("fit_patches")
+        specs = self._stage_specs()
+        batch_ids = self._batch_ids[:num_batches]
+        return [self.stages[stage_holding(specs, lo)].fit_patch((lo, hi), batch_ids) for lo, hi in windows]
+
     def clear_candidates(self, corrections: bool = False) -> None:
         """Drop the merged candidate layers the stages built while scoring (and the fitted corrections)."""
         for stage in self.stages:

@@ -578,6 +578,13 @@ class RayBackend(StagedScoring):
             self._corrections[fit.key] = fit.matrix
         return fits
 
+    def fit_patches(self, windows: Sequence[tuple[int, int]], num_batches: int) -> list[torch.Tensor]:
+        """LinearPatch: each window's residual-stream patch, fitted on the stage holding its lo."""
+        self._require_cache("fit_patches")
+        batch_ids = [b for b, _ in self._calibration][:num_batches]
+        return ray.get([self._stages[stage_holding(self._specs, lo)].fit_patch.remote((lo, hi), batch_ids)
+                        for lo, hi in windows])
+
     def _reinstall_corrections(self) -> None:
         ray.get([self._stages[stage_holding(self._specs, key[0][0])].set_correction.remote(key, matrix)
                  for key, matrix in self._corrections.items()])

@@ -117,3 +117,39 @@ def correction_slice(path: Path | str, key: str) -> Iterator:
         if key not in f.keys():
             raise PlanError(f"{path} has no correction {key!r}; regenerate the plan")
         yield f.get_slice(key)
+
+
+# ------------------------------------------------------------------------- LinearPatch patches
+PATCH_FILE_NAME = "patches.safetensors"
+
+
+def save_patches(path: Path, patches: Mapping[int, Tensor]) -> str:
+    """LinearPatch's residual-stream patches, keyed by the PRUNED model's layer they follow
+    (``layer.<index>``); the file's sha256. They are not folded into any weight (core/linear_patch.py)."""
+    import safetensors.torch  # the module: see checkpoint/reader.py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    safetensors.torch.save_file({f"layer.{i}": p.detach().float().cpu().contiguous()
+                                 for i, p in sorted(patches.items())}, str(tmp), metadata={"kind": "linear_patch"})
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def load_patches(path: Path | str, hidden_size: int) -> dict[int, Tensor]:
+    """Layer index (pruned model) -> patch [hidden, hidden] float32, checked."""
+    import safetensors  # the module: see checkpoint/reader.py
+
+    out = {}
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("kind") != "linear_patch":
+            raise PlanError(f"{path} is not a LinearPatch file (metadata kind linear_patch); regenerate it")
+        for key in f.keys():
+            prefix, _, index = key.partition(".")
+            t = f.get_tensor(key).float()
+            if prefix != "layer" or not index.isdigit() or tuple(t.shape) != (hidden_size, hidden_size):
+                raise PlanError(f"{path}: entry {key!r} of shape {tuple(t.shape)} is not layer.<index> "
+                                f"[{hidden_size}, {hidden_size}]; regenerate it")
+            out[int(index)] = t
+    return out

@@ -16,7 +16,7 @@ layer ``i`` (as in the CKA matrix of ``planner``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ class LayerPlan:
     ``to_json`` name the method. Other attributes (windows, rule, new_to_old, ...) are the plan's.
     """
 
-    method: str                          # "shortgpt" | "angular" | "laco" | "last_layers"
+    method: str                          # "shortgpt" | "angular" | "laco" | "last_layers" | "sleb" | "replaceme_*"
     plan: MergePlan
     details: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -180,3 +180,34 @@ def laco_windows(num_layers: int, n: int, window_layers: int = 4, gap_layers: in
         left -= size - 1
         hi = lo - 1 - gap_layers
     return layer_plan("laco", num_layers, sorted(windows), "sum", window_layers=window_layers, gap_layers=gap_layers)
+
+
+# ------------------------------------------------------------------------------------- SLEB
+PlanLoss = Callable[[tuple[Window, ...]], float]  # drop windows -> calibration loss, lower is better
+
+
+def sleb(num_layers: int, n: int, loss: PlanLoss, protect_first: int = 1, protect_last: int = 0) -> LayerPlan:
+    """SLEB (Song et al., "SLEB: Streamlining LLMs through Redundancy Verification and Elimination of
+    Transformer Blocks", ICML 2024): remove ``n`` layers one at a time; at each step every remaining
+    layer is removed on trial from the model pruned so far, and the one whose removal gives the lowest
+    calibration loss goes (ties: the lower index).
+
+    ``loss`` scores a removal as its ``drop`` windows (``removal_windows``); the paper's metric is the
+    perplexity of the calibration text, ``compare`` passes its log (mean next-token NLL on the cached
+    calibration batches, ``Backend.score_plan``), which ranks the same. Deviation: layer 0 is kept
+    (``protect_first`` >= 1; a plan cannot drop it, see the module docstring); the paper may remove
+    any block, which on trained models it does not pick.
+    """
+    candidates = list(range(protect_first, num_layers - protect_last))
+    _check_count(num_layers, n, len(candidates), "sleb")
+    removed: list[int] = []
+    steps: list[dict[str, Any]] = []
+    for _ in range(n):
+        left = [i for i in candidates if i not in removed]
+        scores = {i: float(loss(removal_windows(num_layers, [*removed, i]))) for i in left}
+        if any(math.isnan(v) for v in scores.values()):
+            raise PlanError(f"sleb: a trial removal scored NaN ({scores}); check the compute dtype")
+        best = min(left, key=lambda i: (scores[i], i))
+        removed.append(best)
+        steps.append({"removed": best, "loss": scores[best]})
+    return removal_plan("sleb", num_layers, removed, order=removed, steps=steps)

@@ -49,7 +49,9 @@ from torch import Tensor
 from slm_dist.core.correction_sizes import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK  # noqa: F401
 from slm_dist.core.types import Window
 
-KINDS = ("linear", "refit")  # merge.correction values that fit something
+KINDS = ("linear", "refit")  # merge.correction values that fit something (and the corrections file's kinds)
+# Maps fitted by `compare`'s ReplaceMe baseline (core/replaceme.py): hidden x hidden, folded as ``linear``.
+BASELINE_KINDS = ("replaceme_lstsq", "replaceme_cosine")
 
 
 class CorrectionError(ValueError):
@@ -59,6 +61,18 @@ class CorrectionError(ValueError):
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
+
+
+def check_fit_kind(kind: str) -> None:
+    """A kind a stage can fit: the config's, or a baseline's (``BASELINE_KINDS``)."""
+    if kind not in KINDS + BASELINE_KINDS:
+        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS + BASELINE_KINDS)}")
+
+
+def fold_kind(kind: str) -> str:
+    """How a fitted map is folded into the projection (and written to a corrections file)."""
+    check_fit_kind(kind)
+    return "linear" if kind in BASELINE_KINDS else kind
 
 
 @dataclass(frozen=True)
@@ -276,7 +290,7 @@ CorrectionRequest = tuple[Window, str, "float | None", str]
 def correction_key(window: Sequence[int], rule: str, alpha: float | None, kind: str = "linear") -> CorrectionKey:
     """What a correction was fitted for: the same window merged another way, or corrected by the other
     family, needs its own. Scaled with alpha 0 builds the drop layer bit for bit, so the two share one."""
-    check_kind(kind)
+    check_fit_kind(kind)
     if rule == "scaled" and alpha == 0.0:
         rule, alpha = "drop", None
     return (tuple(window), rule, None if alpha is None else float(alpha), kind)

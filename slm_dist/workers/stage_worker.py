@@ -22,10 +22,15 @@ from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, open_ind
 from slm_dist.checkpoint.reader import LazyReader, torch_dtype
 from slm_dist.core import similarity
 from slm_dist.core.alpha_fit import AlphaFit
-from slm_dist.core.correction_fit import CorrectionFit, correction_key
+from slm_dist.core.correction_fit import BASELINE_KINDS, CorrectionFit, correction_key, fold_kind
 from slm_dist.core.merge import apply_correction, merge_window
 from slm_dist.core.types import Window
-from slm_dist.workers.window_fits import fit_window_alpha, fit_window_correction
+from slm_dist.workers.window_fits import (
+    fit_window_alpha,
+    fit_window_correction,
+    fit_window_patch,
+    fit_window_replaceme,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,9 @@ class StageSpec:
     attn_implementation: str = "sdpa"
     allow_pickle: bool = False
     with_lm_head: bool = True  # the last stage also scores tokens (perplexity)
+    # LinearPatch (evaluation only): residual-stream patches h -> h P after some layers, from this file
+    # (checkpoint/corrections.py ``save_patches``); ``forward`` applies them, calibration and scoring do not.
+    patch_file: str | None = None
 
     @property
     def is_first(self) -> bool:
@@ -141,6 +149,12 @@ class StageWorker:
 
         for layer_id, layer in zip(self.layer_ids, self.layers):
             self._load_module(layer, f"{self.arch.layers_module}.{layer_id}")
+        self.patches: dict[int, Tensor] = {}
+        if self.spec.patch_file is not None:
+            from slm_dist.checkpoint.corrections import load_patches
+
+            self.patches = {i: p.to(self.device, self.dtype) for i, p in
+                            load_patches(self.spec.patch_file, config.hidden_size).items() if i in self.layer_ids}
         if self.embed is not None:
             self._load_module(self.embed, self.arch.embed_module)
         if self.norm is not None:
@@ -230,6 +244,8 @@ class StageWorker:
         ctx = self.context(h)
         for layer_id, layer in zip(self.layer_ids, self.layers):
             h = self.run_layer(layer, layer_id, h, ctx)
+            if layer_id in self.patches:
+                h = h @ self.patches[layer_id]
         return h
 
     @torch.inference_mode()
@@ -318,7 +334,7 @@ class StageWorker:
             if matrix is not None:
                 for suffix in self.arch.mlp_out_suffixes():
                     if suffix in merged:
-                        merged[suffix] = apply_correction(merged[suffix], matrix, correction)
+                        merged[suffix] = apply_correction(merged[suffix], matrix, fold_kind(correction))
             self._merged_layers[key] = self.new_layer(window[0], merged)
         return self._merged_layers[key]
 
@@ -379,10 +395,21 @@ class StageWorker:
     def fit_correction(self, window: Window, rule: str, alpha: float | None, batch_ids: Sequence[int],
                        kind: str = "linear") -> CorrectionFit:
         """merge.correction=linear|refit: fit the window's correction on cached inputs (window_fits)
-        and keep it for ``run_candidate(..., correction=kind)``; returns the fit, map included."""
-        fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token, kind)
+        and keep it for ``run_candidate(..., correction=kind)``; returns the fit, map included. The
+        ReplaceMe baseline's kinds (``replaceme_lstsq``/``replaceme_cosine``, rule drop) fit its map instead."""
+        if kind in BASELINE_KINDS:
+            if rule != "drop" or alpha is not None:
+                raise ValueError(f"{kind} fits the map of a removed block (rule drop, no alpha), got rule {rule!r}")
+            fit = fit_window_replaceme(self, window, batch_ids, kind.removeprefix("replaceme_"))
+        else:
+            fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token,
+                                        kind)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
+
+    def fit_patch(self, window: Window, batch_ids: Sequence[int]) -> Tensor:
+        """LinearPatch for removing the window's upper layers (window_fits.fit_window_patch)."""
+        return fit_window_patch(self, window, batch_ids)
 
     def set_correction(self, key: tuple, matrix: Tensor | None) -> None:
         """Install a map fitted earlier (the Ray driver re-installs them on a restarted stage)."""

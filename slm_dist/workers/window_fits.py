@@ -28,7 +28,9 @@ from slm_dist.core.correction_fit import (
     projection_prior,
     with_intercept,
 )
+from slm_dist.core.linear_patch import PatchError, patch_matrix, rotation
 from slm_dist.core.merge import merge_window
+from slm_dist.core.replaceme import MODES, NormalEquations, cosine_map, least_squares_map
 from slm_dist.core.types import Window
 
 LayerContext = Any  # what ``LayerHost.context`` returns and ``run_layer`` takes back (positions, rotary, masks)
@@ -165,3 +167,78 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
         ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior)
     return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
                          matrix=None if matrix is None else matrix.float().cpu(), kind=kind)
+
+
+def fit_window_replaceme(stage: LayerHost, window: Window, batch_ids: Sequence[int], mode: str) -> CorrectionFit:
+    """ReplaceMe (``core/replaceme.py``): the window's layers lo+1..hi removed, one map T on layer lo's
+    MLP output fitted so that it adds what the window added (every token, position 0 included), by
+    least squares (``mode`` lstsq, streamed normal equations) or the cosine loss (``cosine``, token
+    rows kept on the host as float32). ``loss`` is the fitted map's squared error on the fitting rows
+    relative to the identity's (in-sample: the paper has no held-out check)."""
+    if mode not in MODES:
+        raise CorrectionError(f"unknown ReplaceMe mode {mode!r}; known: {list(MODES)}")
+    lo, hi = window
+    check_window_on_stage(stage, window)
+    if not batch_ids:
+        raise CorrectionError(f"ReplaceMe's map of window {list(window)} needs at least one calibration batch")
+    source, member = stage.window_members(window)
+    layer = stage.new_layer(lo, merge_window(source, "drop", stage.arch.role))  # layer lo as it is
+    del source
+    projection = layer.get_submodule(stage.arch.mlp_out_module)
+    inputs, targets = window_targets(stage, window, batch_ids, member)
+    captured: list[Tensor] = []
+    hook = projection.register_forward_hook(lambda module, args, out: captured.append(out))
+    eq: NormalEquations | None = None
+    kept: list[tuple[Tensor, Tensor]] = []
+    try:
+        with torch.inference_mode():
+            for (h, ctx), target in zip(inputs, targets):
+                captured.clear()
+                out = stage.run_layer(layer, lo, h, ctx)
+                (m,) = captured
+                r = target - out + m  # what the window added on top of layer lo's residual stream
+                d = m.shape[-1]
+                m, r = m.reshape(-1, d), r.reshape(-1, d)
+                part = NormalEquations.from_rows(m, r)
+                eq = part if eq is None else eq + part
+                if mode == "cosine":
+                    kept.append((m.float().cpu(), r.float().cpu()))
+    finally:
+        hook.remove()
+    if mode == "lstsq":
+        matrix = least_squares_map(eq)
+    else:
+        matrix = cosine_map(torch.cat([m for m, _ in kept]), torch.cat([r for _, r in kept]))
+    identity = eq.error(None)
+    loss = eq.error(matrix) / identity if identity > 0.0 else 1.0
+    return CorrectionFit(window=(lo, hi), rule="drop", alpha=None, ridge=0.0, loss=loss, tried=(),
+                         matrix=matrix.float().cpu(), kind=f"replaceme_{mode}")
+
+
+def fit_window_patch(stage: LayerHost, window: Window, batch_ids: Sequence[int]) -> Tensor:
+    """LinearPatch (``core/linear_patch.py``) for removing layers lo+1..hi: P [hidden, hidden] float32
+    from the rotated magnitudes of layer lo's output and layer hi's output on the original model
+    (every token of ``batch_ids``)."""
+    lo, hi = window
+    check_window_on_stage(stage, window)
+    if not batch_ids:
+        raise PatchError(f"the patch of window {list(window)} needs at least one calibration batch")
+    _, member = stage.window_members(window)
+    with torch.inference_mode():
+        states = []
+        for batch_id in batch_ids:
+            h = stage.cached_input(batch_id, lo)
+            states.append((h, stage.context(h)))
+        outs = [h for h, _ in states]
+        lows = None
+        for layer_id in range(lo, hi + 1):
+            module = member(layer_id)
+            outs = [stage.run_layer(module, layer_id, x, ctx) for x, (_, ctx) in zip(outs, states)]
+            if layer_id == lo:
+                lows = outs
+            del module
+        d = outs[0].shape[-1]
+        rot = rotation(d).to(outs[0].device)
+        before = sum((x.reshape(-1, d).double() @ rot).abs().sum(0) for x in lows)
+        after = sum((x.reshape(-1, d).double() @ rot).abs().sum(0) for x in outs)
+    return patch_matrix(before.cpu(), after.cpu(), rot.cpu()).float()

@@ -1,0 +1,264 @@
+"""Issue 19's baselines against independent computations on the tiny model: SLEB's first choice is the
+best of every single-layer removal scored by a full transformers forward; ReplaceMe's least-squares map
+is a direct lstsq on the raw rows taken with hooks from the transformers model; its cosine map is the
+cosine fit on those rows; and compare plans, merges and evaluates both on the stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from slm_dist import compare, evaluation
+from slm_dist.backends.local import LocalBackend
+from slm_dist.config import load_config
+from slm_dist.core import baselines
+from slm_dist.core.correction_fit import CorrectionError
+from slm_dist.core.planner import PlanError
+from slm_dist.core.replaceme import NormalEquations, cosine_loss, cosine_map, least_squares_map
+from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
+from tests.test_linear_correction import cached_stages
+
+
+# ----------------------------------------------------------------------------------- pure
+def test_sleb_is_greedy_over_every_remaining_layer():
+    # A loss with an interaction: removing 4 is cheap alone, but 4 with 3 is expensive.
+    cost = {1: 0.5, 2: 0.3, 3: 0.1, 4: 0.05, 5: 0.4}
+
+    def loss(windows):
+        gone = {i for lo, hi in windows for i in range(lo + 1, hi + 1)}
+        return sum(cost[i] for i in gone) + (10.0 if {3, 4} <= gone else 0.0)
+
+    plan = baselines.sleb(6, 3, loss, protect_first=1)
+    assert plan.details["order"] == [4, 2, 5]  # 3 would pair with 4; after 4 and 2, 5 beats 1
+    assert plan.removed == (2, 4, 5) and plan.rule == "drop" and plan.windows == ((1, 2), (3, 5))
+    # Brute force of the first step: the argmin over every single removal.
+    assert plan.details["order"][0] == min(range(1, 6), key=lambda i: loss(baselines.removal_windows(6, [i])))
+    with pytest.raises(PlanError, match="sleb: cannot remove 6"):
+        baselines.sleb(6, 6, loss, protect_first=1)
+
+
+def test_replaceme_least_squares_is_lstsq_on_the_rows():
+    g = torch.Generator().manual_seed(0)
+    m, r = torch.randn(300, 7, generator=g, dtype=torch.float64), torch.randn(300, 7, generator=g, dtype=torch.float64)
+    eq = NormalEquations.from_rows(m[:100], r[:100]) + NormalEquations.from_rows(m[100:], r[100:])
+    assert torch.allclose(least_squares_map(eq), torch.linalg.lstsq(m, r).solution, atol=1e-10)
+
+
+def test_replaceme_cosine_lowers_the_cosine_loss_from_the_identity():
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(2048, 8, generator=g)
+    planted = torch.eye(8) + 0.3 * torch.randn(8, 8, generator=g)
+    r = 5.0 * m @ planted  # scale-free: the 5x does not matter to the cosine
+    t = cosine_map(m, r, epochs=60, lr=1e-2)
+    assert float(cosine_loss(m @ t, r)) < 0.2 * float(cosine_loss(m, r))
+    assert torch.equal(t, cosine_map(m, r, epochs=60, lr=1e-2))  # seeded: the same map
+    with pytest.raises(CorrectionError, match="one shape"):
+        cosine_map(m, r[:, :4])
+
+
+# ------------------------------------------------------------------------- on the tiny model
+def hf_rows(tiny_model, batches, window):
+    """M (layer lo's MLP output) and R = L_hi - (L_lo - M), every token, straight from transformers."""
+    lo, hi = window
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ms, rs = [], []
+    for ids in batches:
+        got = {}
+        hooks = [model.model.layers[lo].mlp.register_forward_hook(lambda mod, i, o: got.__setitem__("m", o)),
+                 model.model.layers[lo].register_forward_hook(
+                     lambda mod, i, o: got.__setitem__("lo", o[0] if isinstance(o, tuple) else o)),
+                 model.model.layers[hi].register_forward_hook(
+                     lambda mod, i, o: got.__setitem__("hi", o[0] if isinstance(o, tuple) else o))]
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        ms.append(got["m"].reshape(-1, 32))
+        rs.append((got["hi"] - got["lo"] + got["m"]).reshape(-1, 32))
+    return torch.cat(ms).double(), torch.cat(rs).double()
+
+
+@pytest.mark.parametrize("window", [(1, 2), (2, 4)])  # (2, 4) spans both stages
+def test_replaceme_lstsq_map_equals_a_direct_lstsq_on_raw_rows(tiny_model, window):
+    stages, batches = cached_stages(tiny_model)
+    fit = stages[0].fit_correction(window, "drop", None, [0, 1, 2, 3], "replaceme_lstsq")
+    m, r = hf_rows(tiny_model, batches, window)
+    direct = torch.linalg.lstsq(m, r).solution
+    assert torch.allclose(fit.matrix.double(), direct, atol=2e-3, rtol=1e-3)
+    assert fit.kind == "replaceme_lstsq" and fit.corrects and 0.0 < fit.loss < 1.0
+    assert fit.loss == pytest.approx(float(((m @ direct - r) ** 2).sum() / ((m - r) ** 2).sum()), rel=1e-3)
+
+
+def test_replaceme_cosine_map_is_the_cosine_fit_on_the_raw_rows(tiny_model):
+    window = (1, 3)
+    stages, batches = cached_stages(tiny_model)
+    fit = stages[0].fit_correction(window, "drop", None, [0, 1, 2, 3], "replaceme_cosine")
+    m, r = hf_rows(tiny_model, batches, window)
+    assert torch.allclose(fit.matrix, cosine_map(m.float(), r.float()), atol=1e-4)
+    assert float(cosine_loss(m.float() @ fit.matrix, r.float())) < float(cosine_loss(m.float(), r.float()))
+    with pytest.raises(ValueError, match="rule drop"):
+        stages[0].fit_correction(window, "scaled", 0.5, [0, 1], "replaceme_cosine")
+
+
+def hf_nll_without(tiny_model, removed, batches) -> float:
+    """Mean next-token NLL of the transformers model with ``removed`` layers taken out of its list."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(model.model.layers) if i not in removed])
+    total = count = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            logp = torch.log_softmax(model(ids, use_cache=False).logits[:, :-1].double(), -1)
+            total -= float(logp.gather(-1, ids[:, 1:, None]).sum())
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def test_sleb_first_choice_equals_trying_every_single_layer_removal(tiny_model):
+    backend = LocalBackend()
+    specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
+    batches = [(b, torch.randint(3, 60, (4, 32), generator=torch.Generator().manual_seed(b))) for b in range(3)]
+    backend.calibrate(specs, StatsSpec(unit="sample"), batches, keep_for_output_criterion=True)
+    scored = {}
+
+    def loss(windows):
+        scored[windows] = backend.score_plan(windows, "drop", None, "nll")
+        return scored[windows]
+
+    plan = baselines.sleb(6, 2, loss, protect_first=1)
+    brute = {i: hf_nll_without(tiny_model, {i}, [ids for _, ids in batches]) for i in range(1, 6)}
+    assert plan.details["order"][0] == min(brute, key=brute.get)
+    for i, v in brute.items():
+        assert scored[baselines.removal_windows(6, [i])] == pytest.approx(v, rel=1e-4)
+    # The second step tried every remaining layer on top of the first.
+    first = plan.details["order"][0]
+    assert set(scored) >= {baselines.removal_windows(6, [first, j]) for j in range(1, 6) if j != first}
+    assert plan.details["steps"][1]["loss"] == pytest.approx(
+        hf_nll_without(tiny_model, set(plan.details["order"]), [ids for _, ids in batches]), rel=1e-4)
+    backend.close()
+
+
+def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, tiny_text_file):
+    config = load_config(None, [f"model.path={tiny_model}", f"calibration.source={tiny_text_file}",
+                                f"run.dir={tmp_path / 'run'}", "calibration.num_samples=8", "calibration.seq_len=32",
+                                "calibration.batch_size=4", "similarity.unit=sample", "plan.target_layers_removed=2",
+                                "merge.max_shard_bytes=40000", "cluster.num_stages=2", "eval.seq_len=32",
+                                "eval.max_windows=4"])
+    spec = evaluation.EvalSpec.from_config(config.eval, [tiny_text_file], {})
+    methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
+               "angular_refit")
+    result = compare.compare(config, [2], spec, methods=methods, show_progress=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
+    for method in methods:
+        assert rows[method]["layers_removed"] == 2 and rows[method]["layers_after"] == 4, method
+    # ReplaceMe removes the angular block and folds a map: another model than the plain block removal.
+    for method in ("replaceme_lstsq", "replaceme_cosine"):
+        assert rows[method]["windows"] == rows["angular"]["windows"]
+        assert rows[method]["key"]["correction_kind"] == method
+        assert "same_model_as" not in rows[method]
+    assert rows["replaceme_lstsq"]["eval"]["ppl"] != rows["angular"]["eval"]["ppl"]
+    assert "+ replaceme_lstsq" in compare.format_table(result)
+    # LinearPatch: the plain removal's checkpoint, patched in memory: another model than the removal.
+    for method, base in (("linearpatch_sleb", "sleb"), ("linearpatch_angular", "angular")):
+        assert rows[method]["windows"] == rows[base]["windows"] and rows[method]["key"]["patch"]
+        assert rows[method]["eval"]["ppl"] != rows[base]["eval"]["ppl"], method
+    assert "+ LinearPatch (in memory)" in compare.format_table(result)
+    # slm-dist's refit on the same block: a refit corrections file (or the plain removal when it kept it).
+    refit = rows["angular_refit"]
+    assert refit["windows"] == rows["angular"]["windows"]
+    assert refit["key"].get("correction_kind") == "refit" or "same_model_as" in refit
+    # A rerun reuses every plan (the ReplaceMe maps included) and every measured row.
+    again = compare.compare(config, [2], spec, methods=methods, show_progress=False)
+    assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in result["rows"]]
+
+
+# ------------------------------------------------------------------------------ LinearPatch
+def test_rotation_is_orthogonal_and_hadamard_on_powers_of_two():
+    from slm_dist.core.linear_patch import rotation, sylvester
+
+    for d in (8, 12, 576):
+        r = rotation(d)
+        assert torch.allclose(r @ r.T, torch.eye(d, dtype=torch.float64), atol=1e-10), d
+    h = sylvester(8)
+    assert set(h.unique().tolist()) == {-1.0, 1.0} and torch.equal(rotation(8), h / 8 ** 0.5)
+
+
+def test_linear_patch_matches_magnitudes_of_the_rotated_channels(tiny_model):
+    """The stage's patch equals H diag(d) H^T with d the ratio of mean |h H| of layer hi's and layer lo's
+    outputs, taken from transformers; applied to h_lo it matches the rotated magnitudes of h_hi."""
+    from slm_dist.core.linear_patch import rotation
+
+    window = (2, 4)
+    stages, batches = cached_stages(tiny_model)
+    patch = stages[0].fit_patch(window, [0, 1, 2, 3])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    los, his = [], []
+    with torch.no_grad():
+        for ids in batches:
+            hidden = model(ids, output_hidden_states=True).hidden_states  # [i] = input of layer i
+            los.append(hidden[3].reshape(-1, 32))
+            his.append(hidden[5].reshape(-1, 32))
+    lo, hi, h = torch.cat(los).double(), torch.cat(his).double(), rotation(32)
+    scale = (hi @ h).abs().mean(0) / (lo @ h).abs().mean(0)
+    assert torch.allclose(patch.double(), h @ torch.diag(scale) @ h.T, atol=1e-4)
+    assert torch.allclose(((lo @ patch.double()) @ h).abs().mean(0), (hi @ h).abs().mean(0), rtol=1e-3)
+
+
+def test_a_patched_stage_applies_the_patch_after_its_layer(tiny_model, tmp_path):
+    from slm_dist.checkpoint.corrections import load_patches, save_patches
+
+    patch = torch.eye(32) * 0.5 + 0.01 * torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "patches.safetensors"
+    save_patches(path, {1: patch})
+    assert torch.equal(load_patches(path, 32)[1], patch)
+    with pytest.raises(PlanError, match="layer.<index>"):
+        load_patches(path, 16)
+    ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = StageWorker(StageSpec(str(tiny_model), 0, 3, 6))
+    patched = StageWorker(StageSpec(str(tiny_model), 0, 3, 6, patch_file=str(path)))
+    with torch.inference_mode():
+        h = plain._inputs(ids)
+        ctx = plain.context(h)
+        for i, layer in zip(plain.layer_ids, plain.layers):
+            h = plain.run_layer(layer, i, h, ctx)
+            if i == 1:
+                h = h @ patch
+        assert torch.allclose(patched.forward(ids), h, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ LAMBADA
+def test_lambada_counts_texts_whose_last_word_is_the_greedy_continuation(tiny_model, tmp_path):
+    """Through the stages (greedy gaps) against transformers' argmax: one text built to be a hit, others
+    random; the per-text verdicts agree and the built one counts."""
+    import json
+
+    from slm_dist.evaluation import EvalSpec, backend_scorer, evaluate, prepare_inputs
+    from slm_dist.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    words = "the city of the north river was".split()
+    ids = tok(" ".join(words), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        greedy = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    texts = [" ".join(words) + " " + tok.decode([greedy]).strip(), "the king of the south", "a team and the music of war"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    inputs = prepare_inputs(EvalSpec(lambada=path), tok)
+    assert len(inputs.lambada) == 3
+
+    def hf_hit(request) -> bool:
+        t = torch.tensor([request.tokens])
+        with torch.no_grad():
+            top = model(t).logits[0, :-1].argmax(-1)
+        c = request.num_continuation
+        return bool((top[-c:] == t[0, -c:]).all())
+
+    expected = [hf_hit(r) for r in inputs.lambada]
+    assert expected[0]
+    backend = LocalBackend()
+    specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
+    result = evaluate(inputs, backend_scorer(backend, specs))
+    assert result["lambada"] == {"acc": sum(expected) / 3, "n": 3}
+    backend.close()
