@@ -165,7 +165,7 @@ def test_compare_runs_every_method_at_the_same_layer_count(compared, tiny_model,
         assert (rows[method]["target_removed"], rows[method]["layers_removed"], rows[method]["layers_after"]) \
             == (2, 2, 4), method
         assert rows[method]["windows"] == result["plans"][f"{method}@2"]["windows"], method
-        assert set(rows[method]["eval"]["tasks"]["openbookqa"]) == {"acc", "acc_norm", "n"}
+        assert set(rows[method]["eval"]["tasks"]["openbookqa"]) == {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n"}
 
     windows = calibration.perplexity_windows(
         tiny_tokenizer()(evaluation.read_ppl_text(tiny_text_file), add_special_tokens=False)["input_ids"], 32, 6)
@@ -199,7 +199,7 @@ def test_compare_runs_every_method_at_the_same_layer_count(compared, tiny_model,
 def test_compare_rerun_reuses_measured_models(compared, monkeypatch):
     config, spec, result = compared
     monkeypatch.setattr(compare, "merge_stage", lambda *a: pytest.fail("a measured model was merged again"))
-    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a: pytest.fail("a measured model re-scored"))
+    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("a measured model re-scored"))
     again = compare.compare(config, [2], spec, methods=("last_layers", "laco"), show_progress=False)
     before = {r["method"]: r["eval"] for r in result["rows"]}
     assert [r["method"] for r in again["rows"]] == ["dense", "last_layers", "laco"]
@@ -237,7 +237,7 @@ def test_two_methods_that_build_the_same_weights_are_evaluated_once(compared, tm
     monkeypatch.setattr(compare, "_plan_all", lambda *a: {2: {"angular": same, "slm_global_scaled": scaled}})
     evaluated = []
     real = compare.evaluation.evaluate_model
-    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda d, *a: evaluated.append(d) or real(d, *a))
+    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda d, *a, **k: evaluated.append(d) or real(d, *a, **k))
     result = compare.compare(config, [2], spec, methods=("angular", "slm_global_scaled"), show_progress=False)
     rows = {r["method"]: r for r in result["rows"]}
     assert len(evaluated) == 2  # dense and angular; the scaled plan with alpha 0 is the angular model
@@ -303,7 +303,7 @@ def test_rows_of_corrected_plans_say_their_kind(tmp_path):
 def test_runs_over_other_methods_add_up_in_one_file(compared, monkeypatch):
     config, spec, result = compared
     monkeypatch.setattr(compare, "merge_stage", lambda *a: pytest.fail("a measured model was merged again"))
-    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a: pytest.fail("a measured model re-scored"))
+    monkeypatch.setattr(compare.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("a measured model re-scored"))
     only_laco = compare.compare(config, [2], spec, methods=("laco",), show_progress=False)
     assert [r["method"] for r in only_laco["rows"]] == ["dense", "laco"]
     assert "last_layers" in {r["method"] for r in only_laco["other_rows"]}  # kept, not dropped
