@@ -434,7 +434,7 @@ def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_m
             assert torch.equal(got[key], expected[key]), key
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.num_hidden_layers == 3
-    assert f"{kind} correction" in (tmp_path / "out" / "README.md").read_text()
+    assert f"- correction: `{kind}`" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_plan_corrections_round_trip_and_file_checks(tiny_model, tmp_path):
