@@ -318,7 +318,7 @@ def test_verify_names_a_shard_whose_header_has_a_flipped_byte(finished, tmp_path
     shard.write_bytes(bytes(data))
     code, out = run_cli(capsys, "verify", str(out_dir))
     assert code == cli.EXIT_FAILURE and "Traceback" not in out
-    assert f"{shard.name}: sha256 differs" in out and f"{shard}" in out and "corrupt header" in out
+    assert f"{shard.name}: xxh3_128 differs" in out and f"{shard}" in out and "corrupt header" in out
     out = refused(capsys, ["inspect", str(out_dir)], out_dir)
     assert shard.name in out and "data_offsets" in out
 

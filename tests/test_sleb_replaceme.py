@@ -5,6 +5,8 @@ cosine fit on those rows; and compare plans, merges and evaluates both on the st
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -260,5 +262,6 @@ def test_lambada_counts_texts_whose_last_word_is_the_greedy_continuation(tiny_mo
     backend = LocalBackend()
     specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
     result = evaluate(inputs, backend_scorer(backend, specs))
-    assert result["lambada"] == {"acc": sum(expected) / 3, "n": 3}
+    acc = sum(expected) / 3
+    assert result["lambada"] == {"acc": acc, "acc_stderr": pytest.approx(math.sqrt(acc * (1 - acc) / 2)), "n": 3}
     backend.close()
