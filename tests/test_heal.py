@@ -451,10 +451,11 @@ def test_run_with_heal_reports_three_perplexities(tiny_model, cycle_text, tmp_pa
             pass
 
     monkeypatch.setattr(progress, "bar", lambda show, total, desc, unit="it", initial=0: Recorder(desc))
-    # The private Ray heal starts discovers no other cluster on this machine (as on a clean node).
+    # The private Ray heal starts discovers no other cluster on this machine (as on a clean node). Its
+    # auth mode stays this process's: Ray keeps the mode of the first session a process started, and a
+    # session started here with another one refuses its own driver.
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", temp_dir)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     config = load_config(None, [
