@@ -268,7 +268,7 @@ def table(name: str, predicted: dict, calibrated: dict, measured: dict, memory: 
 
 
 def update_results(path: Path, section: str, heading: str) -> None:
-    text = path.read_text()
+    text = path.read_text() if path.exists() else ""
     pattern = re.compile(re.escape(heading) + r"\n.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda m: section.rstrip("\n") + "\n", text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section

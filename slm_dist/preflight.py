@@ -16,7 +16,6 @@ import codecs
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # the data readers import torch: only the checks that read da
 
 log = logging.getLogger(__name__)
 
-CLUSTER_TIMEOUT_S = 5.0    # a Ray head that does not accept a connection in this time is reported
+CLUSTER_TIMEOUT_S = 5.0    # a Ray head that does not answer in this time is reported
 NUL = bytes(1)
 MAX_LISTED = 8             # problems of one kind listed before "... and N more"
 DISK_MARGIN_BYTES = 64 * 1024**2
@@ -297,22 +296,23 @@ def output_bytes(index: CheckpointIndex, layers_removed: int) -> int:
 
 # -------------------------------------------------------------------------------- the cluster
 def cluster_problems(cluster: ClusterSection, timeout_s: float = CLUSTER_TIMEOUT_S) -> list[str]:
-    """A given Ray address must accept a connection within ``timeout_s`` (Ray itself retries for
-    minutes with only its own log lines)."""
+    """A given Ray address must be a Ray head that answers within ``timeout_s`` (Ray itself retries for
+    minutes with only its own log lines; a port that only accepts TCP, like the dashboard's, is not one)."""
     address = cluster.address
     if cluster.backend != "ray" or address in (None, "", "auto", "local"):
         return []
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return [f"cluster.address={address!r} is not HOST:PORT (e.g. 10.0.0.1:6379 or ray://10.0.0.1:10001)"]
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return []
-    except OSError as e:
-        why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        return [f"cluster.address={address!r}: nothing answers at {host}:{port} within {timeout_s:.0f} s ({why}). "
-                "Check the address (`ray status` on the head node), or unset it to start a private local Ray."]
+    scheme, _, hostport = address.rpartition("://")
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if scheme not in ("", "ray") or not sep or not port.isdigit() or not host:
+        return [f"cluster.address={address!r} is not HOST:PORT or ray://HOST:PORT (e.g. 10.0.0.1:6379 or "
+                "ray://10.0.0.1:10001)"]
+    from slm_dist.backends.ray_probe import probe  # grpc and Ray's stubs: only when an address is given
+
+    why = probe(host.strip("[]"), int(port), client=scheme == "ray", timeout_s=timeout_s)
+    if why is None:
+        return []
+    return [f"cluster.address={address!r}: {why}. Check the address (`ray status` on the head node), or unset "
+            "it to start a private local Ray."]
 
 
 # ------------------------------------------------------------------------------- per command

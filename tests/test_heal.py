@@ -383,7 +383,10 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_zero2_cpu_killed_and_resumed(tiny_model, cycle_text, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "sigint"])
+def test_two_workers_zero2_cpu_interrupted_and_resumed(tiny_model, cycle_text, tmp_path, sig):
+    """Kill -9, or Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it), after
+    the first checkpoint; the rerun resumes from it and finishes the 40 steps."""
     run_dir = tmp_path / "run"
     config = tmp_path / "heal.yaml"
     config.write_text(f"""
@@ -403,8 +406,14 @@ heal: {{model: {tiny_model}, batch_size: 8, micro_batch_size: 4, cutoff_len: 32,
     while not snapshot.is_file() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert first.poll() is None, "the first run ended before its first checkpoint"
-    os.killpg(first.pid, signal.SIGKILL)   # the driver and everything in its session
-    first.wait()
+    os.killpg(first.pid, sig)   # the driver and everything in its session
+    try:
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     assert not (run_dir / "heal" / heal.SUMMARY_NAME).exists()
 
     second = subprocess.run(_cli("heal", str(config), "--json"), cwd=tmp_path, env=_env(), capture_output=True,

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from slm_dist import preflight
 from slm_dist.checkpoint.verify import verify_model
+from slm_dist.config import ClusterSection
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray")
@@ -92,6 +94,12 @@ def test_ray_job_submit_runs_the_tiny_config(tiny_model, tiny_text_file, tmp_pat
     try:
         url = f"http://127.0.0.1:{dashboard}"
         wait_for_job_server(url, head)
+        # The preflight's probe against a live head: the GCS and the Ray Client server are Ray; the
+        # dashboard accepts TCP too, yet is refused as cluster.address, with the port to use instead.
+        probe = {address: preflight.cluster_problems(ClusterSection(backend="ray", address=address))
+                 for address in (f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"127.0.0.1:{dashboard}")}
+        assert probe[f"127.0.0.1:{gcs}"] == [] and probe[f"ray://127.0.0.1:{client}"] == [], probe
+        assert "not a Ray GCS" in probe[f"127.0.0.1:{dashboard}"][0] and "6379" in probe[f"127.0.0.1:{dashboard}"][0]
         run_dir = tmp_path / "run"
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",

@@ -179,22 +179,65 @@ def test_crash_in_merge_resumes_without_recalibrating(finished, tiny_model, tiny
     assert digests(run_dir, RESULT_FILES) == digests(finished, RESULT_FILES)
 
 
-def test_killed_run_rerun_gives_the_uninterrupted_output(finished, tiny_model, tiny_text_file, tmp_path):
-    """SIGKILL a real `slm-dist run` in the middle of calibration, rerun it, compare every output byte."""
-    run_dir = tmp_path / "run"
-    args = overrides(tiny_model, tiny_text_file, run_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "slm_dist.cli", "--quiet", "run", str(TINY), *args], cwd=REPO,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# A real `slm-dist run` in a child process, held at a point inside one stage: the test's signal lands
+# there. Each hook runs the real function first, so the stage has done (and written) part of its work.
+PAUSED_RUN = """
+import functools, pathlib, sys, time
+marker, phase, argv = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+from slm_dist.checkpoint.writer import ShardWriter
+from slm_dist.core import planner
+from slm_dist.workers.stats_reducer import StatsReducer
+owner, name = {"calibrate": (StatsReducer, "add"),          # the first batch's statistics counted
+               "plan": (planner, "search_threshold"),        # the plan chosen, plan.json not yet written
+               "merge": (ShardWriter, "write")}[phase]       # a shard half written
+real = getattr(owner, name)
+@functools.wraps(real)
+def paused(*args, **kwargs):
+    out = real(*args, **kwargs)
+    marker.touch()
+    time.sleep(120)
+    return out
+setattr(owner, name, paused)
+from slm_dist.cli import main
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "sigint"])
+@pytest.mark.parametrize("phase", ["calibrate", "plan", "merge"])
+def test_an_interrupted_run_reruns_to_the_uninterrupted_output(finished, tiny_model, tiny_text_file, tmp_path,
+                                                               phase, sig):
+    """Kill -9 or Ctrl-C a real `slm-dist run` in the middle of a stage; the rerun's every output byte
+    equals the uninterrupted run's, and nothing of the interrupted attempt is taken for finished."""
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    # merge.max_parallel=1 keeps the shard writes on the main thread, where SIGINT lands
+    args = overrides(tiny_model, tiny_text_file, run_dir, "merge.max_parallel=1")
+    script = tmp_path / "paused_run.py"
+    script.write_text(PAUSED_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), phase, "--quiet", "run", str(TINY), *args],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not (run_dir / "calibration.parquet").exists():  # written just before the forward passes
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the run never reached the point to interrupt"
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
     finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (run_dir / "report.json").exists()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stderr[-2000:]
+    if sig == signal.SIGINT:
+        assert "interrupted: rerun the same command to resume" in stderr
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {"stages": {}}
+    assert phase not in state["stages"] and not (run_dir / "report.json").exists()   # not taken for finished
+    if phase == "merge":   # the signal landed mid-shard: kill -9 leaves the .partial file, Ctrl-C removes it
+        assert bool(list((run_dir / "model").glob(".*.partial"))) == (sig == signal.SIGKILL)
+        assert not (run_dir / "model" / "model.safetensors.index.json").exists()
     assert main(["--quiet", "run", str(TINY), *args]) == EXIT_OK
     assert digests(run_dir / "model") == digests(finished / "model")
     assert digests(run_dir, RESULT_FILES) == digests(finished, RESULT_FILES)

@@ -215,6 +215,52 @@ def test_an_unreachable_cluster_fails_in_seconds_naming_the_address(model, text,
     assert not (tmp_path / "run").exists()
 
 
+class _NotRay:
+    """Servers that accept a connection but are not a Ray head."""
+
+    @staticmethod
+    def http():
+        import http.server
+        import threading
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server.server_address[1], server.shutdown
+
+    @staticmethod
+    def grpc(abort_code=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        server = grpc.server(ThreadPoolExecutor(1))
+        if abort_code is not None:   # every call refused with this status (as a token-auth Ray head refuses)
+            class Refuse(grpc.GenericRpcHandler):
+                def service(self, details):
+                    return grpc.unary_unary_rpc_method_handler(lambda request, ctx: ctx.abort(abort_code, "no token"))
+            server.add_generic_rpc_handlers((Refuse(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        return port, lambda: server.stop(0)
+
+
+@pytest.mark.parametrize("kind, needle", [("http", "not a Ray GCS"), ("grpc", "not a Ray GCS"),
+                                          ("unauthenticated", "RAY_AUTH_MODE=token")])
+def test_a_listener_that_is_not_a_ray_head_is_refused_before_work(model, text, tmp_path, capsys, kind, needle):
+    """A port that accepts TCP is not enough: the dashboard's, another service's, or a head that wants a token."""
+    import grpc
+
+    port, stop = (_NotRay.http() if kind == "http" else
+                  _NotRay.grpc(grpc.StatusCode.UNAUTHENTICATED if kind == "unauthenticated" else None))
+    try:
+        out = refused(capsys, ["run", *overrides(model, text, tmp_path / "run", "cluster.backend=ray",
+                                                 f"cluster.address=127.0.0.1:{port}")], model)
+    finally:
+        stop()
+    assert f"cluster.address='127.0.0.1:{port}'" in out and needle in out
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_dry_run_lists_every_problem_at_once(model, text, tmp_path, capsys):
     edit_json(model / "config.json", lambda c: c.update(intermediate_size=c["intermediate_size"] + 8))
     binary = write(tmp_path / "heldout.txt", b"\x00\x01binary")
