@@ -275,6 +275,35 @@ def update_results(path: Path, section: str, heading: str) -> None:
     path.write_text(text)
 
 
+def copy_rate(model: Path, work: Path) -> float:
+    """Bytes/s of copying the model's largest shard into the work folder, fsynced: what one merge task's
+    write can reach on this disk (the source is in the page cache, as the merge's sources are)."""
+    shard = max(model.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    target = work / "copy-probe"
+    start = time.perf_counter()
+    with open(shard, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 64 * 1024**2)
+        dst.flush()
+        os.fsync(dst.fileno())
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return shard.stat().st_size / seconds
+
+
+def variants_of(args) -> dict[str, list[str]]:
+    variants = {"default plan": [], "plan.search=global merge.correction=refit":
+                ["plan.search=global", "merge.rule=scaled", "merge.correction=refit", "plan.candidates=1",
+                 "plan.local_search=0", "merge.correction_batches=4"]}
+    return {k: v for k, v in variants.items() if args.variant == "both" or ("refit" in k) == (args.variant == "refit")}
+
+
+def measured_figures(first: dict, disk: float, args) -> list[str]:
+    """The --assume list of the second prediction: what this machine measured, as a user would."""
+    tokens_per_s = args.tokens_per_s or args.samples * args.seq_len / first["batch_seconds"]
+    return [f"stage_tokens_per_s={tokens_per_s:.3g}", f"stage_start_s={first['start_seconds']:.3g}",
+            f"write_bytes_per_s={disk:.3g}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="3b")
@@ -291,61 +320,72 @@ def main() -> None:
                         help="measured stage tokens/s for the second prediction (default: this run's first calibration)")
     parser.add_argument("--reuse-model", type=Path, default=None, help="move this earlier run's model folder in")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (model, runs, logs)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="no job: predict again, with today's dryrun.py, the measurements a kept --workdir holds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     geometry = PRESETS[args.preset]
-    if args.workdir.exists():
-        raise SystemExit(f"{args.workdir} exists: remove it first")
-    args.workdir.mkdir(parents=True)
     work = args.workdir
+    if args.predict_only:
+        if not (work / "bench_scale.json").is_file():
+            raise SystemExit(f"{work / 'bench_scale.json'} does not exist: --predict-only needs a run kept with --keep")
+    elif work.exists():
+        raise SystemExit(f"{work} exists: remove it first")
+    else:
+        work.mkdir(parents=True)
     try:
-        log.info("writing a random bf16 Llama (%s) shard by shard ...", geometry)
-        t0 = time.perf_counter()
-        if args.reuse_model:
+        if args.predict_only:
+            stored = json.loads((work / "model" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        elif args.reuse_model:
             shutil.move(str(args.reuse_model), str(work / "model"))
             stored = json.loads((work / "model" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         else:
+            log.info("writing a random bf16 Llama (%s) shard by shard ...", geometry)
+            t0 = time.perf_counter()
             stored = make_checkpoint(work / "model", geometry)
+            log.info("%.2f GB in %.0f s", stored / 1e9, time.perf_counter() - t0)
         compute = 2 * stored  # float32
         memory = args.memory_per_stage or int(0.49 * compute)
-        log.info("%.2f GB in %.0f s; float32 compute size %.2f GiB, memory_per_stage_bytes %.2f GiB", stored / 1e9,
-                 time.perf_counter() - t0, compute / GiB, memory / GiB)
-        text = write_inputs(work)
-        variants = {"default plan": [], "plan.search=global merge.correction=refit":
-                    ["plan.search=global", "merge.rule=scaled", "merge.correction=refit", "plan.candidates=1",
-                     "plan.local_search=0", "merge.correction_batches=4"]}
-        variants = {k: v for k, v in variants.items() if ("refit" in k) == (args.variant == "refit")
-                    or args.variant == "both"}
-        refused = {}
-        rows = {}
-        with Cluster(work / "cluster", workers=1, cpus_per_node=2) as cluster:
-            tokens_per_s = start_s = None
-            for name, extra in variants.items():
-                items = overrides(args, work / "model", text, work / f"run-{len(rows)}", memory, extra)
-                predicted = dry_run(items)
-                if not predicted["fits"]:
-                    log.warning("the dry run refuses %s: %s", name, predicted["refusal"])
-                    refused[name] = predicted["refusal"]
-                    continue
-                log.info("%s: submitting ...", name)
-                measured = measure(cluster, args, name, items, work)
-                if tokens_per_s is None:  # the first run's calibration, as a user would measure it
-                    tokens_per_s = args.tokens_per_s or args.samples * args.seq_len / measured["batch_seconds"]
-                    start_s = measured["start_seconds"]
-                calibrated = dry_run(items, [f"stage_tokens_per_s={tokens_per_s:.3g}", f"stage_start_s={start_s:.3g}"])
-                rows[name] = (predicted, calibrated, measured)
-                log.info("%s: %s", name, json.dumps(measured))
-        (work / "bench_scale.json").write_text(json.dumps(rows, indent=1, default=str))
+        log.info("float32 compute size %.2f GiB, memory_per_stage_bytes %.2f GiB", compute / GiB, memory / GiB)
+        text = work / "text.txt" if args.predict_only else write_inputs(work)
+        items_of = {name: overrides(args, work / "model", text, work / f"run-{k}", memory, extra)
+                    for k, (name, extra) in enumerate(variants_of(args).items())}
+        refused, measured_rows = {}, {}
+        if args.predict_only:
+            saved = json.loads((work / "bench_scale.json").read_text())
+            disk, measured_rows = saved["disk_bytes_per_s"], {n: row["measured"] for n, row in saved["rows"].items()}
+            refused = saved.get("refused", {})
+        else:
+            disk = copy_rate(work / "model", work)
+            log.info("copying a shard with fsync: %.0f MB/s", disk / 1e6)
+            with Cluster(work / "cluster", workers=1, cpus_per_node=2) as cluster:
+                for name, items in items_of.items():
+                    predicted = dry_run(items)
+                    if not predicted["fits"]:
+                        log.warning("the dry run refuses %s: %s", name, predicted["refusal"])
+                        refused[name] = predicted["refusal"]
+                        continue
+                    log.info("%s: submitting ...", name)
+                    measured_rows[name] = measure(cluster, args, name, items, work)
+                    log.info("%s: %s", name, json.dumps(measured_rows[name]))
+        first = next(iter(measured_rows.values()))   # the first run's calibration, as a user would measure it
+        assume = measured_figures(first, disk, args)
+        rows = {name: (dry_run(items_of[name]), dry_run(items_of[name], assume), measured)
+                for name, measured in measured_rows.items()}
+        (work / "bench_scale.json").write_text(json.dumps(
+            {"disk_bytes_per_s": disk, "refused": refused, "assume": assume,
+             "rows": {n: {"predicted": p, "calibrated": c, "measured": m} for n, (p, c, m) in rows.items()}},
+            indent=1, default=str))
         lines = [f"{HEADING}, preset {args.preset}", "", f"`python bench/bench_scale.py {' '.join(sys.argv[1:])}`: random Llama, "
                  f"hidden {geometry['hidden']}, intermediate {geometry['intermediate']}, {geometry['layers']} layers, "
                  f"{geometry['heads']}/{geometry['kv_heads']} heads, vocabulary {geometry['vocab']}: "
                  f"{stored / 1e9:.2f} GB in bf16, {compute / GiB:.2f} GiB in float32; 4 stages on a head + 1 worker "
                  f"node (2 CPUs each) started by cluster/local_cluster.sh, `ray job submit`; "
                  f"cluster.memory_per_stage_bytes = {memory / GiB:.2f} GiB (0.49 x the float32 model); "
-                 f"{args.samples} calibration samples x {args.seq_len} tokens; {os.cpu_count()} CPU cores shared with "
-                 f"other work (load average {os.getloadavg()[0]:.1f} at the end). Measured tokens/s for the second "
-                 f"prediction column: {tokens_per_s:.3g} per stage, stage start {start_s:.0f} s (the first run's calibration, "
-                 "from the driver's log: stages up to calibration done, and calibration start to stages up).", ""]
+                 f"{args.samples} calibration samples x {args.seq_len} tokens; {os.cpu_count()} CPU cores. "
+                 f"The second prediction column is `plan --dry-run` given this machine's measured figures "
+                 f"(`--assume {' '.join(assume)}`): the first run's calibration tokens/s per stage and its stage "
+                 f"start (from the driver's log), and the copy rate of the largest shard, fsynced.", ""]
         for name, (predicted, calibrated, measured) in rows.items():
             lines += table(name, predicted, calibrated, measured, memory)
         for name, why in refused.items():
@@ -354,7 +394,7 @@ def main() -> None:
         update_results(args.results, section, f"{HEADING}, preset {args.preset}")
         sys.stdout.write(section)
     finally:
-        if not args.keep:
+        if not (args.keep or args.predict_only):
             shutil.rmtree(work, ignore_errors=True)
 
 

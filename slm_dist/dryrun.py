@@ -318,10 +318,16 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
         seconds["plan"] = candidates * cal.num_samples * cal.seq_len * fpt * n / 2 / rate
     else:
         seconds["plan"] = _global_search_seconds(hf_config, config, sizes, fpt, rate, a)
-    tasks = config.merge.max_parallel
-    # read, write and hash for the manifest; the hash (xxh3_128) overlaps the write on a thread of its own
-    seconds["merge"] = (merge_read / a.read_bytes_per_s
-                        + max(out_bytes / a.write_bytes_per_s, out_bytes / a.hash_bytes_per_s)) / tasks
+    # One task per output shard: read, write and hash for the manifest (the hash, xxh3_128, overlaps the
+    # write on a thread of its own). Parallel tasks divide the work, but no task splits a shard: the
+    # largest shard (up to merge.max_shard_bytes) bounds the stage from below.
+    def task_seconds(write: float) -> float:
+        read = merge_read * write / max(out_bytes, 1)
+        return read / a.read_bytes_per_s + max(write / a.write_bytes_per_s, write / a.hash_bytes_per_s)
+
+    shards = max(1, math.ceil(out_bytes / config.merge.max_shard_bytes))
+    tasks = min(config.merge.max_parallel, shards)
+    seconds["merge"] = max(task_seconds(out_bytes) / tasks, task_seconds(min(out_bytes, config.merge.max_shard_bytes)))
     seconds["verify"] = out_bytes / a.read_bytes_per_s                  # re-hash every output file
     if config.eval.enabled:
         tokens = eval_tokens(config)

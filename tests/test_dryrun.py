@@ -296,3 +296,16 @@ def test_measured_throughputs_replace_the_assumed_ones_and_the_output_says_which
             dryrun.Assumptions.parse(bad)
     assert main(["--quiet", "plan", "--dry-run", str(CONFIG_70B), f"model.path={LLAMA3_70B}",
                  "--assume", "nope=1"]) == EXIT_BAD_INPUT
+
+
+def test_merge_time_is_bounded_by_its_largest_shard():
+    """Tasks divide the shards, not a shard: with the shard size at the output's size there is one task
+    whatever merge.max_parallel says; with small shards 4 tasks take a quarter of one task's time."""
+    a = dryrun.Assumptions.parse(["read_bytes_per_s=1e9", "write_bytes_per_s=1e9", "hash_bytes_per_s=1e12"])
+    d = dryrun.dry_run(config_70b(), LLAMA3_70B, a)
+    one = (d.read_bytes["merge"] + d.output_bytes) / 1e9     # one task: every byte read, then written
+    whole = dryrun.dry_run(config_70b(f"merge.max_shard_bytes={d.output_bytes}", "merge.max_parallel=4"),
+                           LLAMA3_70B, a)
+    small = dryrun.dry_run(config_70b(f"merge.max_shard_bytes={10**8}", "merge.max_parallel=4"), LLAMA3_70B, a)
+    assert whole.seconds["merge"] == pytest.approx(one, abs=0.1)
+    assert small.seconds["merge"] == pytest.approx(one / 4, abs=0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -240,6 +241,51 @@ def test_an_interrupted_run_reruns_to_the_uninterrupted_output(finished, tiny_mo
         assert not (run_dir / "model" / "model.safetensors.index.json").exists()
     assert main(["--quiet", "run", str(TINY), *args]) == EXIT_OK
     assert digests(run_dir / "model") == digests(finished / "model")
+    assert digests(run_dir, RESULT_FILES) == digests(finished, RESULT_FILES)
+
+
+class DiskFull:
+    """The writer's ``os`` with a device that fills up after ``room`` bytes (ENOSPC, as a real disk says it)."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def _take(self, n: int) -> None:
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+
+    def write(self, fd, data):
+        self._take(len(data))
+        return os.write(fd, data)
+
+    def copy_file_range(self, src, dst, count, offset_src=None, offset_dst=None):
+        self._take(count)
+        return os.copy_file_range(src, dst, count, offset_src, offset_dst)
+
+
+def test_a_disk_full_mid_merge_fails_naming_it_and_the_rerun_gives_the_clean_output(
+        finished, tiny_model, tiny_text_file, tmp_path, monkeypatch, caplog):
+    from slm_dist.checkpoint import writer
+
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_model, tiny_text_file, run_dir)
+    room = sum(p.stat().st_size for p in (finished / "model").glob("*.safetensors")) // 2
+    monkeypatch.setattr(writer, "os", DiskFull(room))
+    with caplog.at_level("ERROR", logger="slm_dist"):
+        assert main(["--quiet", "run", str(TINY), *args]) == EXIT_FAILURE
+    assert "no space left on the device writing" in caplog.text and "rerun the same command" in caplog.text
+    out = run_dir / "model"
+    assert 0 < len(list(out.glob("model-*.safetensors"))) < len(list((finished / "model").glob("model-*.safetensors")))
+    assert not list(out.glob(".*.partial")) and not (out / "model.safetensors.index.json").exists()
+    assert "merge" not in json.loads((run_dir / "state.json").read_text())["stages"]
+    monkeypatch.undo()   # space freed
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a: pytest.fail("the statistics were intact"))
+    assert main(["--quiet", "run", str(TINY), *args]) == EXIT_OK
+    assert digests(out) == digests(finished / "model")
     assert digests(run_dir, RESULT_FILES) == digests(finished, RESULT_FILES)
 
 

@@ -260,6 +260,16 @@ class ShardWriter:
             self._write_bytes(data, source)
 
     def _write_bytes(self, data: memoryview, source: tuple[int, int] | None) -> None:
+        try:
+            self._copy_or_write(data, source)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Said where and what to do; the partial file goes with the exception (__exit__), finished shards stay.
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {self.path}: free space there and "
+                                        "rerun the same command (finished shards are kept)") from e
+
+    def _copy_or_write(self, data: memoryview, source: tuple[int, int] | None) -> None:
         if source is not None and self._kernel_copy:
             fd, offset = source
             done = 0
