@@ -103,6 +103,9 @@ class StageEstimate:
     activation_bytes: int      # batches in flight, one layer's working set, logits on the last stage
     overhead_bytes: int
     read_bytes: int            # bytes this stage reads from the checkpoint (storage dtype)
+    # merge.correction=refit's fitting statistics, inside activation_bytes: the peak of a stage while it
+    # fits a window. Any stage may be asked to (the windows are the plan's); one that fits none peaks lower.
+    fit_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -309,9 +312,17 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
         # rate it times every other forward pass too.
         rate = a.stage_tokens_per_s * widest * fpt
         gram = 0.0
-    per_batch = max((b - s) * (batch_tokens * fpt / rate + gram) for s, b in stages) + hop
+    inflight = config.cluster.max_inflight
+
+    def pipeline(batches: int, stage_seconds: list[float]) -> float:
+        """Batches through the stages in order, at most cluster.max_inflight at once: a batch's latency
+        is every stage plus the hops; a new one leaves every max(slowest stage, latency / in flight)."""
+        latency = sum(stage_seconds) + (len(stage_seconds) - 1) * hop
+        return (batches - 1) * max(max(stage_seconds) + hop, latency / inflight) + latency
+
     load = a.stage_start_s + max(stage_read) / a.read_bytes_per_s  # a pipeline's stages start and load
-    seconds = {"calibrate": load + (num_batches + len(stages) - 1) * per_batch}
+    seconds = {"calibrate": load + pipeline(num_batches, [(b - s) * (batch_tokens * fpt / rate + gram)
+                                                          for s, b in stages])}
     if config.similarity.criterion == "output":
         # Each step of the published loop re-runs, on average, half the model on every calibration sample.
         candidates = max(n - config.plan.protect_first - config.plan.protect_last, 0)
@@ -330,11 +341,13 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     seconds["merge"] = max(task_seconds(out_bytes) / tasks, task_seconds(min(out_bytes, config.merge.max_shard_bytes)))
     seconds["verify"] = out_bytes / a.read_bytes_per_s                  # re-hash every output file
     if config.eval.enabled:
-        tokens = eval_tokens(config)
         lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
-        # Windows stream through the stages as calibration batches do: the widest stage sets the pace.
+        # Windows stream through the stages as calibration batches do (the last stage adds the logits).
         # The dense model is scored on the calibration stages; only the pruned one starts and loads its own.
-        forward = tokens * (fpt * widest + lm_head) / rate + (len(stages) - 1) * per_batch
+        per_batch = min(config.eval.batch_tokens, cal.batch_size * config.eval.seq_len)
+        stage_seconds = [(b - s) * per_batch * fpt / rate for s, b in stages]
+        stage_seconds[-1] += per_batch * lm_head / rate
+        forward = pipeline(math.ceil(eval_tokens(config) / per_batch), stage_seconds)
         seconds["eval"] = 2 * forward + load
     return {k: round(v, 1) for k, v in seconds.items()}
 
@@ -402,7 +415,7 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
     # with its activations, logits and overhead.
     last_extra = compute.last_extra_bytes + _tied_head_bytes(hf, compute)
-    parts = _Parts(compute, last_extra, act, logits, overhead)
+    parts = _Parts(compute, last_extra, act, logits, overhead, fit)
     refusal, slices = None, []
     try:
         slices = partition_layers(compute.layer_bytes, cluster.num_stages, cluster.memory_per_stage_bytes,
@@ -475,9 +488,10 @@ class _Parts:
 
     compute: sizing.ModelSizes
     last_extra: int        # final norm + lm_head (+ the tied copy)
-    activation: int        # every stage
+    activation: int        # every stage (refit's statistics included)
     logits: int            # the last stage
     overhead: int          # every stage
+    fit: int = 0           # refit's statistics, part of activation
 
 
 def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, start: int, stop: int) -> StageEstimate:
@@ -486,7 +500,8 @@ def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, st
     weights = sum(c.layer_bytes[start:stop]) + (c.first_extra_bytes if first else 0) + (parts.last_extra if last else 0)
     read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
         + (stored.last_extra_bytes if last else 0)
-    return StageEstimate(start, stop, weights, parts.activation + (parts.logits if last else 0), parts.overhead, read)
+    return StageEstimate(start, stop, weights, parts.activation + (parts.logits if last else 0), parts.overhead, read,
+                         parts.fit)
 
 
 SMALLER_CARDS_GIB = (40, 48)  # the common smaller GPU memories a 70B plan is asked about

@@ -229,6 +229,10 @@ class PlanSearch:
         keys = [correction_key(*r) for r in requests]
         missing = list(dict.fromkeys(k for k in keys if k not in held or (refit_released and held[k].released)))
         if missing:
+            # A refit at 70B is minutes of float64 solves per window with nothing else to log meanwhile.
+            log.info("fitting %d %s correction(s) on their stages: windows %s, %d calibration batches each ...",
+                     len(missing), "/".join(sorted({k[3] for k in missing})), [list(k[0]) for k in missing],
+                     self.config.merge.correction_batches)
             for fit in self.backend.fit_corrections(missing, self.config.merge.correction_batches):
                 again = fit.key in held  # a released map fitted again: logged the first time
                 held[fit.key] = fit

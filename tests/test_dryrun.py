@@ -309,3 +309,23 @@ def test_merge_time_is_bounded_by_its_largest_shard():
     small = dryrun.dry_run(config_70b(f"merge.max_shard_bytes={10**8}", "merge.max_parallel=4"), LLAMA3_70B, a)
     assert whole.seconds["merge"] == pytest.approx(one, abs=0.1)
     assert small.seconds["merge"] == pytest.approx(one / 4, abs=0.1)
+
+
+def test_calibration_time_follows_the_batches_in_flight():
+    """One batch in flight: every batch crosses every stage alone. Many: the widest stage sets the pace
+    once the pipeline is full. (stage_tokens_per_s given, hops free, loading excluded.)"""
+    a = dryrun.Assumptions.parse(["stage_tokens_per_s=1000", "hop_bytes_per_s=1e30"])
+
+    def compute(inflight: int) -> tuple[float, dryrun.DryRun]:
+        d = dryrun.dry_run(config_70b(f"cluster.max_inflight={inflight}"), LLAMA3_70B, a)
+        load = 10.0 + max(s.read_bytes for s in d.stages) / 2e9
+        return d.seconds["calibrate"] - load, d
+
+    serial, d = compute(1)
+    piped, _ = compute(64)
+    cal = config_70b().calibration
+    batches, tokens = math.ceil(cal.num_samples / cal.batch_size), cal.batch_size * cal.seq_len
+    widest = max(s.stop - s.start for s in d.stages)
+    per_layer = tokens / 1000 / widest    # the widest stage moves a batch in tokens / 1000 s
+    assert serial == pytest.approx(batches * 80 * per_layer, rel=0.01, abs=0.1)
+    assert piped == pytest.approx((batches - 1) * widest * per_layer + 80 * per_layer, rel=0.01, abs=0.1)
