@@ -90,6 +90,7 @@ cmd_start() {
     gcs=$(free_port); dash=$(free_port); client=$(free_port)
     echo "$gcs" > "$CLUSTER_DIR/gcs_port"
     echo "$dash" > "$CLUSTER_DIR/dashboard_port"
+    echo "$client" > "$CLUSTER_DIR/client_port"
     start_node head --head --node-ip-address=127.0.0.1 --port="$gcs" --include-dashboard=true \
         --dashboard-host=127.0.0.1 --dashboard-port="$dash" --ray-client-server-port="$client" \
         --dashboard-agent-listen-port="$(free_port)" --resources='{"slm_node_0": 1}'

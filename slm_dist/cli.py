@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -433,9 +434,30 @@ def setup_logging(verbose: bool, quiet: bool, as_json: bool) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+class _SigintSeen:
+    """Whether Ctrl-C arrived during the command. Ctrl-C reaches the whole foreground process group:
+    Ray's workers may die of it first, and the error the driver then sees is theirs, not a
+    KeyboardInterrupt; the exit is still an interruption (130), not a failure."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self):
+        try:
+            return signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread (a library caller): keep Python's own handling
+            return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet, args.log_json)
+    sigint = _SigintSeen()
+    previous = sigint.install()
     try:
         return args.func(args)
     except _bad_input_errors() as e:
@@ -447,11 +469,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted: rerun the same command to resume")
         return EXIT_INTERRUPTED
     except Exception as e:
+        if sigint.seen:
+            log.error("interrupted (%s: %s): rerun the same command to resume", type(e).__name__, e,
+                      exc_info=args.debug)
+            return EXIT_INTERRUPTED
         if args.debug:
             log.exception("slm-dist failed")
         else:
             log.error("slm-dist failed: %s: %s (run again with --debug for the traceback)", type(e).__name__, e)
         return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,30 @@ def test_keyboard_interrupt_exits_130(monkeypatch, caplog):
     assert "interrupted: rerun the same command to resume" in caplog.text
 
 
+def test_ctrl_c_that_surfaces_as_another_error_still_exits_130(monkeypatch, caplog):
+    """Ctrl-C hits the whole process group: Ray's workers can die of it first, and the driver then
+    sees their error instead of a KeyboardInterrupt. It is still an interruption; without Ctrl-C the
+    same error is a failure."""
+    def workers_died_of_it(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)   # the handler raises here
+        except KeyboardInterrupt:
+            pass           # swallowed on the way, as a library waiting on its workers may do
+        raise RuntimeError("the training workers died")
+
+    monkeypatch.setattr(cli, "cmd_inspect", workers_died_of_it)
+    assert cli.main(["inspect", "anything"]) == 130
+    assert "interrupted (RuntimeError: the training workers died): rerun the same command" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Python's own handler is back
+
+    def failed(args):
+        raise RuntimeError("the training workers died")
+
+    monkeypatch.setattr(cli, "cmd_inspect", failed)
+    assert cli.main(["inspect", "anything"]) == cli.EXIT_FAILURE
+
+
 @pytest.mark.slow
 def test_sigint_mid_calibration_exits_130_and_the_rerun_completes(tiny_model, tiny_text_file, tmp_path):
     """A real `slm-dist run` on Ray (3 stages of 1 CPU on this 2-core machine: the private Ray it starts

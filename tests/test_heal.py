@@ -382,16 +382,12 @@ def _env() -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "sigint"])
-def test_two_workers_zero2_cpu_interrupted_and_resumed(tiny_model, cycle_text, tmp_path, sig):
-    """Kill -9, or Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it), after
-    the first checkpoint; the rerun resumes from it and finishes the 40 steps."""
-    run_dir = tmp_path / "run"
-    config = tmp_path / "heal.yaml"
+def _heal_config(folder: Path, tiny_model: Path, cycle_text: Path) -> Path:
+    """Two Ray Train workers, ZeRO-2 on CPU, 40 steps with a checkpoint every 4."""
+    config = folder / "heal.yaml"
     config.write_text(f"""
 model: {{path: {tiny_model}}}
-run: {{dir: {run_dir}}}
+run: {{dir: {folder / "run"}}}
 calibration: {{source: {cycle_text}}}
 eval: {{heldout: {cycle_text}, seq_len: 32, max_windows: 4}}
 merge: {{max_shard_bytes: 30000}}
@@ -399,9 +395,32 @@ cluster: {{num_workers: 2, device: cpu}}
 heal: {{model: {tiny_model}, batch_size: 8, micro_batch_size: 4, cutoff_len: 32, lr: 0.02, warmup_steps: 1,
         max_steps: 40, checkpoint_every: 4, zero_stage: 2}}
 """)
+    return config
+
+
+@pytest.fixture(scope="module")
+def clean_heal(tiny_model, cycle_text, tmp_path_factory) -> dict:
+    """One uninterrupted healing run: what an interrupted one must come back to."""
+    folder = tmp_path_factory.mktemp("clean-heal")
+    out = subprocess.run(_cli("heal", str(_heal_config(folder, tiny_model, cycle_text)), "--json"), cwd=folder,
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "sigint"])
+def test_two_workers_zero2_cpu_interrupted_and_resumed(tiny_model, cycle_text, tmp_path, sig, clean_heal):
+    """Kill -9, or Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it), after
+    the first checkpoint; the rerun resumes from it, finishes the 40 steps, and ends where an
+    uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    config = _heal_config(tmp_path, tiny_model, cycle_text)
     snapshot = run_dir / "heal" / "train" / "checkpoint_manager_snapshot.json"
-    first = subprocess.Popen(_cli("heal", str(config)), cwd=tmp_path, env=_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "first.log"
+    with open(log_path, "wb") as log_file:
+        first = subprocess.Popen(_cli("heal", str(config)), cwd=tmp_path, env=_env(), start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=log_file)
     deadline = time.monotonic() + 240
     while not snapshot.is_file() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -413,7 +432,7 @@ heal: {{model: {tiny_model}, batch_size: 8, micro_batch_size: 4, cutoff_len: 32,
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
-    assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+    assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), log_path.read_text()[-3000:]
     assert not (run_dir / "heal" / heal.SUMMARY_NAME).exists()
 
     second = subprocess.run(_cli("heal", str(config), "--json"), cwd=tmp_path, env=_env(), capture_output=True,
@@ -438,6 +457,14 @@ heal: {{model: {tiny_model}, batch_size: 8, micro_batch_size: 4, cutoff_len: 32,
             a, b = pairs[key]
             expected = expected + scale * (b @ a)
         torch.testing.assert_close(merged.get(key), expected, rtol=0, atol=1e-6)
+    # The resumed run ends where the uninterrupted one does: the same adapter, the same merged weights.
+    clean_pairs, _, _ = heal.read_adapter(Path(clean_heal["adapter_dir"]))
+    for key, (a, b) in pairs.items():
+        torch.testing.assert_close(a, clean_pairs[key][0], rtol=0, atol=0)
+        torch.testing.assert_close(b, clean_pairs[key][1], rtol=0, atol=0)
+    clean_merged = LazyReader(open_index(Path(clean_heal["output_dir"])))
+    for key in open_index(out).tensors:
+        assert torch.equal(merged.get(key), clean_merged.get(key)), key
 
 
 @pytest.mark.slow
