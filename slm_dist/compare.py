@@ -70,6 +70,8 @@ from slm_dist.workers.stage_worker import StageSpec, StageWorker
 
 log = logging.getLogger(__name__)
 
+# Methods whose layers are the angular block: they need the angular-distance pass after calibration.
+ANGULAR_METHODS = ("angular", "linearpatch_angular", "angular_refit")
 LABELS = {
     "dense": "Dense (unpruned)",
     "shortgpt": "ShortGPT (lowest Block Influence)",
@@ -327,7 +329,7 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
         reducer = pipeline.calibrate(ctx, index, backend, input_ids, keep_inputs=keep)
         write_json(ctx.run_dir / "similarity.json", pipeline.similarity_json(reducer, config))
     angular = None
-    if "angular" in methods or any(m.startswith("replaceme_") for m in methods):
+    if any(m in ANGULAR_METHODS or m.startswith("replaceme_") for m in methods):
         with ctx.timed("angular"):
             first = context.stage_specs(config, index, ctx.model_dir)[0]
             states = boundary_last_token_states(first, input_ids, config.calibration.batch_size, show_progress)

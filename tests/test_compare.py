@@ -328,3 +328,15 @@ def test_the_table_shows_each_metric_and_the_average_with_its_standard_error():
     # sqrt(.06 + .09) / 2 = 0.19365 -> ± 19.4
     assert table[2].endswith("| 12.35 | 60.0 ± 24.5 | 40.0 ± 30.0 | 50.0 ± 19.4 |")
     assert table[3].endswith("| n/a | 50.0 | n/a | 50.0 |")
+
+
+def test_methods_on_the_angular_block_alone_get_the_angular_pass(compared, tmp_path):
+    """angular_refit or linearpatch_angular asked for without `angular` itself still measure the angular
+    distances (they crashed on a missing matrix before), and use the block `angular` chose."""
+    config, spec, result = compared
+    alone = compare.compare(config.model_copy(update={"run": config.run.model_copy(update={"dir": tmp_path / "run"})}),
+                            [2], spec, methods=("angular_refit", "linearpatch_angular"), show_progress=False)
+    rows = {r["method"]: r for r in alone["rows"]}
+    assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
+    angular = next(r for r in result["rows"] if r["method"] == "angular")
+    assert rows["angular_refit"]["windows"] == rows["linearpatch_angular"]["windows"] == angular["windows"]

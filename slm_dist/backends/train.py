@@ -99,16 +99,39 @@ def fit(train_fn: Callable[[dict, Any], None], loop: dict, num_workers: int, dev
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures)))
     if queue is None:
-        return trainer.fit().checkpoint
+        return _fit_off_the_main_thread(trainer).checkpoint
     stop = threading.Event()
     drain = threading.Thread(target=_drain, args=(queue, on_report, stop), name="heal-progress", daemon=True)
     drain.start()
     try:
-        return trainer.fit().checkpoint
+        return _fit_off_the_main_thread(trainer).checkpoint
     finally:
         stop.set()
         drain.join()
         queue.shutdown()
+
+
+def _fit_off_the_main_thread(trainer) -> Any:
+    """``trainer.fit()`` on a thread of its own. On the main thread Ray Train installs its own Ctrl-C
+    handler (a graceful abort that then exits the process with 0 or 1), which would replace the CLI's
+    contract: KeyboardInterrupt, exit 130, a run folder that resumes. On another thread it leaves the
+    handler alone (as under Ray Tune); Ctrl-C interrupts the wait here, and the driver's Ray shutdown
+    (or its exit, which ends the actors it owns) stops the workers. Checkpoints already written stay."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread as it is
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)   # a timed wait: KeyboardInterrupt lands here
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _drain(queue, on_report: Callable[[dict], None], stop: threading.Event) -> None:
