@@ -149,7 +149,11 @@ def method_settings(method: str, config: SlmConfig) -> dict:
         settings = {k: getattr(config.plan, k) for k in SEARCH_SETTINGS}
         if GLOBAL_METHODS[method][1] != "none":
             settings["correction_batches"] = config.merge.correction_batches
+            settings["correction_weight"] = config.merge.correction_weight
         return settings
+    if method == "angular_refit":   # our correction on a fixed block: how it is fitted
+        return {"correction_batches": config.merge.correction_batches,
+                "correction_weight": config.merge.correction_weight}
     return {}
 
 

@@ -201,7 +201,8 @@ class PlanSearch:
             self.fit_corrections(requests)
             corrected = any(self.memo.corrections[correction_key(*r)].corrects for r in requests)
         # The memo (and compare's loss file) key: what the plan's weights depend on.
-        label = rule + (f"+{kind}(batches={self.config.merge.correction_batches})" if corrected else "")
+        m = self.config.merge
+        label = rule + (f"+{kind}(batches={m.correction_batches},weight={m.correction_weight})" if corrected else "")
         key = (windows, label, p.refine_metric)
         if key not in self.memo.losses:
             if corrected:

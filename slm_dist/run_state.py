@@ -48,6 +48,7 @@ ARTIFACTS = {
 CONTENT_HASH_MAX_BYTES = 256 * 1024**2
 # Config keys that change how a stage runs, never what it writes.
 _NO_EFFECT = {"merge": ("max_parallel", "memory_budget_bytes")}
+MERGE_SETTINGS_OF_THE_PLAN = ("rule", "alpha_batches", "correction", "correction_batches", "correction_weight")
 
 
 class RunStateError(RuntimeError):
@@ -124,8 +125,10 @@ def stage_keys(config: SlmConfig, inputs: RunInputs, index_fp: str) -> dict[str,
         "calibration_source": path_fingerprint(inputs.calibration_source),
         "similarity": _section(config, "similarity", drop=("criterion",)),
     })
+    # plan.json names the rule, and the planner fits what the merge settings ask for (alphas, corrections)
+    planned = {k: getattr(config.merge, k) for k in MERGE_SETTINGS_OF_THE_PLAN}
     plan = _digest({"calibrate": calibrate, "plan": _section(config, "plan"),
-                    "criterion": config.similarity.criterion, "rule": config.merge.rule})
+                    "criterion": config.similarity.criterion, **planned})
     merge = _digest({"plan": plan, "merge": _section(config, "merge", drop=("output_dir",)),
                      "output_dir": str(Path(inputs.output_dir).resolve())})
     # The eval stage also heals the pruned model when heal.enabled (its results join eval.json).

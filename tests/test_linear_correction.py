@@ -379,6 +379,45 @@ def test_stage_fit_equals_the_old_implementation_on_the_tiny_model(tiny_model, m
     assert_same_fit(new, old)
 
 
+@pytest.mark.parametrize("kind", ["linear", "refit"])
+def test_relative_weighting_divides_each_tokens_row_by_the_windows_output_norm(tiny_model, monkeypatch, kind):
+    """merge.correction_weight=relative: every row the fit sees (ordinary and position 0) is the
+    unweighted row divided by ||h_4|| at its token, h_4 the original window's output taken from
+    transformers' hidden states; the fit differs from the unweighted one."""
+    import slm_dist.workers.window_fits as wf
+
+    seen: dict[str, list] = {}
+
+    def capture(name):
+        def choose(rows, folds, **kwargs):
+            seen[name] = [[tuple(None if t is None else t.clone() for t in b) for b in rows(i)] for i in range(folds)]
+            return choose_correction(rows, folds, **kwargs)
+        return choose
+
+    fits = {}
+    for weight in ("none", "relative"):
+        monkeypatch.setattr(wf, "choose_correction", capture(weight))
+        stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, correction_weight=weight)),
+                  StageWorker(StageSpec(str(tiny_model), 3, 6, 6, correction_weight=weight))]
+        batches = [torch.randint(3, 60, (4, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+        for batch_id, ids in enumerate(batches):
+            x = ids
+            for stage in stages:
+                x, _ = stage.calibrate(batch_id, x, cache_inputs=True)
+        fits[weight] = stages[0].fit_correction((2, 4), "drop", None, [0, 1, 2, 3], kind)
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    for fold, ids in enumerate(batches):   # 4 batches, 4 folds: fold i is batch i
+        (plain,), (weighted,) = seen["none"][fold], seen["relative"][fold]
+        norm = hf_hidden(original, ids)[4].norm(dim=-1, keepdim=True)    # [4, 64, 1]: layer 4's output
+        ordinary, first = norm[:, 1:].reshape(-1, 1), norm[:, 0]
+        for got, want, by in zip(weighted, plain, (ordinary, ordinary, first, first)):
+            torch.testing.assert_close(got, want / by, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(fits["none"].matrix, fits["relative"].matrix)
+    with pytest.raises(CorrectionError, match="unknown correction weighting"):
+        wf.fit_window_correction(stages[0], (2, 4), "drop", None, [0, 1, 2, 3], kind=kind, weight="squared")
+
+
 def test_corrected_scoring_needs_a_fitted_map(tiny_model):
     stages, batches = cached_stages(tiny_model)
     with pytest.raises(RuntimeError, match="no linear correction fitted for window"):

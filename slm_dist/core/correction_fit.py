@@ -28,6 +28,15 @@ them (0.1x) at no cost elsewhere. So they are always fitted (kept as rows, a few
 would swamp any score: the ridge is scaled and chosen on the ordinary rows, and position 0 only
 vetoes a ridge whose map loses to the identity once its rows are counted.
 
+Weighting (``merge.correction_weight``): plain least squares counts a token by its squared error, so
+position 0 (error ~10^8 on SmolLM2) outweighs every other row together. ``relative`` divides each
+token's row, features and target alike, by the norm of the window's output there: the fit minimises
+the sum of squared errors relative to that norm, which is what the next RMSNorm sees, and stays a
+closed-form ridge solve. Position 0 then counts as one token. On SmolLM2 at 10 of 30 layers (block 9-18,
+which holds layer 11, the massive-activation writer) the unweighted refit lost to the plain removal at
+every ridge and was dropped; the relative one took WikiText-2 perplexity from 226.5 to 134.5. At 6
+layers the two tie (bench/RESULTS.md).
+
 Memory: refit's statistics are intermediate^2 (70B: 6.1 GiB each in float64), so the fit holds one
 training set's normal equations (u^T u, u^T r in float64) and one Cholesky factor of them, never a
 fold's own: it asks the stage for a fold's rows again (one merged-layer forward per batch) to move
@@ -49,6 +58,7 @@ from torch import Tensor
 from slm_dist.core.correction_sizes import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK  # noqa: F401
 from slm_dist.core.types import Window
 
+WEIGHTS = ("relative", "none")  # merge.correction_weight values
 KINDS = ("linear", "refit")  # merge.correction values that fit something (and the corrections file's kinds)
 # Maps fitted by `compare`'s ReplaceMe baseline (core/replaceme.py): hidden x hidden, folded as ``linear``.
 BASELINE_KINDS = ("replaceme_lstsq", "replaceme_cosine")
@@ -67,6 +77,18 @@ def check_fit_kind(kind: str) -> None:
     """A kind a stage can fit: the config's, or a baseline's (``BASELINE_KINDS``)."""
     if kind not in KINDS + BASELINE_KINDS:
         raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS + BASELINE_KINDS)}")
+
+
+def check_weight(weight: str) -> None:
+    if weight not in WEIGHTS:
+        raise CorrectionError(f"unknown correction weighting {weight!r}; known: {list(WEIGHTS)}")
+
+
+def relative_row_scale(target: Tensor) -> Tensor:
+    """[..., 1] factors that turn each token's squared error into its error relative to the norm of
+    ``target`` [..., hidden] at that token (the window's output there). Multiplying a row's features
+    and target by it makes ordinary least squares on the rows a weighted one, weights 1/||target||^2."""
+    return target.float().norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
 
 
 def fold_kind(kind: str) -> str:

@@ -64,6 +64,7 @@ class StageSpec:
     # LinearPatch (evaluation only): residual-stream patches h -> h P after some layers, from this file
     # (checkpoint/corrections.py ``save_patches``); ``forward`` applies them, calibration and scoring do not.
     patch_file: str | None = None
+    correction_weight: str = "relative"  # merge.correction_weight: how tokens count in a correction's fit
 
     @property
     def is_first(self) -> bool:
@@ -403,7 +404,7 @@ class StageWorker:
             fit = fit_window_replaceme(self, window, batch_ids, kind.removeprefix("replaceme_"))
         else:
             fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token,
-                                        kind)
+                                        kind, self.spec.correction_weight)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
 

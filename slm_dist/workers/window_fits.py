@@ -23,9 +23,11 @@ from slm_dist.core.correction_fit import (
     CorrectionError,
     CorrectionFit,
     check_kind,
+    check_weight,
     choose_correction,
     fold_of,
     projection_prior,
+    relative_row_scale,
     with_intercept,
 )
 from slm_dist.core.linear_patch import PatchError, patch_matrix, rotation
@@ -113,14 +115,18 @@ def fit_window_alpha(stage: LayerHost, window: Window, batch_ids: Sequence[int],
 
 
 def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: float | None,
-                          batch_ids: Sequence[int], skip_first: bool = True, kind: str = "linear") -> CorrectionFit:
+                          batch_ids: Sequence[int], skip_first: bool = True, kind: str = "linear",
+                          weight: str = "relative") -> CorrectionFit:
     """Fit the ``kind`` correction of the window merged by ``rule`` (``alpha`` for scaled) on cached
     calibration inputs (``core/correction_fit.py`` says what is fitted and how it is regularised).
 
     The targets are the ORIGINAL window's outputs on its original inputs, as for the alpha fit. With
     ``skip_first`` position 0 is fitted but kept out of the score (``core/correction_fit.py``).
+    ``weight`` relative divides each token's row (features and target) by the norm of the window's
+    output at that token: weighted least squares on relative errors (merge.correction_weight).
     """
     check_kind(kind)
+    check_weight(weight)
     lo, hi = window
     check_window_on_stage(stage, window)
     if len(batch_ids) < 2:
@@ -153,6 +159,9 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
                 r = target - out + m
                 del out
                 features = m if kind == "linear" else with_intercept(u, prior.shape[0])
+                if weight == "relative":
+                    scale = relative_row_scale(target)
+                    features, r = features * scale.to(features.dtype), r * scale.to(r.dtype)
                 d_in, d = features.shape[-1], r.shape[-1]
                 if skip_first and m.shape[1] > 1:
                     yield (features[:, 1:].reshape(-1, d_in), r[:, 1:].reshape(-1, d), features[:, 0], r[:, 0])
