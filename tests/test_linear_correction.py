@@ -298,9 +298,9 @@ def test_cross_validation_recovers_a_planted_projection_against_its_prior():
 
 
 # ----------------------------------------------------------------------------------- stage glue
-def cached_stages(tiny_model, dtype="float32"):
-    stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, dtype=dtype)),
-              StageWorker(StageSpec(str(tiny_model), 3, 6, 6, dtype=dtype))]
+def cached_stages(tiny_model, dtype="float32", correction_weight="relative"):
+    stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, dtype=dtype, correction_weight=correction_weight)),
+              StageWorker(StageSpec(str(tiny_model), 3, 6, 6, dtype=dtype, correction_weight=correction_weight))]
     batches = [torch.randint(3, 60, (4, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
     for batch_id, ids in enumerate(batches):
         x = ids
@@ -397,13 +397,7 @@ def test_relative_weighting_divides_each_tokens_row_by_the_windows_output_norm(t
     fits = {}
     for weight in ("none", "relative"):
         monkeypatch.setattr(wf, "choose_correction", capture(weight))
-        stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, correction_weight=weight)),
-                  StageWorker(StageSpec(str(tiny_model), 3, 6, 6, correction_weight=weight))]
-        batches = [torch.randint(3, 60, (4, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
-        for batch_id, ids in enumerate(batches):
-            x = ids
-            for stage in stages:
-                x, _ = stage.calibrate(batch_id, x, cache_inputs=True)
+        stages, batches = cached_stages(tiny_model, correction_weight=weight)
         fits[weight] = stages[0].fit_correction((2, 4), "drop", None, [0, 1, 2, 3], kind)
 
     original = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32).eval()
