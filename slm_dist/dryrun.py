@@ -17,7 +17,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +435,7 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
         stages = []
 
     if device == "cuda":
-        notes += smaller_cards(parts, cluster.num_stages, memory, fit)
+        notes += smaller_cards(parts, cluster.num_stages, memory)
 
     removed = expected_layers_removed(config, sizes)
     if removed is None:
@@ -518,7 +518,7 @@ def _fits_on(parts: _Parts, num_stages: int, memory: int) -> tuple[bool, int]:
     return peak <= memory, peak
 
 
-def smaller_cards(parts: _Parts, num_stages: int, memory: int | None, fit_bytes: int) -> list[str]:
+def smaller_cards(parts: _Parts, num_stages: int, memory: int | None) -> list[str]:
     """What fits on GPUs smaller than the configured ones (40 and 48 GiB), and without refit's statistics."""
     lines = []
     for gib in SMALLER_CARDS_GIB:
@@ -531,9 +531,8 @@ def smaller_cards(parts: _Parts, num_stages: int, memory: int | None, fit_bytes:
         if not ok:
             fewest = fewest_stages(parts, card)
             text += f"; {fewest} stages of {gib} GiB would" if fewest else f"; no number of {gib} GiB stages would"
-            if fit_bytes:
-                plain = _Parts(parts.compute, parts.last_extra, parts.activation - fit_bytes, parts.logits,
-                               parts.overhead)
+            if parts.fit:
+                plain = replace(parts, activation=parts.activation - parts.fit, fit=0)
                 ok_plain, peak_plain = _fits_on(plain, num_stages, card)
                 text += (f"; without refit's statistics (merge.correction=linear or none) {num_stages} stages "
                          + (f"fit (largest {peak_plain / GiB:.1f} GiB)" if ok_plain else "do not fit either"))

@@ -65,10 +65,11 @@ def check_window_on_stage(stage: LayerHost, window: Window) -> None:
                                "must be on this stage and hi > lo")
 
 
-def window_targets(stage: LayerHost, window: Window, batch_ids: Sequence[int],
-                   member: Callable[[int], nn.Module]) -> tuple[list[tuple[Tensor, LayerContext]], list[Tensor]]:
+def window_targets(stage: LayerHost, window: Window, batch_ids: Sequence[int], member: Callable[[int], nn.Module],
+                   lo_outputs: list[Tensor] | None = None) -> tuple[list[tuple[Tensor, LayerContext]], list[Tensor]]:
     """Per batch, the window's original input h_{lo-1} (with its layer context) and output h_hi.
-    Members above the stage run in scratch layers built from the checkpoint, one at a time."""
+    Members above the stage run in scratch layers built from the checkpoint, one at a time. A given
+    ``lo_outputs`` list receives layer lo's own outputs h_lo too (LinearPatch compares them with h_hi)."""
     lo, hi = window
     with torch.inference_mode():
         inputs = []
@@ -79,6 +80,8 @@ def window_targets(stage: LayerHost, window: Window, batch_ids: Sequence[int],
         for layer_id in range(lo, hi + 1):
             module = member(layer_id)
             outs = [stage.run_layer(module, layer_id, x, ctx) for x, (_, ctx) in zip(outs, inputs)]
+            if layer_id == lo and lo_outputs is not None:
+                lo_outputs.extend(outs)
             del module
     return inputs, outs
 
@@ -228,24 +231,13 @@ def fit_window_patch(stage: LayerHost, window: Window, batch_ids: Sequence[int])
     """LinearPatch (``core/linear_patch.py``) for removing layers lo+1..hi: P [hidden, hidden] float32
     from the rotated magnitudes of layer lo's output and layer hi's output on the original model
     (every token of ``batch_ids``)."""
-    lo, hi = window
     check_window_on_stage(stage, window)
     if not batch_ids:
         raise PatchError(f"the patch of window {list(window)} needs at least one calibration batch")
     _, member = stage.window_members(window)
+    lows: list[Tensor] = []
+    _, outs = window_targets(stage, window, batch_ids, member, lo_outputs=lows)
     with torch.inference_mode():
-        states = []
-        for batch_id in batch_ids:
-            h = stage.cached_input(batch_id, lo)
-            states.append((h, stage.context(h)))
-        outs = [h for h, _ in states]
-        lows = None
-        for layer_id in range(lo, hi + 1):
-            module = member(layer_id)
-            outs = [stage.run_layer(module, layer_id, x, ctx) for x, (_, ctx) in zip(outs, states)]
-            if layer_id == lo:
-                lows = outs
-            del module
         d = outs[0].shape[-1]
         rot = rotation(d).to(outs[0].device)
         before = sum((x.reshape(-1, d).double() @ rot).abs().sum(0) for x in lows)
