@@ -17,7 +17,7 @@ import argparse
 import math
 import sys
 
-from compare_common import PLAN_SETTINGS, Summary, add_arguments, run
+from compare_common import PLAN_SETTINGS, Summary, add_arguments, rivals, run
 
 from slm_dist import compare
 
@@ -78,11 +78,8 @@ def verdict(result: dict) -> list[str]:
     """Per layer count and measure: the best slm-dist row against the best baseline row; 'beats' only
     beyond one standard error for accuracies (perplexity: lower is better, said as measured)."""
     ppl_files = list(result["eval_settings"]["ppl_windows"])
-    rows = [r for r in result["rows"] if "eval" in r]
     lines = []
-    for k in result["layers_removed"]:
-        ours = [r for r in rows if r["method"] in OURS and r["target_removed"] == k]
-        theirs = [r for r in rows if r["method"] in BASELINES and r["target_removed"] == k]
+    for k, ours, theirs in rivals(result, OURS, BASELINES):
         if not ours or not theirs:
             continue
         for f in ppl_files:
@@ -129,10 +126,7 @@ def section(result: dict, command: str) -> str:
         f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo "
         f"Wikipedia text (seed {cal['seed']}): SLEB's trials, ReplaceMe's fits and slm-dist's search all use it.",
         "- slm-dist global-search rows (slm_global_*): `" + " ".join(PLAN_SETTINGS) + "`; angular_refit searches nothing.",
-        *([f"- Not measured: {'; '.join(summary.missing)}"] if summary.missing else []),
-        *([f"- Not reached (the run was stopped; rerunning the command resumes it): {', '.join(summary.pending)}"]
-          if summary.pending else []),
-        f"- Command: `{command}`", ""])
+        *summary.closing(command)])
 
 
 def main() -> int:

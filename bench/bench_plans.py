@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from compare_common import PLAN_SETTINGS, Summary, add_arguments, run
+from compare_common import PLAN_SETTINGS, Summary, add_arguments, rivals, run
 
 from slm_dist import compare
 
@@ -39,11 +39,8 @@ SECTION = "## Plans that keep the model (issue 8)"
 def verdict(result: dict) -> list[str]:
     """Per layer count: does the best slm-dist row beat every baseline on each measure? Said plainly."""
     ppl_files = list(result["eval_settings"]["ppl_windows"])
-    rows = [r for r in result["rows"] if "eval" in r]
     lines = []
-    for k in result["layers_removed"]:
-        ours = [r for r in rows if r["method"] in OURS and r["target_removed"] == k]
-        theirs = [r for r in rows if r["method"] in BASELINES and r["target_removed"] == k]
+    for k, ours, theirs in rivals(result, OURS, BASELINES):
         if not ours or not theirs:
             lines.append(f"- k={k}: not measured yet ({len(ours)} slm-dist rows, {len(theirs)} baseline rows)")
             continue
@@ -106,7 +103,7 @@ def fewer_long(result: dict) -> bool:
 def section(result: dict, command: str, run_dir: Path) -> str:
     cal = result["calibration"]
     summary = Summary.of(result)
-    items, windows, rows, missing = summary.items, summary.windows, summary.rows, summary.missing
+    items, windows, rows = summary.items, summary.windows, summary.rows
     dense = next((r for r in rows if r["method"] == "dense"), None)
     dense_note = "" if dense is None else (
         "Dense: " + ", ".join(f"PPL {compare._short(f)} {v:.2f}" for f, v in dense["eval"]["ppl"].items())
@@ -128,10 +125,7 @@ def section(result: dict, command: str, run_dir: Path) -> str:
         f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo "
         f"Wikipedia text (seed {cal['seed']}); the global search ranks its plans on the same samples.",
         "- slm-dist settings: `" + " ".join(PLAN_SETTINGS) + "` (plan.search=global is set by the method).",
-        *([f"- Not measured: {'; '.join(missing)}"] if missing else []),
-        *([f"- Not reached (the run was stopped; rerunning the command resumes it): {', '.join(summary.pending)}"]
-          if summary.pending else []),
-        f"- Command: `{command}`", ""])
+        *summary.closing(command)])
 
 
 def main() -> int:

@@ -189,6 +189,11 @@ def overrides(args, model: Path, text: Path, run_dir: Path, memory: int, extra: 
             f"cluster.memory_per_stage_bytes={memory}", *extra]
 
 
+def run_dir_of(items: list[str]) -> Path:
+    """The run.dir of an ``overrides`` list."""
+    return Path(next(i for i in items if i.startswith("run.dir=")).split("=", 1)[1])
+
+
 def dry_run(items: list[str], assume: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "slm_dist", "--quiet", "plan", "--dry-run", "--json", "configs/tiny.yaml", *items]
     for a in assume:
@@ -222,7 +227,7 @@ def stage_pids(output: str) -> list[list[int]]:
 
 
 def measure(cluster: Cluster, args, name: str, items: list[str], work: Path) -> dict:
-    run_dir = Path(items[2].split("=", 1)[1])
+    run_dir = run_dir_of(items)
     seconds, sampler, output = submit(cluster, items, work / f"{name}.log")
     generations = stage_pids(output)
     first = generations[0]  # calibration's stages hold the dense model the dry run describes
@@ -383,7 +388,7 @@ def main() -> None:
                     measured_rows[name] = measure(cluster, args, name, items, work)
                     log.info("%s: %s", name, json.dumps(measured_rows[name]))
         for name, measured in measured_rows.items():   # the windows the plan chose (which stages fitted)
-            run_dir = Path(items_of[name][2].split("=", 1)[1])
+            run_dir = run_dir_of(items_of[name])
             measured.setdefault("windows", json.loads((run_dir / "plan.json").read_text())["windows"])
         first = next(iter(measured_rows))   # the first run's calibration, as a user would measure it
         assume = measured_figures(measured_rows[first], dry_run(items_of[first])["stages"], disk, args)

@@ -15,7 +15,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from slm_dist import compare, evaluation
 from slm_dist.assets import default_cache_dir, prepare_demo_assets
@@ -95,6 +95,22 @@ class Summary:
                    [f"{r['label']} (k={r['target_removed']})" for r in result["rows"] if "error" in r],
                    [f"{m} (k={k})" for k in result["layers_removed"] for m in result["methods"]
                     if (m, k) not in reached])
+
+
+    def closing(self, command: str) -> list[str]:
+        """The section's last lines: rows that failed, rows not reached, the command."""
+        return [*([f"- Not measured: {'; '.join(self.missing)}"] if self.missing else []),
+                *([f"- Not reached (the run was stopped; rerunning the command resumes it): {', '.join(self.pending)}"]
+                  if self.pending else []),
+                f"- Command: `{command}`", ""]
+
+
+def rivals(result: dict, ours: tuple[str, ...], baselines: tuple[str, ...]) -> Iterator[tuple[int, list, list]]:
+    """Per layer count: (k, slm-dist's evaluated rows, the baselines' evaluated rows), for a verdict."""
+    rows = [r for r in result["rows"] if "eval" in r]
+    for k in result["layers_removed"]:
+        yield (k, [r for r in rows if r["method"] in ours and r["target_removed"] == k],
+               [r for r in rows if r["method"] in baselines and r["target_removed"] == k])
 
 
 def gathered(result: dict, methods: list[str], removed: list[int]) -> dict:
