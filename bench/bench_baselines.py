@@ -23,9 +23,10 @@ from slm_dist import compare
 
 METHODS = ("shortgpt", "angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "slm_global_scaled",
            "slm_global_refit")
-OURS = ("slm_global_drop", "slm_global_scaled", "slm_global_linear", "slm_global_refit", "angular_refit")
+OURS = ("slm_global_drop", "slm_global_scaled", "slm_global_linear", "slm_global_refit", "angular_refit",
+        "sleb_refit")
 BASELINES = ("shortgpt", "angular", "laco", "last_layers", "slm_output", "sleb", "replaceme_lstsq",
-             "replaceme_cosine")
+             "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular")
 SECTION = "## Training-free baselines (issue 19)"
 AVERAGED = ("piqa", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag", "boolq")
 
@@ -124,7 +125,9 @@ def section(result: dict, command: str) -> str:
         *verdict(result), "",
         f"- Items: {summary.items or 'none (perplexity only)'}; perplexity on {summary.windows}.",
         f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo "
-        f"Wikipedia text (seed {cal['seed']}): SLEB's trials, ReplaceMe's fits and slm-dist's search all use it.",
+        f"Wikipedia text (seed {cal['seed']}): SLEB's trials, ReplaceMe's fits and slm-dist's search all use it"
+        + (f" (SLEB's trials and the search's measured plans score on its first {cal['score_batches']} batches: "
+           "`plan.score_batches`)." if cal.get("score_batches") else "."),
         "- slm-dist global-search rows (slm_global_*): `" + " ".join(PLAN_SETTINGS) + "`; angular_refit searches nothing.",
         *summary.closing(command)])
 

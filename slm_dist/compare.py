@@ -39,6 +39,12 @@ Methods (k = layers removed):
   beside the plan, and the model is evaluated with them applied in memory (``StageSpec.patch_file``).
 - ``angular_refit``: slm-dist's ``refit`` correction (cross-validated ridge, position 0 kept out of the
   ridge choice) on the angular block: the same layers as ReplaceMe, our correction instead of its map.
+- ``sleb_refit``: SLEB's layers (a non-contiguous plan) with slm-dist's ``refit`` correction fitted for
+  each of its windows: the layer choice LinearPatch found best, our correction instead of its patch.
+
+SLEB's trials (and the global search's measured plans) score on ``plan.score_batches`` calibration
+batches when it is set (all when null): SLEB measures about k x N plans, each a forward pass from its
+lowest removed layer, so on a CPU its trials take fewer batches than the fits.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ from slm_dist.config import GLOBAL_METHODS, GLOBAL_RULES, SLM_RULES, STAGED_BASE
 from slm_dist.context import RunContext
 from slm_dist.core import baselines, planner
 from slm_dist.merging import merge_stage
-from slm_dist.planning import PlanMemo, PlanSearch, write_corrections
+from slm_dist.planning import PlanMemo, PlanSearch, score_label, write_corrections
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,7 @@ LABELS = {
     "linearpatch_sleb": "SLEB + LinearPatch (Chen et al. 2025; patch in memory)",
     "linearpatch_angular": "Angular block + LinearPatch (patch in memory)",
     "angular_refit": "slm-dist refit on the angular block",
+    "sleb_refit": "slm-dist refit on SLEB's layers",
 }
 
 
@@ -151,10 +158,13 @@ def method_settings(method: str, config: SlmConfig) -> dict:
             settings["correction_batches"] = config.merge.correction_batches
             settings["correction_weight"] = config.merge.correction_weight
         return settings
-    if method == "angular_refit":   # our correction on a fixed block: how it is fitted
-        return {"correction_batches": config.merge.correction_batches,
-                "correction_weight": config.merge.correction_weight}
-    return {}
+    settings = {}
+    if method in ("sleb", "linearpatch_sleb", "sleb_refit"):  # how SLEB's trials are scored
+        settings["score_batches"] = config.plan.score_batches
+    if method in ("angular_refit", "sleb_refit"):   # our correction on a chosen plan: how it is fitted
+        settings.update(correction_batches=config.merge.correction_batches,
+                        correction_weight=config.merge.correction_weight)
+    return settings
 
 
 def plan_to_json(plan) -> dict:
@@ -372,16 +382,17 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
         out_dir = out_root / f"{method}-{k}"
         out_dir.mkdir(parents=True, exist_ok=True)
         protect_first = max(p.protect_first, 1)
-        if method in ("sleb", "linearpatch_sleb"):
-            plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows), protect_first)
-        elif method == "linearpatch_angular":
+        if method in ("sleb", "linearpatch_sleb", "sleb_refit"):
+            plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows, p.score_batches),
+                                  protect_first)
+        elif method in ("linearpatch_angular", "angular_refit"):
             plan = baselines.angular_block(stats.angular, k, protect_first=protect_first)
-        elif method == "angular_refit":
-            plan = refit_plan(backend, stats, k, protect_first, out_dir, config.merge.correction_batches)
         else:
             plan = replaceme_plan(backend, stats, k, method, protect_first, out_dir)
         if method.startswith("linearpatch_"):
             plan = linear_patch_plan(backend, plan, method, out_dir)
+        elif method.endswith("_refit"):
+            plan = refit_plan(backend, plan, method, out_dir, config.merge.correction_batches)
         write_json(out_dir / "plan.json", plan.to_json())
         return plan
 
@@ -394,12 +405,13 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
     return plans
 
 
-def plan_loss(backend: Backend, memo: PlanMemo, windows: tuple) -> float:
-    """Calibration NLL of removing ``windows`` (rule drop, uncorrected), measured once per memo: SLEB's
-    trials and the global search's measured plans are the same plans."""
-    key = (tuple(windows), "drop", "nll")
+def plan_loss(backend: Backend, memo: PlanMemo, windows: tuple, num_batches: int | None = None) -> float:
+    """Calibration NLL of removing ``windows`` (rule drop, uncorrected) on the first ``num_batches``
+    batches, measured once per memo: SLEB's trials and the global search's measured plans are the same
+    plans."""
+    key = (tuple(windows), "drop", score_label("nll", num_batches))
     if key not in memo.losses:
-        memo.losses[key] = backend.score_plan(windows, "drop", None, "nll")
+        memo.losses[key] = backend.score_plan(windows, "drop", None, "nll", num_batches=num_batches)
         log.info("plan %s (drop): calibration nll %.4f", [list(w) for w in windows], memo.losses[key])
     return memo.losses[key]
 
@@ -419,19 +431,21 @@ def replaceme_plan(backend: Backend, stats: Statistics, k: int, method: str, pro
     return baselines.LayerPlan(method, inner, {**block.details, "fit": method, "fit_loss": fit.loss})
 
 
-def refit_plan(backend: Backend, stats: Statistics, k: int, protect_first: int, out_dir: Path,
+def refit_plan(backend: Backend, base: baselines.LayerPlan, method: str, out_dir: Path,
                num_batches: int) -> baselines.LayerPlan:
-    """The angular block with slm-dist's ``refit`` correction of the kept layer below it."""
-    block = baselines.angular_block(stats.angular, k, protect_first=protect_first)
-    (window,) = block.windows
-    (fit,) = backend.fit_corrections([(window, "drop", None, "refit")], num_batches)
+    """``base``'s removal with slm-dist's ``refit`` correction of each window's kept layer, each fitted
+    on the original model's inputs to its window (as the global search fits them); a window whose fit
+    does not beat its plain removal on held-out batches keeps the plain removal."""
+    windows = list(base.windows)
+    fits = backend.fit_corrections([(w, "drop", None, "refit") for w in windows], num_batches)
     backend.clear_candidates(corrections=True)
-    if not fit.corrects:
-        return baselines.LayerPlan("angular_refit", block.plan, {**block.details, "refit": fit.to_json()})
-    file, sha = write_corrections(out_dir, {window: fit.matrix}, "refit")
-    log.info("angular_refit: block %s, held-out error %.3f of the plain removal's", list(window), fit.loss)
-    return baselines.LayerPlan("angular_refit", replace(block.plan, corrections=file, corrections_sha256=sha),
-                               {**block.details, "refit": fit.to_json()})
+    kept = {w: fit.matrix for w, fit in zip(windows, fits) if fit.corrects}
+    file, sha = write_corrections(out_dir, kept, "refit")
+    log.info("%s: windows %s, held-out error %s of the plain removal's (%d of %d corrected)", method,
+             [list(w) for w in windows], [round(f.loss, 3) for f in fits], len(kept), len(windows))
+    details = {**base.details, "refit": [f.to_json() for f in fits] if len(fits) > 1 else fits[0].to_json()}
+    inner = replace(base.plan, corrections=file, corrections_sha256=sha) if kept else base.plan
+    return baselines.LayerPlan(method, inner, details)
 
 
 def linear_patch_plan(backend: Backend, base: baselines.LayerPlan, method: str,
@@ -535,7 +549,8 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
     keep_previous(results_path, previous, len(reuse))
     result = {"model": str(ctx.model_dir), "num_layers": n, "layers_removed": list(layers_removed),
               "methods": list(methods), "eval_settings": settings,
-              "calibration": {"source": str(ctx.calibration_source), **config.calibration.model_dump(mode="json")},
+              "calibration": {"source": str(ctx.calibration_source), **config.calibration.model_dump(mode="json"),
+                              "score_batches": config.plan.score_batches},
               "rows": [], "other_rows": list(reuse.values())}
 
     input_ids = pipeline.calibration_ids(ctx)

@@ -22,7 +22,7 @@ GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES},
                   **{f"slm_global_{c}": ("scaled", c) for c in ("linear", "refit")}}
 # Baselines that run forward passes on the stages' cached calibration inputs (issue 19).
 STAGED_BASELINES = ("sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
-                    "angular_refit")
+                    "angular_refit", "sleb_refit")
 COMPARE_METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
                                     *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS,
                                     *STAGED_BASELINES)
@@ -97,6 +97,10 @@ class PlanSection(_Section):
                                                     "one swap from the best (a removed layer kept, a kept one "
                                                     "removed; cheapest predicted first), moving to any better "
                                                     "one; 0 = off")
+    score_batches: int | None = Field(None, ge=1, description="calibration batches each measured plan is scored on "
+                                                              "(the global search's candidates and local search, "
+                                                              "SLEB's trials in `compare`); null = all. Fewer is "
+                                                              "faster and noisier; fits keep their own batch counts")
     refine_metric: Literal["nll", "cosine"] = Field(
         "nll", description="how the refinement ranks plans: calibration next-token NLL, or the published "
                            "final-hidden cosine to the original model")
@@ -256,6 +260,11 @@ class SlmConfig(_Section):
         if self.similarity.criterion == "output" and self.plan.threshold is None:
             raise ValueError("similarity.criterion=output needs plan.threshold: the published loop runs forward "
                              "passes per threshold, so target search is only offered for criterion=cka")
+        batches = -(-self.calibration.num_samples // self.calibration.batch_size)
+        if self.plan.score_batches is not None and self.plan.score_batches > batches:
+            raise ValueError(f"plan.score_batches={self.plan.score_batches} but calibration has only {batches} "
+                             f"batches (num_samples={self.calibration.num_samples}, batch_size="
+                             f"{self.calibration.batch_size}): lower it, or null to score on all")
         if self.similarity.unit == "sample" and self.calibration.batch_size < 4:
             raise ValueError(f"similarity.unit=sample needs calibration.batch_size >= 4 (unbiased HSIC), "
                              f"got {self.calibration.batch_size}")

@@ -48,6 +48,11 @@ class PlanMemo:
     losses: MutableMapping[LossKey, float] = field(default_factory=dict)      # calibration loss per plan
 
 
+def score_label(metric: str, num_batches: int | None) -> str:
+    """The metric part of a loss key: a plan scored on fewer batches is another measurement."""
+    return metric if num_batches is None else f"{metric}(batches={num_batches})"
+
+
 def check_target_feasible(config: SlmConfig, index: CheckpointIndex) -> None:
     """Fail before any forward pass when the asked-for removal cannot be met."""
     p = config.plan
@@ -203,12 +208,12 @@ class PlanSearch:
         # The memo (and compare's loss file) key: what the plan's weights depend on.
         m = self.config.merge
         label = rule + (f"+{kind}(batches={m.correction_batches},weight={m.correction_weight})" if corrected else "")
-        key = (windows, label, p.refine_metric)
+        key = (windows, label, score_label(p.refine_metric, p.score_batches))
         if key not in self.memo.losses:
             if corrected:
                 self.fit_corrections(requests, refit_released=True)
             score = self.backend.score_plan(windows, rule, alphas, p.refine_metric,
-                                            correction=kind if corrected else None)
+                                            correction=kind if corrected else None, num_batches=p.score_batches)
             self.memo.losses[key] = score if p.refine_metric == "nll" else 1.0 - score
             log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], label, p.refine_metric,
                      self.memo.losses[key])

@@ -89,6 +89,14 @@ def test_output_criterion_requires_threshold():
     assert cfg.similarity.criterion == "output"
 
 
+def test_score_batches_beyond_the_calibration_batches_is_refused():
+    with pytest.raises(ConfigError, match=r"plan\.score_batches=5 but calibration has only 4 batches"):
+        load_config(None, ["calibration.num_samples=32", "calibration.batch_size=8", "plan.score_batches=5",
+                                 "plan.target_layers_removed=6"])
+    assert load_config(None, ["calibration.num_samples=33", "calibration.batch_size=8",
+                              "plan.score_batches=5", "plan.target_layers_removed=6"]).plan.score_batches == 5
+
+
 def test_remote_code_refused():
     with pytest.raises(ConfigError, match="trust_remote_code"):
         load_config(None, ["model.trust_remote_code=true"])

@@ -360,6 +360,10 @@ def test_ray_output_criterion_matches_brute_force_and_survives_a_stage_restart(c
         for metric in ("nll", "cosine"):
             assert backend.score_plan(plan, "sum", None, metric) == pytest.approx(
                 local.score_plan(plan, "sum", None, metric), abs=1e-6)
+        # plan.score_batches: the same first batches on both backends, another value than all of them.
+        assert backend.score_plan(plan, "sum", None, "nll", num_batches=1) == pytest.approx(
+            local.score_plan(plan, "sum", None, "nll", num_batches=1), abs=1e-6)
+        assert local.score_plan(plan, "sum", None, "nll", num_batches=1) != local.score_plan(plan, "sum", None, "nll")
         fits, local_fits = backend.fit_alphas(plan, 1), local.fit_alphas(plan, 1)
         assert [f.window for f in fits] == [f.window for f in local_fits] == plan
         assert [f.alpha for f in fits] == pytest.approx([f.alpha for f in local_fits], abs=1e-6)

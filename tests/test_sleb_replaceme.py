@@ -140,6 +140,22 @@ def test_sleb_first_choice_equals_trying_every_single_layer_removal(tiny_model):
     backend.close()
 
 
+def test_a_plan_scored_on_its_first_batches_equals_the_model_on_those_batches_only(tiny_model):
+    """plan.score_batches: SLEB's trials on fewer batches are the NLL of those batches (the Ray backend
+    against this one: test_distributed)."""
+    specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
+    batches = [(b, torch.randint(3, 60, (4, 32), generator=torch.Generator().manual_seed(b))) for b in range(3)]
+    windows = baselines.removal_windows(6, [2, 4])
+    direct = hf_nll_without(tiny_model, {2, 4}, [ids for _, ids in batches[:2]])
+    everything = hf_nll_without(tiny_model, {2, 4}, [ids for _, ids in batches])
+    assert direct != pytest.approx(everything, rel=1e-4)  # the batch limit is visible in the loss
+    local = LocalBackend()
+    local.calibrate(specs, StatsSpec(unit="sample"), batches, keep_for_output_criterion=True)
+    assert local.score_plan(windows, "drop", None, "nll", num_batches=2) == pytest.approx(direct, rel=1e-4)
+    assert local.score_plan(windows, "drop", None, "nll") == pytest.approx(everything, rel=1e-4)
+    local.close()
+
+
 def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, tiny_text_file):
     config = load_config(None, [f"model.path={tiny_model}", f"calibration.source={tiny_text_file}",
                                 f"run.dir={tmp_path / 'run'}", "calibration.num_samples=8", "calibration.seq_len=32",
@@ -148,7 +164,7 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
                                 "eval.max_windows=4"])
     spec = evaluation.EvalSpec.from_config(config.eval, [tiny_text_file], {})
     methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
-               "angular_refit")
+               "angular_refit", "sleb_refit")
     result = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     rows = {r["method"]: r for r in result["rows"]}
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
@@ -169,6 +185,10 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
     # slm-dist's refit on the same block: a refit corrections file (or the plain removal when it kept it).
     refit = rows["angular_refit"]
     assert refit["windows"] == rows["angular"]["windows"]
+    assert refit["key"].get("correction_kind") == "refit" or "same_model_as" in refit
+    # ... and on SLEB's layers: SLEB's windows, each with its own refit (or its plain removal).
+    refit = rows["sleb_refit"]
+    assert refit["windows"] == rows["sleb"]["windows"]
     assert refit["key"].get("correction_kind") == "refit" or "same_model_as" in refit
     # A rerun reuses every plan (the ReplaceMe maps included) and every measured row.
     again = compare.compare(config, [2], spec, methods=methods, show_progress=False)

@@ -526,12 +526,14 @@ class RayBackend(StagedScoring):
         return bool(self._stages and self._calibration)
 
     def _score(self, windows: Sequence[tuple[int, int]], from_layer: int, rule: str,
-               alphas: dict | None = None, with_ids: bool = False, correction: str | None = None) -> tuple[float, int]:
+               alphas: dict | None = None, with_ids: bool = False, correction: str | None = None,
+               num_batches: int | None = None) -> tuple[float, int]:
         """Sum and count of the last stage's per-sample (or per-token) values for a candidate model,
-        run from ``from_layer`` upward on every calibration batch; batch order, as the local backend."""
+        run from ``from_layer`` upward on the first ``num_batches`` calibration batches (None: every one);
+        batch order, as the local backend."""
         self._require_cache("candidate scoring")
         stages = self._stages[stage_holding(self._specs, from_layer):]
-        inputs = dict(self._calibration)
+        inputs = dict(self._calibration[:num_batches])
         windows = list(windows)
 
         def submit(batch_id: int) -> list:
