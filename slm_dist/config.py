@@ -82,9 +82,12 @@ class PlanSection(_Section):
     protect_first: int = Field(1, ge=0, description="layers at the bottom that never merge")
     protect_last: int = Field(1, ge=0, description="layers at the top that never merge")
     max_window: int | None = Field(None, ge=2, description="most layers in one window")
-    search: Literal["sliding", "global"] = Field(
+    search: Literal["sliding", "global", "sleb"] = Field(
         "sliding", description="sliding: the paper's top-down window rule (threshold or target); global: the "
-                               "least-cost disjoint windows anywhere removing exactly the target (exact DP)")
+                               "least-cost disjoint windows anywhere removing exactly the target (exact DP); "
+                               "sleb: layers removed one at a time, each the one whose removal from the model "
+                               "pruned so far scores best (SLEB's greedy, one forward pass per trial), then "
+                               "merged by merge.rule and merge.correction")
     cost: Literal["cka_drop", "cka_window", "block_influence", "angular", "measured"] = Field(
         "cka_drop", description="search=global: window cost (core/global_planner.py): from the statistics, or "
                                 "measured = each layer's own calibration-loss damage (one forward pass per layer); "
@@ -99,7 +102,7 @@ class PlanSection(_Section):
                                                     "one; 0 = off")
     score_batches: int | None = Field(None, ge=1, description="calibration batches each measured plan is scored on "
                                                               "(the global search's candidates and local search, "
-                                                              "SLEB's trials in `compare`); null = all. Fewer is "
+                                                              "search=sleb's trials); null = all. Fewer is "
                                                               "faster and noisier; fits keep their own batch counts")
     refine_metric: Literal["nll", "cosine"] = Field(
         "nll", description="how the refinement ranks plans: calibration next-token NLL, or the published "
@@ -113,9 +116,13 @@ class PlanSection(_Section):
                              f"(got {given or 'none'})")
         if self.threshold is not None and not (0.0 < self.threshold <= 1.0):
             raise ValueError(f"plan.threshold must be in (0, 1], got {self.threshold}")
-        if self.search == "global" and self.threshold is not None:
-            raise ValueError("plan.search=global removes a number of layers: set plan.target_layers_removed or "
-                             "plan.target_ratio instead of plan.threshold")
+        if self.search != "sliding" and self.threshold is not None:
+            raise ValueError(f"plan.search={self.search} removes a number of layers: set plan.target_layers_removed "
+                             "or plan.target_ratio instead of plan.threshold")
+        if self.search == "sleb" and self.max_window is not None:
+            raise ValueError("plan.max_window bounds the sliding and global searches' windows; SLEB removes single "
+                             "layers, whose runs form windows of any length: unset plan.max_window or pick another "
+                             "plan.search")
         return self
 
 
@@ -257,6 +264,10 @@ class SlmConfig(_Section):
         if self.similarity.criterion == "output" and self.merge.correction != "none":
             raise ValueError(f"merge.correction={self.merge.correction} fits finished windows; the published output loop scores "
                              "windows as it grows them: use similarity.criterion=cka or merge.correction=none")
+        if self.similarity.criterion == "output" and self.plan.search != "sliding":
+            raise ValueError(f"plan.search={self.plan.search} plans from calibration statistics or forward passes; "
+                             "the published output loop is its own search: use similarity.criterion=cka or "
+                             "plan.search=sliding")
         if self.similarity.criterion == "output" and self.plan.threshold is None:
             raise ValueError("similarity.criterion=output needs plan.threshold: the published loop runs forward "
                              "passes per threshold, so target search is only offered for criterion=cka")
@@ -381,6 +392,7 @@ def needs_cached_inputs(config: SlmConfig) -> bool:
     p = config.plan
     return (config.similarity.criterion == "output" or config.merge.rule == "scaled"
             or config.merge.correction != "none"
+            or p.search == "sleb"
             or (p.search == "global" and (p.candidates > 1 or p.local_search > 0 or p.cost == "measured")))
 
 

@@ -352,10 +352,21 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     return {k: round(v, 1) for k, v in seconds.items()}
 
 
-def measured_plans(config: SlmConfig, num_layers: int) -> int:
-    """Plans the global search scores with forward passes: the dense model and each removable layer
-    alone (plan.cost=measured), then the ranked candidates and the local search's moves."""
+def _layers_removed(config: SlmConfig, num_layers: int) -> int:
+    """The target's layer count as known before the run (a ratio: that share of the layers)."""
     p = config.plan
+    return p.target_layers_removed if p.target_layers_removed is not None else round(p.target_ratio * num_layers)
+
+
+def measured_plans(config: SlmConfig, num_layers: int) -> int:
+    """Plans the search scores with forward passes. Global: the dense model and each removable layer
+    alone (plan.cost=measured), then the ranked candidates and the local search's moves. SLEB: every
+    layer left is tried at each of its steps (the target's count is known before the run only from
+    plan.target_layers_removed; a ratio is counted as that share of the layers)."""
+    p = config.plan
+    if p.search == "sleb":
+        removable = max(num_layers - max(p.protect_first, 1) - p.protect_last, 0)
+        return sum(removable - i for i in range(min(_layers_removed(config, num_layers), removable)))
     if p.search != "global":
         return 0
     count = 1 + max(num_layers - p.protect_first - p.protect_last, 0) if p.cost == "measured" else 0
@@ -373,12 +384,14 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
     holding its statistics), and in float64 the normal equations (2.5 passes of the rows: a first
     training set, three moves, the final fold), a Cholesky factor and two triangular solves per ridge
     and fold (+ the final fit) and the held-out scores."""
-    cal, n = config.calibration, sizes.num_layers
+    cal, n, p = config.calibration, sizes.num_layers, config.plan
     hidden = int(hf_config["hidden_size"])
-    tokens = cal.num_samples * cal.seq_len
+    scored = cal.num_samples if p.score_batches is None else min(p.score_batches * cal.batch_size, cal.num_samples)
     lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
-    seconds = measured_plans(config, n) * tokens * (fpt * n / 2 + lm_head) / rate
-    candidates = config.plan.candidates + config.plan.local_search if config.plan.search == "global" else 0
+    seconds = measured_plans(config, n) * scored * cal.seq_len * (fpt * n / 2 + lm_head) / rate
+    # Windows fitted: about one per scored global candidate; SLEB's trials are uncorrected and its plan
+    # has at most one window per removed layer.
+    candidates = {"global": p.candidates + p.local_search, "sleb": _layers_removed(config, n)}.get(p.search, 0)
     if config.merge.correction != "none" and candidates:
         width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction == "refit" else hidden
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len

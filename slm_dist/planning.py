@@ -3,8 +3,9 @@ cached calibration batches) -> a `MergePlan`.
 
 `PlanSearch.make_plan` is the one call. Which planner runs follows the config: the published
 loop (``similarity.criterion: output``), the sliding CKA window (``plan.search: sliding``, the
-paper), or the global search (``plan.search: global``: exact least-cost windows from the statistics,
-candidates ranked by calibration loss, then a local search). Rule ``scaled`` fits an alpha per
+paper), the global search (``plan.search: global``: exact least-cost windows from the statistics,
+candidates ranked by calibration loss, then a local search), or SLEB's greedy removal (``plan.search:
+sleb``: every trial removal measured). Rule ``scaled`` fits an alpha per
 window and ``merge.correction`` a correction per window before a plan is measured.
 
 What a search measured (alphas, corrections, plan losses) lives in a `PlanMemo`: one per calibration
@@ -21,13 +22,14 @@ from pathlib import Path
 
 import torch
 
+from slm_dist import progress
 from slm_dist.backends.base import Backend
 from slm_dist.checkpoint import corrections as corrections_file
 from slm_dist.checkpoint.index import CheckpointIndex, layers_for_ratio
 from slm_dist.config import SlmConfig
 from slm_dist.context import RunContext
+from slm_dist.core import baselines, planner
 from slm_dist.core import global_planner as gp
-from slm_dist.core import planner
 from slm_dist.core.alpha_fit import AlphaFit
 from slm_dist.core.correction_fit import CorrectionFit, CorrectionKey, CorrectionRequest, correction_key
 from slm_dist.core.types import Window
@@ -103,6 +105,9 @@ class PlanSearch:
         elif p.search == "global":
             k = self._target(index, details)
             windows, details["global"] = self.global_windows(k)
+        elif p.search == "sleb":
+            k = self._target(index, details)
+            windows, details["sleb"] = self.sleb_windows(k)
         elif p.threshold is not None:
             threshold = p.threshold
             windows = planner.plan_windows_cka(self.reducer.cka(), threshold, p.protect_first, p.protect_last,
@@ -188,6 +193,23 @@ class PlanSearch:
                      [list(w) for w in best], best_loss)
         details.update(windows=[list(w) for w in best], loss=best_loss)
         return best, details
+
+    def sleb_windows(self, k: int) -> tuple[Windows, dict]:
+        """SLEB's greedy (core/baselines.py): each trial is a plain removal scored by plan.refine_metric on
+        plan.score_batches batches. The trials are uncorrected, as the paper's: merge.rule and
+        merge.correction then apply to the chosen layers' windows."""
+        p, n = self.config.plan, self.reducer.num_layers
+        first = max(p.protect_first, 1)  # layer 0 stays, as every planner here keeps it
+        trials = sum(max(n - first - p.protect_last - i, 0) for i in range(k))
+        with progress.bar(self.ctx.show_progress, trials, "sleb", "trial") as bar:
+            def loss(windows: Sequence[Window]) -> float:
+                bar.update()
+                return self.measure(tuple(windows), "drop", correctable=False)
+
+            chosen = baselines.sleb(n, k, loss, first, p.protect_last)
+        log.info("sleb: removed %s in that order (%d trials)", list(chosen.details["order"]), trials)
+        return chosen.windows, {"order": list(chosen.details["order"]), "steps": chosen.details["steps"],
+                                "metric": p.refine_metric}
 
     def measure(self, windows: Windows, rule: str, correctable: bool = True) -> float:
         """Calibration loss of a plan, lower is better (each plan measured once per memo). Rule scaled

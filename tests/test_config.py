@@ -97,6 +97,17 @@ def test_score_batches_beyond_the_calibration_batches_is_refused():
                               "plan.score_batches=5", "plan.target_layers_removed=6"]).plan.score_batches == 5
 
 
+def test_sleb_search_refuses_what_it_cannot_honour():
+    base = ["plan.search=sleb"]
+    with pytest.raises(ConfigError, match="plan.search=sleb removes a number of layers"):
+        load_config(None, [*base, "plan.threshold=0.9"])
+    with pytest.raises(ConfigError, match="unset plan.max_window"):
+        load_config(None, [*base, "plan.target_layers_removed=2", "plan.max_window=2"])
+    with pytest.raises(ConfigError, match="the published output loop is its own search"):
+        load_config(None, [*base, "plan.target_layers_removed=2", "similarity.criterion=output"])
+    assert load_config(None, [*base, "plan.target_layers_removed=2"]).plan.search == "sleb"
+
+
 def test_remote_code_refused():
     with pytest.raises(ConfigError, match="trust_remote_code"):
         load_config(None, ["model.trust_remote_code=true"])

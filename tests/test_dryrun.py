@@ -275,6 +275,19 @@ def test_the_global_search_has_a_plan_time():
     assert plain / fewer == pytest.approx((1 + 78 + 12 + 32) / (1 + 78 + 12), rel=0.01)
 
 
+def test_slebs_trials_and_score_batches_set_the_plan_time():
+    """SLEB tries every layer left at each step; plan.score_batches scores each plan on that share."""
+    sleb = ("plan.search=sleb", "plan.target_layers_removed=16")
+    assert dryrun.measured_plans(config_70b(*sleb), 80) == sum(78 - i for i in range(16))
+    full = dryrun.dry_run(config_70b(*sleb), LLAMA3_70B).seconds["plan"]
+    batches = config_70b().calibration.num_samples // config_70b().calibration.batch_size
+    assert batches >= 2
+    half = dryrun.dry_run(config_70b(*sleb, f"plan.score_batches={batches // 2}"), LLAMA3_70B).seconds["plan"]
+    assert half == pytest.approx(full * (batches // 2) / batches, rel=0.01)
+    refit = dryrun.dry_run(config_70b(*sleb, "merge.correction=refit"), LLAMA3_70B).seconds["plan"]
+    assert refit > full  # the chosen windows' fits
+
+
 def test_measured_throughputs_replace_the_assumed_ones_and_the_output_says_which():
     base = dryrun.dry_run(config_70b(), LLAMA3_70B)
     assert "stage_tokens_per_s" not in dryrun.format_dry_run(base)

@@ -5,19 +5,22 @@ cosine fit on those rows; and compare plans, merges and evaluates both on the st
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm_dist import compare, evaluation
+from slm_dist import compare, evaluation, pipeline
 from slm_dist.backends.local import LocalBackend
+from slm_dist.checkpoint.corrections import load_corrections
 from slm_dist.config import load_config
 from slm_dist.core import baselines
 from slm_dist.core.correction_fit import CorrectionError
 from slm_dist.core.planner import PlanError
 from slm_dist.core.replaceme import NormalEquations, cosine_loss, cosine_map, least_squares_map
+from slm_dist.run_state import load_plan
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 from tests.test_linear_correction import cached_stages
 
@@ -193,6 +196,23 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
     # A rerun reuses every plan (the ReplaceMe maps included) and every measured row.
     again = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in result["rows"]]
+    # The product's plan.search=sleb with merge.correction=refit is compare's sleb_refit: the same
+    # layers and the same fitted maps (SLEB's trials may remove the top layer there: protect_last=0).
+    product = config.model_copy(update={
+        "plan": config.plan.model_copy(update={"search": "sleb", "protect_last": 0}),
+        "merge": config.merge.model_copy(update={"rule": "drop", "correction": "refit"}),
+        "run": config.run.model_copy(update={"dir": tmp_path / "product"})})
+    planned = pipeline.run(product, show_progress=False, stop_after="plan")["plan"]
+    assert [list(w) for w in planned["windows"]] == [list(w) for w in rows["sleb"]["windows"]]
+    ours = load_plan(tmp_path / "product")
+    theirs = compare.plan_from_json(json.loads((tmp_path / "run" / "compare" / "sleb_refit-2" / "plan.json")
+                                               .read_text()), 6)
+    assert (ours.corrections is None) == (theirs.corrections is None)
+    if ours.corrections is not None:
+        mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
+        assert mine.keys() == other.keys()
+        for w in mine:
+            torch.testing.assert_close(mine[w], other[w])
 
 
 # ------------------------------------------------------------------------------ LinearPatch

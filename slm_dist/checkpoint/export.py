@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -457,11 +458,16 @@ def _write_export(export: ExportPlan, run_jobs: ShardRunner, max_parallel: int, 
             on_shard(job, result)
 
     settings = WorkerSettings(str(export.source), str(out), allow_pickle, memory_each, export.plan.corrections)
-    run_jobs(todo, settings, max_parallel, finished)
+    # The card's text needs huggingface_hub's card module (half a second of imports): made beside the
+    # shard jobs, which wait on the disk, instead of after them.
+    with ThreadPoolExecutor(1, thread_name_prefix="model-card") as pool:
+        card = pool.submit(model_card, export, export.plan.threshold)
+        run_jobs(todo, settings, max_parallel, finished)
+        card_md = card.result()
 
     final = [records[s.name] for s in export.shards]
     final += _copy_side_files(export.source, out)
-    final.append(_write_text(out / MODEL_CARD, model_card(export, export.plan.threshold)))
+    final.append(_write_text(out / MODEL_CARD, card_md))
     final.append(write_json(out / CONFIG_NAME, export.config))
     final.append(write_index(out, export.weight_map, export.total_bytes))
     _write_manifest(export, final, complete=True)

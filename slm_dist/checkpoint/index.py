@@ -146,9 +146,12 @@ def read_weight_map(root: Path, name: str) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path} has no weight_map (an object of tensor name -> shard file); regenerate the "
                               "index or re-download it")
+    first_key: dict[str, str] = {}  # each shard resolved once: a 70B index names a few files thousands of times
     for key, file in weight_map.items():
         if not isinstance(file, str):
             raise CheckpointError(f"{path}: weight_map[{key!r}] is {file!r}, not a file name")
+        first_key.setdefault(file, key)
+    for file, key in first_key.items():
         inside(root, file, f"{path}: weight_map[{key!r}]")
     return weight_map
 
