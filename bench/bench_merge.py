@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from compare_common import write_section
 
 from slm_dist.checkpoint.writer import ShardWriter, TensorEntry, plan_shards, shard_name, write_index
 from slm_dist.core.planner import MergePlan
@@ -330,7 +332,7 @@ def markdown_rules(rows: list[dict], machine: str, repeats: int, load: tuple[flo
     reading, merging, writing, hashing, fsyncing, the index and manifest)."""
     limits = {"drop": 1.2, "reference": 1.2, "sum": 1.5, "scaled": 1.5, "mean": 1.5}
     lines = [HEADING, "",
-             f"`{' '.join(['python3', *sys.argv])}` on {machine} (load average {load[0]:.1f} at the start, "
+             f"`{shlex.join(['python3', *sys.argv])}` on {machine} (load average {load[0]:.1f} at the start, "
              f"{load[1]:.1f} at the end). Random bf16 Llama (hidden {HIDDEN}, "
              f"intermediate {INTERMEDIATE}, GQA {HEADS}/{KV_HEADS}, vocab {VOCAB}) in 1 GiB shards; 25% of its layers "
              "merged (windows of 4) by each rule; `merge.max_parallel: 2`, `merge.memory_budget_bytes: 512 MiB`; "
@@ -370,15 +372,6 @@ def markdown_rules(rows: list[dict], machine: str, repeats: int, load: tuple[flo
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
-
-
-def update_results(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda m: section.rstrip("\n") + "\n", text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section
-    path.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def main() -> None:
@@ -421,7 +414,7 @@ def main() -> None:
     section = render(rows, machine, args.repeats, (load_start, os.getloadavg()[0]))
     args.json_out.write_text(json.dumps(rows, indent=2, default=str))
     if args.results is not None:
-        update_results(args.results, section)
+        write_section(HEADING, section, args.results)
     sys.stdout.write(section)
 
 
