@@ -41,6 +41,8 @@ Methods (k = layers removed):
   ridge choice) on the angular block: the same layers as ReplaceMe, our correction instead of its map.
 - ``sleb_refit``: SLEB's layers (a non-contiguous plan) with slm-dist's ``refit`` correction fitted for
   each of its windows: the layer choice LinearPatch found best, our correction instead of its patch.
+  The product's ``plan.search: sleb`` with ``merge.rule: drop`` and ``merge.correction: refit``
+  (configs/best.yaml) builds the same plan (its ``protect_last`` aside: SLEB here may drop the top layer).
 
 SLEB's trials (and the global search's measured plans) score on ``plan.score_batches`` calibration
 batches when it is set (all when null): SLEB measures about k x N plans, each a forward pass from its

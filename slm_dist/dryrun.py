@@ -106,6 +106,10 @@ class StageEstimate:
     # merge.correction=refit's fitting statistics, inside activation_bytes: the peak of a stage while it
     # fits a window. Any stage may be asked to (the windows are the plan's); one that fits none peaks lower.
     fit_bytes: int = 0
+    # Planning on calibration samples: every calibration batch's input to each of the stage's layers (and
+    # the last stage's final hidden), kept for the whole plan stage. Host memory; on a CPU stage that is
+    # the stage's own memory, so it is inside activation_bytes there.
+    cached_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -135,7 +139,7 @@ class DryRun:
     read_bytes: dict[str, int]
     write_bytes: int
     disk_bytes: int
-    host_bytes_per_stage: int              # cached inputs for criterion=output (CPU memory)
+    host_bytes_per_stage: int              # the largest stage's cached calibration inputs (host memory)
     seconds: dict[str, float]
     assumptions: Assumptions
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -428,7 +432,10 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
     # with its activations, logits and overhead.
     last_extra = compute.last_extra_bytes + _tied_head_bytes(hf, compute)
-    parts = _Parts(compute, last_extra, act, logits, overhead, fit)
+    cal = config.calibration
+    cached_per_layer = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype) \
+        if needs_cached_inputs(config) else 0
+    parts = _Parts(compute, last_extra, act, logits, overhead, fit, cached_per_layer, device != "cuda")
     refusal, slices = None, []
     try:
         slices = partition_layers(compute.layer_bytes, cluster.num_stages, cluster.memory_per_stage_bytes,
@@ -459,12 +466,13 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
             "eval": sizes.total_bytes + out_bytes if config.eval.enabled else 0}
     artifacts = _artifact_bytes(config, n)
     disk = int(out_bytes * OUTPUT_SLACK) + OUTPUT_FIXED_BYTES + artifacts
-    host = 0
+    host = max((s.cached_bytes for s in stages), default=0)
     if needs_cached_inputs(config):
-        cal = config.calibration
-        host = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype)
         why = "criterion=output" if config.similarity.criterion == "output" else "planning on calibration samples"
-        notes.append(f"{why} caches every stage's calibration inputs in host memory: {host / GiB:.2f} GiB per stage")
+        where = ("counted in each stage's activations above (on a CPU the host is the stage)" if device != "cuda"
+                 else "host memory beside each stage's GPU, not counted above")
+        notes.append(f"{why} caches every calibration batch's input to every layer, each on its stage: "
+                     f"{cached_per_layer / GiB:.2f} GiB per layer, up to {host / GiB:.2f} GiB on a stage; {where}")
     if config.merge.correction != "none":
         notes.append(correction_note(config.merge.correction, int(hf["hidden_size"]), hf.get("intermediate_size")))
     if config.eval.enabled and config.eval.max_windows is None:
@@ -505,6 +513,8 @@ class _Parts:
     logits: int            # the last stage
     overhead: int          # every stage
     fit: int = 0           # refit's statistics, part of activation
+    cached_per_layer: int = 0    # one layer's cached calibration inputs (all batches)
+    cached_on_stage: bool = False  # CPU stages: the cache is the stage's own memory
 
 
 def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, start: int, stop: int) -> StageEstimate:
@@ -513,8 +523,9 @@ def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, st
     weights = sum(c.layer_bytes[start:stop]) + (c.first_extra_bytes if first else 0) + (parts.last_extra if last else 0)
     read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
         + (stored.last_extra_bytes if last else 0)
-    return StageEstimate(start, stop, weights, parts.activation + (parts.logits if last else 0), parts.overhead, read,
-                         parts.fit)
+    cached = (stop - start + (1 if last else 0)) * parts.cached_per_layer  # + the last stage's final hidden
+    activation = parts.activation + (parts.logits if last else 0) + (cached if parts.cached_on_stage else 0)
+    return StageEstimate(start, stop, weights, activation, parts.overhead, read, parts.fit, cached)
 
 
 SMALLER_CARDS_GIB = (40, 48)  # the common smaller GPU memories a 70B plan is asked about

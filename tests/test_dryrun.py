@@ -8,15 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from slm_dist import dryrun
 from slm_dist.arch import get_arch
+from slm_dist.backends.local import LocalBackend
 from slm_dist.checkpoint.index import CheckpointError, open_index
 from slm_dist.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from slm_dist.config import SlmConfig, load_config
 from slm_dist.core import partition, sizing
 from slm_dist.testing import make_tiny_model
+from slm_dist.workers.stage_worker import StageSpec, StatsSpec
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_70B = REPO / "configs" / "models" / "llama-3-70b"
@@ -239,7 +242,14 @@ def test_correction_and_planning_caches_are_in_the_notes():
     fitted = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=linear"),
                             LLAMA3_70B)
     cal = config_70b().calibration
-    assert fitted.host_bytes_per_stage == cal.num_samples * cal.seq_len * 8192 * 2  # bf16 inputs, every batch
+    per_layer = cal.num_samples * cal.seq_len * 8192 * 2  # bf16 inputs, every batch, one layer
+    last = len(fitted.stages) - 1
+    assert [st.cached_bytes for st in fitted.stages] == [(st.stop - st.start + (k == last)) * per_layer
+                                                         for k, st in enumerate(fitted.stages)]
+    assert fitted.host_bytes_per_stage == max(st.cached_bytes for st in fitted.stages)
+    # On GPUs the cache is host memory: not in the stages' device totals.
+    assert [st.activation_bytes for st in fitted.stages] == [st.activation_bytes for st in plain.stages]
+    assert all(st.cached_bytes == 0 for st in plain.stages)
     assert any("0.25 GiB (float32)" in n for n in fitted.notes)  # 8192 x 8192 x 4 bytes per window
     assert not any("merge.correction" in n for n in plain.notes)
     refit = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=refit"), LLAMA3_70B)
@@ -273,6 +283,28 @@ def test_the_global_search_has_a_plan_time():
     refit = dryrun.dry_run(config_70b(*search, "merge.correction=refit"), LLAMA3_70B).seconds["plan"]
     assert sliding == 0.0 < fewer < plain < linear < refit
     assert plain / fewer == pytest.approx((1 + 78 + 12 + 32) / (1 + 78 + 12), rel=0.01)
+
+
+def test_the_cached_calibration_inputs_are_what_the_stages_keep_and_count_on_a_cpu(tmp_path):
+    """Planning on calibration samples keeps every batch's input to every layer (and the last stage's
+    final hidden): the dry run's bytes per stage equal the tensors a calibrated stage holds, and on a
+    CPU they are inside the stage's memory."""
+    model = make_tiny_model(tmp_path / "m", num_layers=6)
+    overrides = [f"model.path={model}", "cluster.backend=local", "cluster.device=cpu", "cluster.num_stages=2",
+                 "calibration.num_samples=8", "calibration.seq_len=16", "calibration.batch_size=4",
+                 "plan.target_layers_removed=2"]
+    plain = dryrun.dry_run(load_config(None, overrides), model)
+    sleb = dryrun.dry_run(load_config(None, [*overrides, "plan.search=sleb"]), model)
+    backend = LocalBackend()
+    specs = [StageSpec(str(model), st.start, st.stop, 6) for st in sleb.stages]
+    ids = torch.randint(3, 60, (8, 16), generator=torch.Generator().manual_seed(0))
+    backend.calibrate(specs, StatsSpec(unit="sample"), [(0, ids[:4]), (1, ids[4:])], keep_for_output_criterion=True)
+    held = [sum(t.nbytes for ts in stage._cached_inputs.values() for t in ts)
+            + sum(t.nbytes for t in stage._reference_final.values()) for stage in backend.stages]
+    backend.close()
+    assert [st.cached_bytes for st in sleb.stages] == held and all(held)
+    assert [a.activation_bytes + st.cached_bytes for a, st in zip(plain.stages, sleb.stages)] == \
+        [st.activation_bytes for st in sleb.stages]
 
 
 def test_slebs_trials_and_score_batches_set_the_plan_time():
