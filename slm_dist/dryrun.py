@@ -424,9 +424,11 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     notes = list(model.notes)
     # Fitting a refit correction runs the merged layer on a batch while its statistics are held:
     # counted on top of the activations.
-    fit = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
+    stats = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
         if config.merge.correction == "refit" else 0
-    non_weight = "activations" if not fit else "activations and merge.correction=refit's fitting statistics"
+    non_weight = "activations" if not stats else "activations and merge.correction=refit's fitting statistics"
+    io = window_fit_bytes(hf, config, sizing.dtype_bytes(cdtype), max(sizes.layer_bytes, default=0), device)
+    fit = stats + io
     act += fit
 
     # The partition is the run's own (weights only, pipeline.stage_specs); each stage is then checked
@@ -435,7 +437,7 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     cal = config.calibration
     cached_per_layer = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype) \
         if needs_cached_inputs(config) else 0
-    parts = _Parts(compute, last_extra, act, logits, overhead, fit, cached_per_layer, device != "cuda")
+    parts = _Parts(compute, last_extra, act, logits, overhead, fit, cached_per_layer, device != "cuda", io)
     refusal, slices = None, []
     try:
         slices = partition_layers(compute.layer_bytes, cluster.num_stages, cluster.memory_per_stage_bytes,
@@ -515,6 +517,7 @@ class _Parts:
     fit: int = 0           # refit's statistics, part of activation
     cached_per_layer: int = 0    # one layer's cached calibration inputs (all batches)
     cached_on_stage: bool = False  # CPU stages: the cache is the stage's own memory
+    window_io: int = 0     # a fitted window's inputs, targets and source tensors, part of fit
 
 
 def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, start: int, stop: int) -> StageEstimate:
@@ -555,8 +558,9 @@ def smaller_cards(parts: _Parts, num_stages: int, memory: int | None) -> list[st
         if not ok:
             fewest = fewest_stages(parts, card)
             text += f"; {fewest} stages of {gib} GiB would" if fewest else f"; no number of {gib} GiB stages would"
-            if parts.fit:
-                plain = replace(parts, activation=parts.activation - parts.fit, fit=0)
+            if parts.fit > parts.window_io:
+                stats = parts.fit - parts.window_io
+                plain = replace(parts, activation=parts.activation - stats, fit=parts.window_io)
                 ok_plain, peak_plain = _fits_on(plain, num_stages, card)
                 text += (f"; without refit's statistics (merge.correction=linear or none) {num_stages} stages "
                          + (f"fit (largest {peak_plain / GiB:.1f} GiB)" if ok_plain else "do not fit either"))
@@ -636,6 +640,32 @@ def format_dry_run(d: DryRun) -> str:
               f"time assumes: {d.assumptions.describe(d.device)} (override: --assume NAME=NUMBER)"]
     lines += [f"note: {n}" for n in d.notes]
     return "\n".join(lines)
+
+
+def window_fit_bytes(hf_config: dict, config: SlmConfig, compute_bytes: int, stored_layer_bytes: int,
+                     device: str) -> int:
+    """What fitting one window holds besides the fit's own statistics (window_fits.window_targets): the
+    window's original outputs on every fitting batch, twice while its layers run (the last layer's and
+    the next), their inputs moved to the device (on a CPU they are the cache itself), each batch's
+    rotary cos/sin and mask, and on a CPU the window's source tensors (checkpoint dtype, host memory on a GPU
+    run). The window's length is plan.max_window, else the target's layers + 1 (one window holding
+    them all), else 4. 0 when nothing is fitted (no rule scaled, no correction)."""
+    m, cal = config.merge, config.calibration
+    batches = max(m.alpha_batches if m.rule == "scaled" else 0, m.correction_batches if m.correction != "none" else 0)
+    if not batches:
+        return 0
+    samples = min(batches * cal.batch_size, cal.num_samples)
+    hidden = int(hf_config["hidden_size"])
+    head_dim = int(hf_config.get("head_dim") or hidden // int(hf_config["num_attention_heads"]))
+    copies = 2 if device != "cuda" else 3
+    held = samples * cal.seq_len * copies * hidden * compute_bytes
+    # Per batch (shared by its samples): rotary cos and sin, and at most a seq x seq boolean mask.
+    held += math.ceil(samples / cal.batch_size) * cal.seq_len * (2 * head_dim * compute_bytes + cal.seq_len)
+    if device != "cuda":
+        p = config.plan
+        window = p.max_window or (p.target_layers_removed + 1 if p.target_layers_removed is not None else 4)
+        held += window * stored_layer_bytes
+    return held
 
 
 def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:

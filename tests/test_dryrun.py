@@ -20,6 +20,7 @@ from slm_dist.config import SlmConfig, load_config
 from slm_dist.core import partition, sizing
 from slm_dist.testing import make_tiny_model
 from slm_dist.workers.stage_worker import StageSpec, StatsSpec
+from slm_dist.workers.window_fits import window_targets
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_70B = REPO / "configs" / "models" / "llama-3-70b"
@@ -247,8 +248,13 @@ def test_correction_and_planning_caches_are_in_the_notes():
     assert [st.cached_bytes for st in fitted.stages] == [(st.stop - st.start + (k == last)) * per_layer
                                                          for k, st in enumerate(fitted.stages)]
     assert fitted.host_bytes_per_stage == max(st.cached_bytes for st in fitted.stages)
-    # On GPUs the cache is host memory: not in the stages' device totals.
-    assert [st.activation_bytes for st in fitted.stages] == [st.activation_bytes for st in plain.stages]
+    # On GPUs the cache is host memory: not in the stages' device totals; the fitted window's inputs and
+    # targets are.
+    hf = json.loads((LLAMA3_70B / "config.json").read_text())
+    io = dryrun.window_fit_bytes(hf, config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=linear"),
+                                 2, 0, "cuda")
+    assert io > 0
+    assert [st.activation_bytes for st in fitted.stages] == [st.activation_bytes + io for st in plain.stages]
     assert all(st.cached_bytes == 0 for st in plain.stages)
     assert any("0.25 GiB (float32)" in n for n in fitted.notes)  # 8192 x 8192 x 4 bytes per window
     assert not any("merge.correction" in n for n in plain.notes)
@@ -261,10 +267,12 @@ def test_correction_and_planning_caches_are_in_the_notes():
     # with at least 25 GiB free per stage, 40 GiB stages do not, and the refusal names the statistics.
     assert refit.fits and all(st.activation_bytes >= stats for st in refit.stages)
     assert all(80 * 1024**3 - st.total_bytes >= 25 * 1024**3 for st in refit.stages)
-    assert any(n.startswith("8 x 40 GiB: does not fit") and "11 stages of 40 GiB would" in n
-               and "without refit's statistics (merge.correction=linear or none) 8 stages fit" in n
-               for n in refit.notes)
-    assert any(n.startswith("8 x 48 GiB: fits") for n in refit.notes)
+    # With the fitted window's inputs and targets (window_fit_bytes, ~6 GiB here) neither 40 nor 48 GiB
+    # cards hold 8 stages; without refit's statistics both do.
+    for gib, stages in ((40, 21), (48, 10)):
+        assert any(n.startswith(f"{8} x {gib} GiB: does not fit") and f"{stages} stages of {gib} GiB would" in n
+                   and "without refit's statistics (merge.correction=linear or none) 8 stages fit" in n
+                   for n in refit.notes), (gib, refit.notes)
     tight = dryrun.dry_run(config_70b("merge.correction=refit", "merge.rule=scaled", "plan.search=global",
                                       f"cluster.memory_per_stage_bytes={40 * 1024**3}"), LLAMA3_70B)
     assert not tight.fits and "fitting statistics" in tight.refusal
@@ -305,6 +313,38 @@ def test_the_cached_calibration_inputs_are_what_the_stages_keep_and_count_on_a_c
     assert [st.cached_bytes for st in sleb.stages] == held and all(held)
     assert [a.activation_bytes + st.cached_bytes for a, st in zip(plain.stages, sleb.stages)] == \
         [st.activation_bytes for st in sleb.stages]
+
+
+def test_a_fitted_windows_inputs_targets_and_sources_are_counted(tmp_path):
+    """window_fit_bytes covers what fitting a window holds on a CPU stage (window_fits.window_targets:
+    the targets, the outputs being computed, each batch's context; the window's source tensors)."""
+    model = make_tiny_model(tmp_path / "m", num_layers=6)
+    config = load_config(None, [f"model.path={model}", "cluster.backend=local", "cluster.device=cpu",
+                                "calibration.num_samples=8", "calibration.seq_len=16", "calibration.batch_size=4",
+                                "plan.target_layers_removed=2", "merge.correction=refit", "merge.correction_batches=2"])
+    hf = json.loads((model / "config.json").read_text())
+    index = open_index(model)
+    layer_bytes = max(sum(t.nbytes for k, t in index.tensors.items() if k.startswith(f"model.layers.{i}."))
+                      for i in range(6))
+    predicted = dryrun.window_fit_bytes(hf, config, 4, layer_bytes, "cpu")
+    backend = LocalBackend()
+    ids = torch.randint(3, 60, (8, 16), generator=torch.Generator().manual_seed(0))
+    backend.calibrate([StageSpec(str(model), 0, 6, 6)], StatsSpec(unit="sample"), [(0, ids[:4]), (1, ids[4:])],
+                      keep_for_output_criterion=True)
+    stage = backend.stages[0]
+    source, member = stage.window_members((1, 3))  # 3 layers: the target's 2 + 1
+    inputs, targets = window_targets(stage, (1, 3), [0, 1], member)
+
+    def tensors(x) -> list[torch.Tensor]:  # every tensor in a context (tuples, dicts, None)
+        if isinstance(x, torch.Tensor):
+            return [x]
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+        return [t for y in items for t in tensors(y)]
+
+    held = (2 * sum(t.nbytes for t in targets) + sum(t.nbytes for _, ctx in inputs for t in tensors(ctx))
+            + sum(t.nbytes for layer in source for t in layer.values()))
+    backend.close()
+    assert held <= predicted <= 1.5 * held
 
 
 def test_slebs_trials_and_score_batches_set_the_plan_time():
