@@ -8,6 +8,7 @@ those and passes values in.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -64,6 +65,11 @@ class CalibrationSection(_Section):
     seq_len: int = Field(256, ge=8, description="tokens per sequence")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch (one HSIC term per batch)")
     seed: int = Field(0, description="seed for sample choice and token sub-sampling")
+
+    @property
+    def num_batches(self) -> int:
+        """Calibration batches: num_samples in batches of batch_size, the last one possibly short."""
+        return math.ceil(self.num_samples / self.batch_size)
 
 
 class SimilaritySection(_Section):
@@ -271,7 +277,7 @@ class SlmConfig(_Section):
         if self.similarity.criterion == "output" and self.plan.threshold is None:
             raise ValueError("similarity.criterion=output needs plan.threshold: the published loop runs forward "
                              "passes per threshold, so target search is only offered for criterion=cka")
-        batches = -(-self.calibration.num_samples // self.calibration.batch_size)
+        batches = self.calibration.num_batches
         if self.plan.score_batches is not None and self.plan.score_batches > batches:
             raise ValueError(f"plan.score_batches={self.plan.score_batches} but calibration has only {batches} "
                              f"batches (num_samples={self.calibration.num_samples}, batch_size="

@@ -306,7 +306,7 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     rate = a.gpu_flops_per_s if resolve_device(config) == "cuda" else a.cpu_flops_per_s
     hidden, n = int(hf_config["hidden_size"]), sizes.num_layers
     fpt = _flops_per_token(hf_config, sizes.layer_params[0], cal.seq_len)
-    num_batches = math.ceil(cal.num_samples / cal.batch_size)
+    num_batches = cal.num_batches
     batch_tokens = cal.batch_size * cal.seq_len
     hop = batch_tokens * hidden * cb / a.hop_bytes_per_s
     widest = max(b - s for s, b in stages)
@@ -356,21 +356,13 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
     return {k: round(v, 1) for k, v in seconds.items()}
 
 
-def _layers_removed(config: SlmConfig, num_layers: int) -> int:
-    """The target's layer count as known before the run (a ratio: that share of the layers)."""
-    p = config.plan
-    return p.target_layers_removed if p.target_layers_removed is not None else round(p.target_ratio * num_layers)
-
-
-def measured_plans(config: SlmConfig, num_layers: int) -> int:
+def measured_plans(config: SlmConfig, num_layers: int, layers_removed: int | None) -> int:
     """Plans the search scores with forward passes. Global: the dense model and each removable layer
     alone (plan.cost=measured), then the ranked candidates and the local search's moves. SLEB: every
-    layer left is tried at each of its steps (the target's count is known before the run only from
-    plan.target_layers_removed; a ratio is counted as that share of the layers)."""
+    layer left at each of its ``layers_removed`` steps (``expected_layers_removed``)."""
     p = config.plan
     if p.search == "sleb":
-        removable = max(num_layers - max(p.protect_first, 1) - p.protect_last, 0)
-        return sum(removable - i for i in range(min(_layers_removed(config, num_layers), removable)))
+        return planner.sleb_trials(num_layers, layers_removed or 0, max(p.protect_first, 1), p.protect_last)
     if p.search != "global":
         return 0
     count = 1 + max(num_layers - p.protect_first - p.protect_last, 0) if p.cost == "measured" else 0
@@ -392,10 +384,11 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
     hidden = int(hf_config["hidden_size"])
     scored = cal.num_samples if p.score_batches is None else min(p.score_batches * cal.batch_size, cal.num_samples)
     lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
-    seconds = measured_plans(config, n) * scored * cal.seq_len * (fpt * n / 2 + lm_head) / rate
+    removed = expected_layers_removed(config, sizes)
+    seconds = measured_plans(config, n, removed) * scored * cal.seq_len * (fpt * n / 2 + lm_head) / rate
     # Windows fitted: about one per scored global candidate; SLEB's trials are uncorrected and its plan
     # has at most one window per removed layer.
-    candidates = {"global": p.candidates + p.local_search, "sleb": _layers_removed(config, n)}.get(p.search, 0)
+    candidates = {"global": p.candidates + p.local_search, "sleb": removed or 0}.get(p.search, 0)
     if config.merge.correction != "none" and candidates:
         width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction == "refit" else hidden
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len
@@ -427,7 +420,9 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     stats = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
         if config.merge.correction == "refit" else 0
     non_weight = "activations" if not stats else "activations and merge.correction=refit's fitting statistics"
-    io = window_fit_bytes(hf, config, sizing.dtype_bytes(cdtype), max(sizes.layer_bytes, default=0), device)
+    removed = expected_layers_removed(config, sizes)
+    io = window_fit_bytes(hf, config, sizing.dtype_bytes(cdtype), max(sizes.layer_bytes, default=0), device,
+                          removed)
     fit = stats + io
     act += fit
 
@@ -459,7 +454,6 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     if device == "cuda":
         notes += smaller_cards(parts, cluster.num_stages, memory)
 
-    removed = expected_layers_removed(config, sizes)
     if removed is None:
         notes.append("plan.threshold: how many layers go depends on the statistics; output and disk figures "
                      "assume none (an upper bound)")
@@ -643,13 +637,13 @@ def format_dry_run(d: DryRun) -> str:
 
 
 def window_fit_bytes(hf_config: dict, config: SlmConfig, compute_bytes: int, stored_layer_bytes: int,
-                     device: str) -> int:
+                     device: str, layers_removed: int | None) -> int:
     """What fitting one window holds besides the fit's own statistics (window_fits.window_targets): the
     window's original outputs on every fitting batch, twice while its layers run (the last layer's and
     the next), their inputs moved to the device (on a CPU they are the cache itself), each batch's
     rotary cos/sin and mask, and on a CPU the window's source tensors (checkpoint dtype, host memory on a GPU
-    run). The window's length is plan.max_window, else the target's layers + 1 (one window holding
-    them all), else 4. 0 when nothing is fitted (no rule scaled, no correction)."""
+    run). The window's length is plan.max_window, else ``layers_removed`` + 1 (one window holding
+    them all), else 4 (a threshold decides). 0 when nothing is fitted (no rule scaled, no correction)."""
     m, cal = config.merge, config.calibration
     batches = max(m.alpha_batches if m.rule == "scaled" else 0, m.correction_batches if m.correction != "none" else 0)
     if not batches:
@@ -662,8 +656,7 @@ def window_fit_bytes(hf_config: dict, config: SlmConfig, compute_bytes: int, sto
     # Per batch (shared by its samples): rotary cos and sin, and at most a seq x seq boolean mask.
     held += math.ceil(samples / cal.batch_size) * cal.seq_len * (2 * head_dim * compute_bytes + cal.seq_len)
     if device != "cuda":
-        p = config.plan
-        window = p.max_window or (p.target_layers_removed + 1 if p.target_layers_removed is not None else 4)
+        window = config.plan.max_window or (layers_removed + 1 if layers_removed is not None else 4)
         held += window * stored_layer_bytes
     return held
 

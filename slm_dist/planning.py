@@ -200,7 +200,7 @@ class PlanSearch:
         merge.correction then apply to the chosen layers' windows."""
         p, n = self.config.plan, self.reducer.num_layers
         first = max(p.protect_first, 1)  # layer 0 stays, as every planner here keeps it
-        trials = sum(max(n - first - p.protect_last - i, 0) for i in range(k))
+        trials = planner.sleb_trials(n, k, first, p.protect_last)
         with progress.bar(self.ctx.show_progress, trials, "sleb", "trial") as bar:
             def loss(windows: Sequence[Window]) -> float:
                 bar.update()

@@ -252,7 +252,7 @@ def test_correction_and_planning_caches_are_in_the_notes():
     # targets are.
     hf = json.loads((LLAMA3_70B / "config.json").read_text())
     io = dryrun.window_fit_bytes(hf, config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=linear"),
-                                 2, 0, "cuda")
+                                 2, 0, "cuda", 16)
     assert io > 0
     assert [st.activation_bytes for st in fitted.stages] == [st.activation_bytes + io for st in plain.stages]
     assert all(st.cached_bytes == 0 for st in plain.stages)
@@ -282,8 +282,8 @@ def test_correction_and_planning_caches_are_in_the_notes():
 def test_the_global_search_has_a_plan_time():
     """Each plan it scores is forward passes on the calibration samples; corrections add their fits."""
     search = ("plan.search=global", "plan.cost=measured", "plan.candidates=12", "plan.local_search=32")
-    assert dryrun.measured_plans(config_70b(*search), 80) == 1 + 78 + 12 + 32  # protect_first/last 1
-    assert dryrun.measured_plans(config_70b("plan.search=global"), 80) == 0  # statistics only
+    assert dryrun.measured_plans(config_70b(*search), 80, 16) == 1 + 78 + 12 + 32  # protect_first/last 1
+    assert dryrun.measured_plans(config_70b("plan.search=global"), 80, 16) == 0  # statistics only
     sliding = dryrun.dry_run(config_70b(), LLAMA3_70B).seconds["plan"]
     plain = dryrun.dry_run(config_70b(*search), LLAMA3_70B).seconds["plan"]
     fewer = dryrun.dry_run(config_70b(*search[:3], "plan.local_search=0"), LLAMA3_70B).seconds["plan"]
@@ -326,7 +326,7 @@ def test_a_fitted_windows_inputs_targets_and_sources_are_counted(tmp_path):
     index = open_index(model)
     layer_bytes = max(sum(t.nbytes for k, t in index.tensors.items() if k.startswith(f"model.layers.{i}."))
                       for i in range(6))
-    predicted = dryrun.window_fit_bytes(hf, config, 4, layer_bytes, "cpu")
+    predicted = dryrun.window_fit_bytes(hf, config, 4, layer_bytes, "cpu", 2)
     backend = LocalBackend()
     ids = torch.randint(3, 60, (8, 16), generator=torch.Generator().manual_seed(0))
     backend.calibrate([StageSpec(str(model), 0, 6, 6)], StatsSpec(unit="sample"), [(0, ids[:4]), (1, ids[4:])],
@@ -350,7 +350,7 @@ def test_a_fitted_windows_inputs_targets_and_sources_are_counted(tmp_path):
 def test_slebs_trials_and_score_batches_set_the_plan_time():
     """SLEB tries every layer left at each step; plan.score_batches scores each plan on that share."""
     sleb = ("plan.search=sleb", "plan.target_layers_removed=16")
-    assert dryrun.measured_plans(config_70b(*sleb), 80) == sum(78 - i for i in range(16))
+    assert dryrun.measured_plans(config_70b(*sleb), 80, 16) == sum(78 - i for i in range(16))
     full = dryrun.dry_run(config_70b(*sleb), LLAMA3_70B).seconds["plan"]
     batches = config_70b().calibration.num_samples // config_70b().calibration.batch_size
     assert batches >= 2

@@ -266,6 +266,13 @@ def _check_max_window(max_window: int | None) -> None:
         )
 
 
+def sleb_trials(num_layers: int, n: int, protect_first: int = 1, protect_last: int = 0) -> int:
+    """Trial removals SLEB's greedy (core/baselines.py ``sleb``) scores: every layer left, at each of its
+    ``n`` steps. Here, torch-free, for the dry run."""
+    removable = max(num_layers - protect_first - protect_last, 0)
+    return sum(removable - i for i in range(min(n, removable)))
+
+
 def max_layers_removed(num_layers: int, protect_first: int = 1, protect_last: int = 1,
                        max_window: int | None = None) -> int:
     """The most layers any plan can remove. M mergeable layers in windows of at most ``max_window``
