@@ -21,11 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from slm_dist import context
-from slm_dist.backends.local import LocalBackend, run_jobs_local
+from slm_dist.backends.local import LocalBackend
 from slm_dist.checkpoint.export import plan_export, write_export
 from slm_dist.checkpoint.index import open_index
 from slm_dist.config import load_config
 from slm_dist.core.planner import MergePlan
+from slm_dist.workers.merge_worker import run_jobs_in_threads
 
 log = logging.getLogger("bench_demo")
 RULES = ("reference", "sum", "mean", "drop")
@@ -67,7 +68,7 @@ def main() -> None:
     for rule in RULES:
         out = args.run_dir / f"model-{rule}"
         shutil.rmtree(out, ignore_errors=True)
-        write_export(plan_export(index, replace(plan, rule=rule), out, config.merge.max_shard_bytes), run_jobs_local)
+        write_export(plan_export(index, replace(plan, rule=rule), out, config.merge.max_shard_bytes), run_jobs_in_threads)
         rows.append((rule, plan.num_layers_after, context.perplexity(ctx, out, backend)))
         shutil.rmtree(out)
     print(f"\nwindows {list(plan.windows)} (CKA, threshold {plan.threshold:.4f}); held-out perplexity, "

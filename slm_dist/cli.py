@@ -33,7 +33,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from slm_dist.checkpoint.export import ExportError
     from slm_dist.checkpoint.index import CheckpointError
     from slm_dist.config import ConfigError
-    from slm_dist.core.merge import MergeError
+    from slm_dist.core.merge_jobs import MergeError
     from slm_dist.core.partition import PartitionError
     from slm_dist.core.planner import PlanError
     from slm_dist.evaluation import EvalDataError
@@ -147,7 +147,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from slm_dist import context
+    # No `context` here unless asked for: it imports torch, which a merge that only copies never needs.
+    from slm_dist.checkpoint.hub import resolve_model
     from slm_dist.config import load_config
     from slm_dist.merging import merge_from_plan
 
@@ -155,13 +156,23 @@ def cmd_merge(args) -> int:
     config = load_config(path, overrides)
     model_dir = config.model.path
     if model_dir is None:  # the demo model: fetched (once) like `run` does
+        from slm_dist import context
+
         model_dir = context.resolve_inputs(config, _cache_dir(), _show_progress(args)).model_dir
-    model_dir = context.resolve_model(model_dir)  # a Hub repo id: its cached snapshot
-    backend = context.make_backend(config)
-    try:
-        summary = merge_from_plan(config, Path(model_dir), backend, show_progress=_show_progress(args))
-    finally:
-        backend.close()
+    model_dir = resolve_model(model_dir)  # a Hub repo id: its cached snapshot
+    if config.cluster.backend == "local":
+        from slm_dist.workers.merge_worker import run_jobs_in_threads
+
+        summary = merge_from_plan(config, Path(model_dir), run_jobs_in_threads, show_progress=_show_progress(args))
+    else:
+        from slm_dist import context
+
+        backend = context.make_backend(config)
+        try:
+            summary = merge_from_plan(config, Path(model_dir), backend.run_shard_jobs,
+                                      show_progress=_show_progress(args))
+        finally:
+            backend.close()
     log.info("merge done: %d shards written, %d already finished; checkpoint in %s",
              len(summary["shards_written"]), len(summary["shards_skipped"]), summary["out_dir"])
     if args.json:

@@ -609,7 +609,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
                 if plan is not None:
                     method_config = _method_config(config, method_dir)
                     method_dir.mkdir(parents=True, exist_ok=True)
-                    merge_stage(method_config, index, plan, backend, show_progress)
+                    merge_stage(method_config, index, plan, backend.run_shard_jobs, show_progress)
                     model_dir = method_config.output_dir
                 log.info("evaluating %s (k=%d) from %s", method, k, model_dir)
                 patch = plan_patch(plan)

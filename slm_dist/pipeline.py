@@ -165,7 +165,7 @@ def run(config: SlmConfig, cache_dir: Path | None = None, show_progress: bool = 
         if "merge" in todo:
             state.start("merge")
             with ctx.timed("merge"):
-                merge_stage(config, index, plan, backend, ctx.show_progress)
+                merge_stage(config, index, plan, backend.run_shard_jobs, ctx.show_progress)
             with ctx.timed("verify"):
                 verify(out_dir)
             info = {"params_before": layer_params(index)[0],

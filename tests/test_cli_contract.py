@@ -66,6 +66,34 @@ def test_verify_and_dry_run_import_no_torch_matplotlib_transformers_or_extras(tm
     assert dry == {"rc": 0, "loaded": []}
 
 
+@pytest.mark.parametrize("rule, computes", [("drop", False), ("reference", False), ("sum", True)])
+def test_a_merge_that_only_copies_never_imports_torch(tmp_path, rule, computes):
+    """`drop` and `reference` keep one window member as it is: every tensor moves as bytes and the
+    command never pays torch's import; `sum` computes and loads it. Either way the checkpoint written
+    is the in-memory merge's."""
+    import safetensors.torch
+
+    from slm_dist.arch import get_arch
+    from slm_dist.core.merge import merge_state_dict
+    from slm_dist.core.planner import MergePlan
+
+    model = make_tiny_model(tmp_path / "model")
+    run = tmp_path / "run"
+    run.mkdir()
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    windows = ((1, 2), (3, 5))
+    (run / "plan.json").write_text(json.dumps(MergePlan(layers, windows, rule, "cka", None).to_json()))
+    result = probe("-q", "merge", str(TINY), f"model.path={model}", f"run.dir={run}", f"merge.rule={rule}")
+    assert result["rc"] == cli.EXIT_OK
+    assert ("torch" in result["loaded"]) == computes
+    source = {k: v for f in sorted(model.glob("*.safetensors")) for k, v in safetensors.torch.load_file(f).items()}
+    written = {k: v for f in sorted((run / "model").glob("*.safetensors"))
+               for k, v in safetensors.torch.load_file(f).items()}
+    expected = merge_state_dict(source, windows, layers, get_arch("llama"), rule)
+    assert written.keys() == expected.keys()
+    assert all(written[k].dtype == v.dtype and written[k].equal(v) for k, v in expected.items())
+
+
 def test_the_probe_sees_a_heavy_import(tmp_path):
     """Not vacuous: inspecting a pickle checkpoint needs torch.load, and the probe says so."""
     import torch

@@ -18,15 +18,15 @@ import torch
 
 from slm_dist import cli
 from slm_dist.arch import get_arch, prune_config
-from slm_dist.backends.local import run_jobs_local
 from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
 from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
 from slm_dist.checkpoint.verify import verify_model
 from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
-from slm_dist.core.merge import MergeError, merge_state_dict
+from slm_dist.core.merge import merge_state_dict
+from slm_dist.core.merge_jobs import MergeError
 from slm_dist.core.planner import MergePlan
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
-from slm_dist.workers.merge_worker import elements_per_block
+from slm_dist.workers.merge_worker import elements_per_block, run_jobs_in_threads
 
 LLAMA = get_arch("llama")
 WINDOWS = ((1, 2), (3, 5))      # 6 layers -> 3: [0], [1..2] at 1, [3..5] at 2
@@ -69,7 +69,7 @@ def test_out_of_core_merge_equals_the_in_memory_merge(tiny, tmp_path, rule, memo
     index = open_index(tiny)
     export = plan_export(index, _plan(rule), tmp_path / "out", SHARD_BYTES)
     assert len(export.shards) >= 3
-    write_export(export, run_jobs_local, max_parallel=2, memory_budget_bytes=memory)
+    write_export(export, run_jobs_in_threads, max_parallel=2, memory_budget_bytes=memory)
     got = _tensors(tmp_path / "out")
     alpha = dict(zip(WINDOWS, ALPHAS)) if rule == "scaled" else None
     expected = merge_state_dict(_tensors(tiny), WINDOWS, 6, LLAMA, rule, alpha)
@@ -105,7 +105,7 @@ def test_jobs_read_only_the_tensors_the_rule_needs(tiny, tmp_path, rule):
     # sum reads every projection of a window and the bottom norms.
     expected = {"reference": other + 3 * (proj + norm),
                 "sum": other + (proj + norm) + (2 * proj + norm) + (3 * proj + norm)}[rule]
-    result = write_export(plan_export(index, _plan(rule), tmp_path / "out", SHARD_BYTES), run_jobs_local)
+    result = write_export(plan_export(index, _plan(rule), tmp_path / "out", SHARD_BYTES), run_jobs_in_threads)
     assert result.bytes_read == expected
     assert result.bytes_written == sum((tmp_path / "out" / n).stat().st_size for n in result.shards_written)
 
@@ -118,7 +118,7 @@ def test_output_folder_is_complete_trimmed_and_documented(tmp_path):
     (src / "chat_template.jinja").write_text("{{ messages }}")
     out = tmp_path / "out"
     plan = MergePlan(6, WINDOWS, "sum", "cka", 0.8125)
-    result = write_export(plan_export(open_index(src), plan, out, SHARD_BYTES), run_jobs_local)
+    result = write_export(plan_export(open_index(src), plan, out, SHARD_BYTES), run_jobs_in_threads)
 
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3
@@ -141,7 +141,7 @@ def test_output_loads_in_transformers_with_the_logits_of_a_model_pruned_in_memor
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = tmp_path / "out"
-    write_export(plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES), run_jobs_local, max_parallel=2)
+    write_export(plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES), run_jobs_in_threads, max_parallel=2)
     # the in-memory way: load the bf16 model, merge its state dict, load it into the pruned config
     source = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16)
     merged = merge_state_dict(source.state_dict(), WINDOWS, 6, LLAMA, "sum")
@@ -232,20 +232,20 @@ def test_a_second_merge_into_a_folder_being_written_is_refused_and_harms_nothing
     def second_merge(job, result):  # runs while the first merge holds the folder
         if not seen:
             with pytest.raises(ExportError, match=r"another merge is writing .*out.*pid \d+.*merge\.output_dir"):
-                write_export(plan_export(open_index(tiny), _plan("sum", ((1, 4),)), out, SHARD_BYTES), run_jobs_local)
+                write_export(plan_export(open_index(tiny), _plan("sum", ((1, 4),)), out, SHARD_BYTES), run_jobs_in_threads)
         seen.append(job.name)
 
-    write_export(export, run_jobs_local, on_shard=second_merge)
+    write_export(export, run_jobs_in_threads, on_shard=second_merge)
     assert len(seen) == len(export.shards)
     assert verify_model(out) == []
     assert set(_tensors(out)) == set(merge_state_dict(_tensors(tiny), _plan("sum").windows, 6, LLAMA, "sum"))
-    write_export(export, run_jobs_local)  # the lock went with the first merge: a rerun proceeds
+    write_export(export, run_jobs_in_threads)  # the lock went with the first merge: a rerun proceeds
 
 
 def test_a_new_plan_in_the_same_folder_replaces_every_shard(tiny, tmp_path):
     out = tmp_path / "out"
-    write_export(plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES), run_jobs_local)
-    result = write_export(plan_export(open_index(tiny), _plan("sum", ((1, 4),)), out, SHARD_BYTES), run_jobs_local)
+    write_export(plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES), run_jobs_in_threads)
+    result = write_export(plan_export(open_index(tiny), _plan("sum", ((1, 4),)), out, SHARD_BYTES), run_jobs_in_threads)
     assert result.shards_skipped == ()
     assert set(_tensors(out)) == set(merge_state_dict(_tensors(tiny), ((1, 4),), 6, LLAMA, "sum"))
     assert verify_model(out) == []
@@ -256,14 +256,14 @@ def test_a_folder_whose_manifest_names_sha256_resumes_and_verifies(tiny, tmp_pat
     the hash their entries name and kept, and the folder verifies."""
     out = tmp_path / "out"
     export = plan_export(open_index(tiny), _plan("sum"), out, SHARD_BYTES)
-    first = write_export(export, run_jobs_local)
+    first = write_export(export, run_jobs_in_threads)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     for name, entry in manifest["files"].items():
         manifest["files"][name] = {"sha256": sha256_file(out / name), "bytes": entry["bytes"]}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     before = {n: (out / n).read_bytes() for n in first.shards_written}
     assert verify_model(out) == []
-    again = write_export(export, run_jobs_local)
+    again = write_export(export, run_jobs_in_threads)
     assert sorted(again.shards_skipped) == sorted(first.shards_written)
     assert {n: (out / n).read_bytes() for n in first.shards_written} == before
     files = json.loads((out / MANIFEST_NAME).read_text())["files"]
@@ -358,7 +358,7 @@ def test_source_truncated_during_the_merge_fails_that_shard_without_a_final_name
     source_file = src / victim.sources[-1].file
     source_file.write_bytes(source_file.read_bytes()[:victim.sources[-1].offset])
     with pytest.raises(CheckpointError, match="ended early"):
-        write_export(export, run_jobs_local, max_parallel=2)
+        write_export(export, run_jobs_in_threads, max_parallel=2)
     out = tmp_path / "out"
     assert not (out / victim.name).exists() and not partial_name(out / victim.name).exists()
     assert not (out / "config.json").exists() and not (out / INDEX_NAME).exists()
@@ -383,9 +383,9 @@ def test_pickle_source_merges_only_with_the_opt_in_and_gives_the_same_shards(tin
     torch.save(_tensors(tiny), src / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="allow_pickle"):
         open_index(src)
-    write_export(plan_export(open_index(src, allow_pickle=True), _plan("mean"), tmp_path / "a", SHARD_BYTES), run_jobs_local,
+    write_export(plan_export(open_index(src, allow_pickle=True), _plan("mean"), tmp_path / "a", SHARD_BYTES), run_jobs_in_threads,
                  allow_pickle=True, memory_budget_bytes=4096)
-    write_export(plan_export(open_index(tiny), _plan("mean"), tmp_path / "b", SHARD_BYTES), run_jobs_local)
+    write_export(plan_export(open_index(tiny), _plan("mean"), tmp_path / "b", SHARD_BYTES), run_jobs_in_threads)
     shards = sorted(p.name for p in (tmp_path / "b").glob("model-*.safetensors"))
     assert shards and all(sha256_file(tmp_path / "a" / s) == sha256_file(tmp_path / "b" / s) for s in shards)
 
@@ -412,7 +412,7 @@ def test_ray_tasks_write_the_same_folder_and_raise_the_workers_error(tiny, tmp_p
     from slm_dist.config import ClusterSection
 
     runner = distributed.RayBackend(ClusterSection(backend="ray")).run_shard_jobs
-    local = write_export(plan_export(open_index(tiny), _plan("sum"), tmp_path / "local", SHARD_BYTES), run_jobs_local, max_parallel=2)
+    local = write_export(plan_export(open_index(tiny), _plan("sum"), tmp_path / "local", SHARD_BYTES), run_jobs_in_threads, max_parallel=2)
     remote = write_export(plan_export(open_index(tiny), _plan("sum"), tmp_path / "ray", SHARD_BYTES), runner,
                           max_parallel=2, memory_budget_bytes=4096)
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")

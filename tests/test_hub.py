@@ -11,7 +11,6 @@ import pytest
 from huggingface_hub import ModelCard
 
 from slm_dist import cli
-from slm_dist.backends.local import run_jobs_local
 from slm_dist.checkpoint import hub
 from slm_dist.checkpoint.export import OUTPUT_MARKER, plan_export, write_export
 from slm_dist.checkpoint.index import CheckpointError, open_index
@@ -19,6 +18,7 @@ from slm_dist.checkpoint.lock import LOCK_NAME
 from slm_dist.checkpoint.verify import verify_model
 from slm_dist.core.planner import MergePlan
 from slm_dist.testing import make_tiny_model
+from slm_dist.workers.merge_worker import run_jobs_in_threads
 
 WINDOWS = ((1, 2), (3, 5))
 LICENCES = {"LICENSE": "the licence text\n", "USE_POLICY.md": "use it well\n", "NOTICE": "notice\n"}
@@ -36,7 +36,7 @@ def source(tmp_path_factory) -> Path:
 
 def _export(source: Path, out: Path) -> Path:
     write_export(plan_export(open_index(source), MergePlan(6, WINDOWS, "mean", "cka", 0.875), out, 20_000),
-                 run_jobs_local)
+                 run_jobs_in_threads)
     return out
 
 

@@ -13,7 +13,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slm_dist.arch import get_arch
-from slm_dist.backends.local import run_jobs_local
 from slm_dist.checkpoint.corrections import checked_windows, kind_of, load_corrections, save_corrections
 from slm_dist.checkpoint.export import ExportError, plan_export, write_export
 from slm_dist.checkpoint.index import open_index
@@ -25,8 +24,10 @@ from slm_dist.core.correction_fit import (
     correction_key,
     projection_prior,
 )
-from slm_dist.core.merge import MergeError, apply_correction, correction_name, merge_state_dict
+from slm_dist.core.merge import apply_correction, merge_state_dict
+from slm_dist.core.merge_jobs import MergeError, correction_name
 from slm_dist.core.planner import MergePlan, PlanError
+from slm_dist.workers.merge_worker import run_jobs_in_threads
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
 from tests.test_calibrated_merge import hf_hidden, state_dict
 
@@ -454,7 +455,7 @@ def test_export_writes_the_corrected_projection_and_transformers_loads_it(tiny_m
     plan, matrices = corrected_plan(tmp_path, rule, alpha, windows, kind=kind)
     index = open_index(tiny_model)
     export = plan_export(index, plan, tmp_path / "out", max_shard_bytes=64 * 1024)
-    write_export(export, run_jobs_local, max_parallel=2, memory_budget_bytes=budget)
+    write_export(export, run_jobs_in_threads, max_parallel=2, memory_budget_bytes=budget)
     got = state_dict(tmp_path / "out")
     expected = merge_state_dict(state_dict(tiny_model), windows, 6, LLAMA, rule, plan.alpha_map, corrections=matrices,
                                 correction_kind=kind)

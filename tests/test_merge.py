@@ -6,17 +6,8 @@ import pytest
 import torch
 
 from slm_dist.arch import get_arch
-from slm_dist.core.merge import (
-    RULES,
-    MergeError,
-    TensorJob,
-    merge_state_dict,
-    merge_tensor,
-    merge_window,
-    new_index_map,
-    plan_tensor_jobs,
-    rename_layer_key,
-)
+from slm_dist.core.merge import merge_state_dict, merge_tensor, merge_window
+from slm_dist.core.merge_jobs import RULES, MergeError, TensorJob, new_index_map, plan_tensor_jobs, rename_layer_key
 
 LLAMA = get_arch("llama")
 

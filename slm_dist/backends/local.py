@@ -6,19 +6,18 @@ Used by tests, by CPU runs of small models, and as the reference the Ray backend
 from __future__ import annotations
 
 import logging
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from slm_dist import progress
 from slm_dist.backends.base import Batches, StagedScoring, stage_holding
-from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
+from slm_dist.checkpoint.export import OnDone, ShardJob, WorkerSettings
 from slm_dist.core.alpha_fit import AlphaFit
 from slm_dist.core.correction_fit import CorrectionFit, CorrectionRequest
 from slm_dist.core.types import Window
-from slm_dist.workers.merge_worker import write_shard_job
+from slm_dist.workers.merge_worker import run_jobs_in_threads
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 from slm_dist.workers.stats_reducer import StatsReducer
 
@@ -121,52 +120,8 @@ class LocalBackend(StagedScoring):
 
     def run_shard_jobs(self, jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int,
                        on_done: OnDone) -> None:
-        run_jobs_local(jobs, settings, max_parallel, on_done)
+        run_jobs_in_threads(jobs, settings, max_parallel, on_done)
 
     def close(self) -> None:
         self.stages = []
         self._key = None
-
-
-# ------------------------------------------------------------------------------------- merge
-def run_jobs_local(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int, on_done: OnDone) -> None:
-    """Shard jobs on up to ``max_parallel`` threads of this process (file I/O, hashing and torch
-    kernels release the GIL). After a failure no new job starts; running ones finish and count.
-
-    Torch runs single-threaded meanwhile: the jobs are the parallelism, and intra-op threads on the
-    cache-sized merge slices only add synchronisation (100x slower on the 2-core test machine).
-    """
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run_in_threads(jobs, lambda job: write_shard_job(settings, job), max_parallel, on_done)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_in_threads(jobs: Sequence[ShardJob], run: Callable[[ShardJob], ShardResult], max_parallel: int,
-                    on_done: OnDone) -> None:
-    if max_parallel == 1:
-        for job in jobs:
-            on_done(job, run(job))
-        return
-    queue = list(jobs)
-    error: BaseException | None = None
-    with ThreadPoolExecutor(max_parallel, thread_name_prefix="merge") as pool:
-        running: dict[Future, ShardJob] = {}
-        while queue or running:
-            while queue and error is None and len(running) < max_parallel:
-                job = queue.pop(0)
-                running[pool.submit(run, job)] = job
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                try:
-                    on_done(job, future.result())
-                except BaseException as e:  # noqa: BLE001 - re-raised below, after running jobs settle
-                    error = error or e
-    if error is not None:
-        raise error

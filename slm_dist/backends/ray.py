@@ -638,7 +638,7 @@ class RayBackend(StagedScoring):
 
 # ------------------------------------------------------------------------------------- merge
 # Output shard jobs as Ray tasks (`cluster.backend: ray`). The tasks run the same plain
-# `MergeWorker.write_shard` that `local.run_jobs_local` runs in threads, so both backends write
+# `MergeWorker.write_shard` that `merge_worker.run_jobs_in_threads` runs in threads, so both backends write
 # byte-identical shards. The shared settings are `ray.put` once, at most ``max_parallel`` tasks are
 # in flight (`ray.wait` frees a slot before the next submit), each task reserves one CPU and its
 # share of the memory budget, and results come back as they finish.
@@ -647,7 +647,7 @@ class RayBackend(StagedScoring):
 def _write_shard(settings: WorkerSettings, job: ShardJob) -> ShardResult:
     import torch
 
-    torch.set_num_threads(1)  # one CPU per task; see local.run_jobs_local
+    torch.set_num_threads(1)  # one CPU per task; see merge_arithmetic.single_threaded_torch
     return write_shard_job(settings, job)
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from slm_dist.checkpoint.writer import sha256_file
-from slm_dist.core.correction_fit import KINDS, check_kind
-from slm_dist.core.merge import correction_name
+from slm_dist.core.correction_sizes import KINDS, check_kind
+from slm_dist.core.merge_jobs import correction_name
 from slm_dist.core.planner import MergePlan, PlanError
 from slm_dist.core.types import Window
+
+if TYPE_CHECKING:  # the export checks a plan's corrections file without importing torch
+    from torch import Tensor
 
 FILE_NAME = "corrections.safetensors"
 
@@ -94,7 +95,7 @@ def load_corrections(plan: MergePlan, hidden_size: int) -> dict[Window, Tensor]:
 
     keys = checked_windows(plan, hidden_size)
     with safetensors.safe_open(str(plan.corrections), framework="pt") as f:
-        return {w: f.get_tensor(key).to(torch.float32) for w, key in keys.items()}
+        return {w: f.get_tensor(key).float() for w, key in keys.items()}
 
 
 def read_correction(path: Path | str, key: str) -> Tensor:

@@ -47,7 +47,7 @@ from slm_dist.checkpoint.writer import (
     write_json,
     write_manifest,
 )
-from slm_dist.core.merge import MergeError, TensorJob, plan_tensor_jobs, refit_rows
+from slm_dist.core.merge_jobs import MergeError, TensorJob, plan_tensor_jobs, refit_rows
 from slm_dist.core.planner import MergePlan
 
 if TYPE_CHECKING:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import mmap
-import os
 import warnings
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import safetensors
 import torch
 
 from slm_dist.checkpoint.index import CheckpointError, CheckpointIndex, TensorInfo
+from slm_dist.checkpoint.mapped import ByteReader, element_size
 
 
 class LazyReader:
@@ -128,38 +127,18 @@ def num_rows(info: TensorInfo) -> int:
     return info.shape[0] if info.shape else 1
 
 
-def _element_range(info: TensorInfo, start: int, stop: int) -> tuple[torch.dtype, int]:
-    """(dtype, bytes per element) of ``info`` once ``[start, stop)`` is checked to be inside it."""
-    numel = math.prod(info.shape)
-    if info.offset < 0:
-        raise CheckpointError(f"{info.key!r} in {info.file} has no byte offset (not a safetensors file)")
-    if not 0 <= start <= stop <= numel:
-        raise ValueError(f"element range [{start}, {stop}) is outside {info.key!r} with {numel} elements")
-    return torch_dtype(info.dtype), info.nbytes // numel if numel else 1
-
-
-class RowReader:
-    """Reads element or row ranges of safetensors tensors, one bounded range at a time.
-
-    Never a whole-file mapping (what ``safe_open`` keeps): mapped file pages count in the process's
-    resident set while mapped, so a merge job touching a 5 GB shard that way would look (and under
-    memory pressure behave) as if it held 5 GB. Instead:
+class RowReader(ByteReader):
+    """Element or row ranges of safetensors tensors as torch tensors, one bounded range at a time:
     - `read_flat` preads into a buffer the caller owns (pass ``out`` to reuse one: fresh pages cost a
       fault each, a reused buffer is already resident), or into a fresh tensor;
-    - `map_flat` maps just the range asked for and returns a read-only view of the page cache: no
-      copy at all, and the mapping goes away with the last reference to the view.
-    Counts the bytes it read.
+    - `map_flat` is `map_bytes` as a tensor: a read-only view of the page cache, no copy.
     """
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._fds: dict[str, int] = {}
-        self.bytes_read = 0
 
     def read_flat(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None
                   ) -> torch.Tensor:  # [stop - start] in info's dtype
         """Elements ``[start, stop)`` of ``info`` in row-major order; into ``out[:stop - start]`` if given."""
-        dtype, itemsize = _element_range(info, start, stop)
+        itemsize = element_size(info, start, stop)
+        dtype = torch_dtype(info.dtype)
         length = (stop - start) * itemsize
         if out is None:
             buf = torch.empty(length, dtype=torch.uint8)
@@ -168,38 +147,18 @@ class RowReader:
                 raise ValueError(f"out buffer for {info.key!r} must be a contiguous {dtype} tensor of at least "
                                  f"{stop - start} elements, got {out.dtype} with {out.numel()}")
             buf = out.view(-1)[:stop - start].view(torch.uint8)
-        self._pread(info, info.offset + start * itemsize, buf)
+        self.pread_into(info, info.offset + start * itemsize, memoryview(buf.numpy()))
         return buf.view(dtype)
 
     def map_flat(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:  # [stop - start], read-only
-        """Elements ``[start, stop)`` of ``info`` as a view of the file's pages. Never write to it.
-
-        Memory-mapped reads skip the copy into a buffer (a third of a copy job's memory traffic);
-        only this range is mapped, populated in one call, and unmapped when the view is dropped.
-        A range past the end of the file (truncated after indexing) is an error here, not a SIGBUS.
-        """
-        dtype, itemsize = _element_range(info, start, stop)
-        begin, length = info.offset + start * itemsize, (stop - start) * itemsize
-        if length == 0:
+        """Elements ``[start, stop)`` of ``info`` as a view of the file's pages. Never write to it."""
+        dtype = torch_dtype(info.dtype)
+        data = self.map_bytes(info, start, stop)
+        if not len(data):
             return torch.empty(0, dtype=dtype)
-        fd = self._fd(info.file)
-        if os.fstat(fd).st_size < begin + length:
-            raise CheckpointError(f"{self.root / info.file} ended early while reading {info.key!r} "
-                                  f"(wanted bytes {begin}..{begin + length}): the file was truncated after it was "
-                                  "indexed. Re-download or re-copy it.")
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(fd, begin + length - aligned, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                            prot=mmap.PROT_READ, offset=aligned)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": the view is only read
-            view = torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=begin - aligned)
-        self.bytes_read += length
-        return view.view(dtype)
-
-    def byte_range(self, info: TensorInfo, start: int) -> tuple[int, int]:
-        """(open file descriptor, byte offset) of element ``start`` of ``info``, for a kernel-side copy."""
-        numel = math.prod(info.shape)
-        return self._fd(info.file), info.offset + start * (info.nbytes // numel if numel else 1)
+            return torch.frombuffer(data, dtype=torch.uint8).view(dtype)
 
     def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:  # [stop - start, *shape[1:]]
         """Rows ``[start, stop)`` of ``info`` in its own dtype (the whole tensor for a 0-d one)."""
@@ -211,38 +170,8 @@ class RowReader:
         per_row = math.prod(info.shape[1:])
         return self.read_flat(info, start * per_row, stop * per_row).reshape(stop - start, *info.shape[1:])
 
-    def _pread(self, info: TensorInfo, offset: int, buf: torch.Tensor) -> None:
-        view = memoryview(buf.numpy())
-        length = len(view)
-        fd = self._fd(info.file)
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{self.root / info.file} ended early while reading {info.key!r} "
-                                      f"(wanted bytes {offset}..{offset + length}): the file was truncated after "
-                                      "it was indexed. Re-download or re-copy it.")
-            done += n
-        self.bytes_read += length
-
-    def _fd(self, file: str) -> int:
-        if file not in self._fds:
-            try:
-                self._fds[file] = os.open(self.root / file, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"cannot open {self.root / file}: {e.strerror}") from None
-        return self._fds[file]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
     def __enter__(self) -> "RowReader":
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -200,6 +200,18 @@ class ShardWriter:
         does) and ``chunk`` is only hashed. On the test machine that wrote 3-6x faster than
         ``write`` from user memory.
         """
+        entry = self._entry_for(key)
+        if safetensors_dtype(chunk.dtype) != entry.dtype:
+            raise ValueError(f"{self.path.name}: {key!r} is planned as {entry.dtype} but a chunk is {chunk.dtype}")
+        self._append(entry, _as_bytes(chunk), source)
+
+    def write_bytes(self, key: str, data: memoryview, source: tuple[int, int] | None = None) -> None:
+        """`write` for bytes already in ``key``'s planned dtype: a copied tensor's bytes as they sit in
+        its source file (`mapped.ByteReader.map_bytes`), written without torch."""
+        self._append(self._entry_for(key), data, source)
+
+    def _entry_for(self, key: str) -> TensorEntry:
+        """The planned entry that the next bytes of ``key`` belong to (tensors come in planned order)."""
         while self._current < len(self._entries) and self._written == self._entries[self._current].nbytes \
                 and (self._written > 0 or self._entries[self._current].key != key):
             self._current, self._written = self._current + 1, 0  # that tensor is complete (or empty)
@@ -209,12 +221,11 @@ class ShardWriter:
         if key != entry.key:
             raise ValueError(f"{self.path.name}: expected bytes of {entry.key!r} (planned order), got {key!r}; "
                              f"{entry.key!r} has {entry.nbytes - self._written} bytes still to come")
-        dtype = safetensors_dtype(chunk.dtype)
-        if dtype != entry.dtype:
-            raise ValueError(f"{self.path.name}: {key!r} is planned as {entry.dtype} but a chunk is {chunk.dtype}")
-        data = _as_bytes(chunk)
+        return entry
+
+    def _append(self, entry: TensorEntry, data: memoryview, source: tuple[int, int] | None) -> None:
         if self._written + len(data) > entry.nbytes:
-            raise ValueError(f"{self.path.name}: {key!r} is planned as {entry.dtype}{list(entry.shape)} "
+            raise ValueError(f"{self.path.name}: {entry.key!r} is planned as {entry.dtype}{list(entry.shape)} "
                              f"({entry.nbytes} bytes) but got {self._written + len(data)} bytes")
         self._emit(data, source)
         self._written += len(data)

@@ -55,33 +55,21 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from slm_dist.core.correction_sizes import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK  # noqa: F401
+from slm_dist.core.correction_sizes import (  # noqa: F401 - part of this module's interface
+    BASELINE_KINDS,
+    CROSS_COPIES,
+    FOLDS,
+    GRAM_COPIES,
+    KINDS,
+    RIDGE_GRID,
+    ROW_CHUNK,
+    WEIGHTS,
+    CorrectionError,
+    check_fit_kind,
+    check_kind,
+    check_weight,
+)
 from slm_dist.core.types import Window
-
-WEIGHTS = ("relative", "none")  # merge.correction_weight values
-KINDS = ("linear", "refit")  # merge.correction values that fit something (and the corrections file's kinds)
-# Maps fitted by `compare`'s ReplaceMe baseline (core/replaceme.py): hidden x hidden, folded as ``linear``.
-BASELINE_KINDS = ("replaceme_lstsq", "replaceme_cosine")
-
-
-class CorrectionError(ValueError):
-    """The correction fit got unusable inputs (too few batches, mismatched shapes, a non-finite fit)."""
-
-
-def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
-
-
-def check_fit_kind(kind: str) -> None:
-    """A kind a stage can fit: the config's, or a baseline's (``BASELINE_KINDS``)."""
-    if kind not in KINDS + BASELINE_KINDS:
-        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS + BASELINE_KINDS)}")
-
-
-def check_weight(weight: str) -> None:
-    if weight not in WEIGHTS:
-        raise CorrectionError(f"unknown correction weighting {weight!r}; known: {list(WEIGHTS)}")
 
 
 def relative_row_scale(target: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
-"""The correction fit's fixed sizes, torch-free so that the dry run can count its memory without
-loading torch (correction_fit.py uses them; dryrun.py models them)."""
+"""The correction fit's names and fixed sizes, torch-free: the dry run counts its memory and the
+export checks a corrections file without loading torch (correction_fit.py uses them; dryrun.py
+models them)."""
 
 # Ridge strengths, relative to the mean eigenvalue of m^T m (trace / hidden): scale-free.
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
@@ -8,3 +9,28 @@ FOLDS = 4  # cross-validation folds over calibration batches (fewer when there a
 ROW_CHUNK = 2048
 GRAM_COPIES = 2   # the training set's statistics and its Cholesky factor (d_in^2 float64 each)
 CROSS_COPIES = 3  # the training set's m^T r, the right-hand side (solved in place into X), the prior
+
+WEIGHTS = ("relative", "none")  # merge.correction_weight values
+KINDS = ("linear", "refit")  # merge.correction values that fit something (and the corrections file's kinds)
+# Maps fitted by `compare`'s ReplaceMe baseline (core/replaceme.py): hidden x hidden, folded as ``linear``.
+BASELINE_KINDS = ("replaceme_lstsq", "replaceme_cosine")
+
+
+class CorrectionError(ValueError):
+    """The correction fit got unusable inputs (too few batches, mismatched shapes, a non-finite fit)."""
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS)}")
+
+
+def check_fit_kind(kind: str) -> None:
+    """A kind a stage can fit: the config's, or a baseline's (``BASELINE_KINDS``)."""
+    if kind not in KINDS + BASELINE_KINDS:
+        raise CorrectionError(f"unknown correction kind {kind!r}; known: {list(KINDS + BASELINE_KINDS)}")
+
+
+def check_weight(weight: str) -> None:
+    if weight not in WEIGHTS:
+        raise CorrectionError(f"unknown correction weighting {weight!r}; known: {list(WEIGHTS)}")

@@ -1,35 +1,33 @@
-"""Merge rules over tensors and the key mapping from a source checkpoint to the pruned one.
+"""Merge rules over tensors, and the corrections folded into a merged layer.
 
 PURE: torch only. No files, no logging, no Ray. The merge worker reads tensors by key, hands
 them here, and writes what comes back; ``merge_state_dict`` is the in-memory path for tests and
-small models.
+small models. Which tensors a plan merges (the key mapping) is `core/merge_jobs.py`, without torch.
 
-Windows are INCLUSIVE ``(lo, hi)`` original layer indices (the paper's notation); the merged
-layer takes position ``lo``. Every rule sees one tensor name's values across the window, bottom
-layer first: ``[theta_lo, theta_lo+1, ..., theta_hi]``.
+Every rule sees one tensor name's values across a window, bottom layer first:
+``[theta_lo, theta_lo+1, ..., theta_hi]``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from slm_dist.arch import ArchSpec, Role
+from slm_dist.core.merge_jobs import (
+    Alpha,
+    MergeError,
+    alpha_per_window,
+    check_alpha,
+    check_rule,
+    correction_name,
+    plan_tensor_jobs,
+    refit_rows,
+    validate_windows,
+)
 from slm_dist.core.types import Window
-
-RULES: tuple[str, ...] = ("reference", "sum", "mean", "drop", "scaled")
-COPY = "copy"  # TensorJob.rule for a tensor that is renamed, not merged
-
-Alpha = float | Mapping[Window, float] | None
-
-
-class MergeError(ValueError):
-    """A merge request that cannot be carried out as asked (bad rule, window, key set or tensors)."""
-
 
 # --------------------------------------------------------------------------------------------
 # Rules over tensors
@@ -49,8 +47,8 @@ def merge_tensor(
     Norms (and q/k norms) are always taken from the bottom layer: the merged layer sits at
     position lo, and its normalisation scales are what the residual stream there expects.
     """
-    _check_rule(rule)
-    _check_alpha(rule, alpha)
+    check_rule(rule)
+    check_alpha(rule, alpha)
     _check_window_tensors(tensors, keys)
     if role not in ("projection", "norm"):
         raise MergeError(f"role must be 'projection' or 'norm', got {role!r}")
@@ -68,7 +66,7 @@ def merge_tensor(
         # theta_lo + (1/n) sum_k (theta_k - theta_lo) == mean_k theta_k; going through the same
         # formula keeps "mean" bit-identical to "scaled" with alpha = 1/n.
         return _scaled_delta(tensors, 1.0 / len(tensors), keys)
-    assert rule == "scaled" and alpha is not None  # _check_rule / _check_alpha above
+    assert rule == "scaled" and alpha is not None  # check_rule / check_alpha above
     return _scaled_delta(tensors, float(alpha), keys)
 
 
@@ -128,21 +126,6 @@ def _fresh(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _check_rule(rule: str) -> None:
-    if rule not in RULES:
-        raise MergeError(f"unknown merge rule {rule!r}; known rules: {list(RULES)}")
-
-
-def _check_alpha(rule: str, alpha: float | None) -> None:
-    if rule == "scaled":
-        if alpha is None:
-            raise MergeError("rule 'scaled' needs alpha (0 = drop, 1 = sum, 1/n = mean); got None")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise MergeError(f"alpha must be a finite float, got {alpha!r}")
-    elif alpha is not None:
-        raise MergeError(f"alpha is only used by rule 'scaled', got alpha={alpha!r} with rule {rule!r}")
-
-
 def _check_window_tensors(tensors: Sequence[Tensor], keys: Sequence[str] | None) -> None:
     if len(tensors) == 0:
         raise MergeError("merge_tensor got no tensors; a window holds at least one layer")
@@ -194,211 +177,6 @@ def _refitted(tensor: Tensor, matrix: Tensor) -> Tensor:
     return picked.to(device=tensor.device, dtype=tensor.dtype).contiguous()
 
 
-def refit_rows(tensor_shape: tuple[int, ...], matrix_shape: tuple[int, ...]) -> slice | int:
-    """Which rows of a refit X [d_in (+1), d] make this tensor: all d_in for the weight [d, d_in], the
-    last for the bias [d]. Raises MergeError when the shapes do not belong together."""
-    ok = len(matrix_shape) == 2 and len(tensor_shape) in (1, 2) and tensor_shape[0] == matrix_shape[1]
-    if ok and len(tensor_shape) == 2 and matrix_shape[0] in (tensor_shape[1], tensor_shape[1] + 1):
-        return slice(0, tensor_shape[1])
-    if ok and len(tensor_shape) == 1 and matrix_shape[0] >= 2:
-        return matrix_shape[0] - 1
-    raise MergeError(f"a refit [d_in (+1 with a bias), d] replaces an output projection weight [d, d_in] (and its "
-                     f"bias [d]); got refit {list(matrix_shape)} and tensor {list(tensor_shape)}")
-
-
-# --------------------------------------------------------------------------------------------
-# Key mapping
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """How to produce one output tensor."""
-
-    out_key: str
-    source_keys: tuple[str, ...]  # 1 key = copy; several = merge over the window, bottom first
-    role: Role | None  # None for non-layer tensors (embeddings, final norm, lm_head)
-    rule: str  # COPY when not merged, else the merge rule
-    window: Window | None
-    alpha: float | None = None  # rule "scaled" only: the window's alpha
-    correction: str | None = None  # the window's linear correction (its key), applied after the rule
-
-    def __post_init__(self) -> None:
-        merged = self.window is not None
-        if self.correction is not None and not merged:
-            raise MergeError(f"TensorJob {self.out_key!r} has a correction but no window; only merged layers have one")
-        if not self.source_keys:
-            raise MergeError(f"TensorJob {self.out_key!r} has no source keys")
-        if merged and self.rule not in RULES:
-            raise MergeError(f"TensorJob {self.out_key!r} merges with unknown rule {self.rule!r}")
-        if merged:
-            _check_alpha(self.rule, self.alpha)
-        if not merged and (self.rule != COPY or len(self.source_keys) != 1):
-            raise MergeError(
-                f"TensorJob {self.out_key!r} has no window, so it must copy one key; "
-                f"got rule {self.rule!r} and {len(self.source_keys)} keys"
-            )
-
-
-def validate_windows(windows: Sequence[Window], num_layers: int) -> list[Window]:
-    """Windows sorted by lo, after checking each spans >= 2 layers in range and none overlap."""
-    if num_layers < 1:
-        raise MergeError(f"num_layers must be >= 1, got {num_layers}")
-    checked = []
-    for window in windows:
-        if len(window) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in window):
-            raise MergeError(f"a window is an inclusive pair of layer indices (lo, hi), got {window!r}")
-        lo, hi = window
-        if not 0 <= lo < hi < num_layers:
-            raise MergeError(
-                f"window {window!r} must satisfy 0 <= lo < hi < num_layers={num_layers} "
-                "(inclusive indices; a window merges at least 2 layers)"
-            )
-        checked.append((lo, hi))
-    checked.sort()
-    for (lo_a, hi_a), (lo_b, hi_b) in zip(checked, checked[1:]):
-        if lo_b <= hi_a:
-            raise MergeError(f"windows {(lo_a, hi_a)} and {(lo_b, hi_b)} overlap; windows must be disjoint")
-    return checked
-
-
-def new_index_map(num_layers: int, windows: Sequence[Window]) -> list[int]:
-    """``index_map[old] = new``: kept layers shift down; a window's layers all map to its lo's slot."""
-    starts = {lo: hi for lo, hi in validate_windows(windows, num_layers)}
-    index_map: list[int] = []
-    new = 0
-    old = 0
-    while old < num_layers:
-        hi = starts.get(old, old)
-        index_map.extend([new] * (hi - old + 1))
-        new += 1
-        old = hi + 1
-    return index_map
-
-
-def rename_layer_key(key: str, index_map: Sequence[int], arch: ArchSpec) -> str:
-    """``model.layers.<old>.x`` -> ``model.layers.<index_map[old]>.x``; non-layer keys unchanged."""
-    split = arch.split_key(key)
-    if split is None:
-        return key
-    layer, suffix = split
-    if layer >= len(index_map):
-        raise MergeError(
-            f"key {key!r} names layer {layer}, but the model has {len(index_map)} layers "
-            f"(0..{len(index_map) - 1}); check num_hidden_layers against the checkpoint"
-        )
-    return arch.layer_key(index_map[layer], suffix)
-
-
-def plan_tensor_jobs(
-    source_keys: Iterable[str],
-    windows: Sequence[Window],
-    num_layers: int,
-    arch: ArchSpec,
-    rule: str,
-    alphas: Alpha = None,  # rule "scaled": one float, or {window: alpha} covering every window
-    corrections: Mapping[Window, str] | None = None,  # window -> correction key (merge.correction=linear)
-) -> list[TensorJob]:
-    """One job per output tensor, every source key consumed by exactly one job.
-
-    Order: non-layer keys (sorted), then layer keys sorted by (new layer, suffix), so the plan is
-    a function of the key set, not of the order a reader listed it in.
-    """
-    _check_rule(rule)
-    windows = validate_windows(windows, num_layers)
-    alpha_of = _alpha_per_window(rule, alphas, windows)
-    index_map = new_index_map(num_layers, windows)
-    layers, passthrough = _group_by_layer(source_keys, num_layers, arch)
-    _check_required_suffixes(layers, arch)
-
-    jobs = [TensorJob(key, (key,), None, COPY, None) for key in sorted(passthrough)]
-    window_of = {lo: (lo, hi) for lo, hi in windows}
-    corrections = _corrections_per_window(corrections, windows)
-    corrected_suffixes = set(arch.mlp_out_suffixes())
-    members = {layer for lo, hi in windows for layer in range(lo + 1, hi + 1)}
-    layer_jobs: list[tuple[int, str, TensorJob]] = []
-    for layer in range(num_layers):
-        if layer in members:
-            continue  # consumed by the window whose bottom is below
-        new = index_map[layer]
-        window = window_of.get(layer)
-        if window is None:
-            for suffix in layers[layer]:
-                job = TensorJob(arch.layer_key(new, suffix), (arch.layer_key(layer, suffix),),
-                                arch.role(suffix), COPY, None)
-                layer_jobs.append((new, suffix, job))
-            continue
-        _check_window_suffixes(window, layers, arch)
-        for suffix in layers[layer]:
-            sources = tuple(arch.layer_key(k, suffix) for k in range(window[0], window[1] + 1))
-            correction = corrections.get(window) if suffix in corrected_suffixes else None
-            job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window, alpha_of[window],
-                            correction)
-            layer_jobs.append((new, suffix, job))
-    layer_jobs.sort(key=lambda item: (item[0], item[1]))
-    return jobs + [job for _, _, job in layer_jobs]
-
-
-def _group_by_layer(
-    source_keys: Iterable[str], num_layers: int, arch: ArchSpec
-) -> tuple[list[set[str]], list[str]]:
-    """Suffixes per layer index, and the keys outside the layer prefix."""
-    layers: list[set[str]] = [set() for _ in range(num_layers)]
-    passthrough: list[str] = []
-    seen: set[str] = set()
-    for key in source_keys:
-        if key in seen:
-            raise MergeError(f"source key {key!r} listed twice; every key must appear once")
-        seen.add(key)
-        split = arch.split_key(key)
-        if split is None:
-            passthrough.append(key)
-            continue
-        layer, suffix = split
-        if layer >= num_layers:
-            raise MergeError(
-                f"key {key!r} names layer {layer}, but num_layers={num_layers} "
-                f"(valid 0..{num_layers - 1}); check num_hidden_layers against the checkpoint"
-            )
-        arch.role(suffix)  # unknown suffixes fail loudly here, naming the suffix
-        layers[layer].add(suffix)
-    return layers, passthrough
-
-
-def _check_required_suffixes(layers: Sequence[set[str]], arch: ArchSpec) -> None:
-    missing = [
-        arch.layer_key(layer, suffix)
-        for layer, suffixes in enumerate(layers)
-        for suffix in arch.required_suffixes
-        if suffix not in suffixes
-    ]
-    if missing:
-        shown = missing[:10] + ([f"... {len(missing) - 10} more"] if len(missing) > 10 else [])
-        raise MergeError(
-            f"checkpoint lacks tensors that every {arch.model_type!r} layer needs: {shown}. "
-            "Is the checkpoint complete and the model_type right?"
-        )
-
-
-def _check_window_suffixes(window: Window, layers: Sequence[set[str]], arch: ArchSpec) -> None:
-    """Every window member must carry exactly the bottom layer's tensors (optional biases included)."""
-    lo, hi = window
-    bottom = layers[lo]
-    for layer in range(lo + 1, hi + 1):
-        missing = sorted(bottom - layers[layer])
-        extra = sorted(layers[layer] - bottom)
-        if missing:
-            raise MergeError(
-                f"window {window} cannot merge: missing {[arch.layer_key(layer, s) for s in missing]} "
-                f"that the bottom layer {lo} has"
-            )
-        if extra:
-            raise MergeError(
-                f"window {window} cannot merge: {[arch.layer_key(layer, s) for s in extra]} "
-                f"has no counterpart in the bottom layer {lo}"
-            )
-
-
 # --------------------------------------------------------------------------------------------
 # In-memory reference path
 # --------------------------------------------------------------------------------------------
@@ -418,7 +196,7 @@ def merge_state_dict(
     matrices = {tuple(w): t for w, t in (corrections or {}).items()}
     jobs = plan_tensor_jobs(state_dict.keys(), windows, num_layers, arch, rule, alpha,
                             {w: correction_name(w) for w in matrices})
-    alphas = _alpha_per_window(rule, alpha, validate_windows(windows, num_layers))
+    alphas = alpha_per_window(rule, alpha, validate_windows(windows, num_layers))
     out: dict[str, Tensor] = {}
     for job in jobs:
         if job.window is None:
@@ -431,34 +209,3 @@ def merge_state_dict(
             out[job.out_key] = apply_correction(out[job.out_key], matrices[job.window], correction_kind)
     return out
 
-
-def correction_name(window: Window) -> str:
-    """The key a window's correction is stored under in a plan's corrections file."""
-    return f"window.{window[0]}-{window[1]}"
-
-
-def _corrections_per_window(corrections: Mapping[Window, str] | None, windows: Sequence[Window]) -> dict[Window, str]:
-    given = {tuple(w): key for w, key in (corrections or {}).items()}
-    stray = [w for w in given if w not in windows]
-    if stray:
-        raise MergeError(f"corrections name windows {stray} that are not in the plan {list(windows)}")
-    return given
-
-
-def _alpha_per_window(rule: str, alpha: Alpha, windows: Sequence[Window]) -> dict[Window, float | None]:
-    if not isinstance(alpha, Mapping):
-        _check_alpha(rule, alpha)
-        return {window: alpha for window in windows}
-    if rule != "scaled":
-        raise MergeError(f"alpha is only used by rule 'scaled', got a per-window alpha with rule {rule!r}")
-    given = {tuple(w): a for w, a in alpha.items()}
-    missing = [w for w in windows if w not in given]
-    extra = [w for w in given if w not in windows]
-    if missing or extra:
-        raise MergeError(
-            f"per-window alpha must name exactly the windows {list(windows)}; "
-            f"missing {missing}, not a window {extra}"
-        )
-    for a in given.values():
-        _check_alpha(rule, a)
-    return {window: given[window] for window in windows}

@@ -1,11 +1,14 @@
 """Writes one output shard: reads only the source bytes that shard needs, merges, streams them out.
 
-A plain class; `export.write_export` calls `write_shard` in threads (`cluster.backend: local`)
-and `distributed` runs it as Ray tasks. Memory is bounded by `memory_bytes`, whatever the
-shard or model size: each output tensor is produced in blocks of elements (every rule is
-elementwise, so merging elements [a, b) of the window gives elements [a, b) of the merged tensor,
-bit for bit) from source blocks mapped one at a time, and each block goes straight to a
-`ShardWriter`, which never holds a shard.
+A plain class; `run_jobs_in_threads` calls `write_shard` in threads (`cluster.backend: local`)
+and `backends/ray.py` runs it as Ray tasks. Memory is bounded by `memory_bytes`, whatever the
+shard or model size: each output tensor is produced in blocks of elements from source blocks
+mapped one at a time, and each block goes straight to a `ShardWriter`, which never holds a shard.
+
+A tensor that comes out as it went in (a copy, a norm, or what `drop` and `reference` keep) moves
+as bytes, file to file in the kernel; the tensors a rule or a correction computes go to
+`merge_arithmetic`, the one module here that needs torch. A job with nothing to compute does not
+import it: `slm-dist merge` of a `drop` plan starts without torch's ~1.3 s import.
 """
 
 from __future__ import annotations
@@ -14,22 +17,20 @@ import math
 import os
 import resource
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
+from typing import Callable, Sequence
 
-import torch
-
-from slm_dist.checkpoint.corrections import correction_slice, kind_of, read_correction
-from slm_dist.checkpoint.export import ShardJob, ShardResult, WorkerSettings
-from slm_dist.checkpoint.index import TensorInfo, open_index
-from slm_dist.checkpoint.reader import TORCH_DTYPES, LazyReader, RowReader
+from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
+from slm_dist.checkpoint.index import TensorInfo
+from slm_dist.checkpoint.mapped import ByteReader
 from slm_dist.checkpoint.writer import ShardWriter, TensorEntry
-from slm_dist.core.merge import COPY, MergeError, TensorJob, merge_tensor, refit_rows
+from slm_dist.core.merge_jobs import COPY, TensorJob
 
 DEFAULT_MEMORY_BYTES = 256 * 1024**2
 MAX_READ_BYTES = 64 * 1024**2   # bigger reads do not copy faster, they only hold more memory
-# Merge arithmetic runs on slices this long: with their float32 temporaries they stay in a core's L2
-# cache. On the 2-core test machine that made the `sum` rule ~6x faster than whole 5632 x 2048 tensors.
-MERGE_ELEMENTS = 64 * 1024
 
 
 class MergeWorker:
@@ -40,8 +41,7 @@ class MergeWorker:
         self.source_dir = Path(source_dir)
         self.allow_pickle = allow_pickle
         self.memory_bytes = memory_bytes
-        self.corrections_file = corrections_file  # the plan's linear corrections (merge.correction=linear)
-        self._pickle_reader: LazyReader | None = None
+        self.corrections_file = corrections_file  # the plan's corrections (merge.correction=linear | refit)
 
     def write_shard(self, out_dir: str, job: ShardJob) -> ShardResult:
         """Write ``job.name`` under ``out_dir`` (temporary name, fsync, rename); returns its hash record and costs."""
@@ -49,112 +49,58 @@ class MergeWorker:
         infos = {info.key: info for info in job.sources}
         entries = [TensorEntry(t.out_key, infos[t.source_keys[0]].dtype, infos[t.source_keys[0]].shape)
                    for t in job.tensors]
-        with RowReader(self.source_dir) as reader, ShardWriter(Path(out_dir) / job.name, entries) as writer:
+        arithmetic = None
+        if not copies_only(job):
+            arithmetic = _arithmetic().TensorArithmetic(self.source_dir, self.allow_pickle, self.memory_bytes,
+                                                        self.corrections_file)
+        reader = arithmetic.open_reader() if arithmetic else ByteReader(self.source_dir)
+        with reader, ShardWriter(Path(out_dir) / job.name, entries) as writer:
             for t in job.tensors:
-                self._write_tensor(writer, reader, t, [infos[k] for k in t.source_keys])
+                sources = [infos[k] for k in t.source_keys]
+                chosen = single_source(t)
+                if chosen is not None:  # a copy, or a rule that keeps one window member as it is
+                    sources = [sources[chosen]]
+                block = elements_per_block(sources[0], len(sources), self.memory_bytes)
+                if _is_byte_copy(t, sources):
+                    self._copy(writer, reader, t.out_key, sources[0], block)
+                else:
+                    arithmetic.write_tensor(writer, reader, t, sources, block)
             record = writer.finish()
             bytes_read = reader.bytes_read
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         return ShardResult(record, bytes_read, time.perf_counter() - start, peak, os.getpid())
 
-    def _write_tensor(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
-        chosen = single_source(t)
-        if chosen is not None:  # a copy, or a rule that keeps one window member as it is
-            sources = [sources[chosen]]
-        if t.correction is not None:
-            self._write_corrected(writer, reader, t, sources)
-            return
-        numel = math.prod(sources[0].shape)
-        block = elements_per_block(sources[0], len(sources), self.memory_bytes)
+    @staticmethod
+    def _copy(writer: ShardWriter, reader: ByteReader, key: str, info: TensorInfo, block: int) -> None:
+        """``info``'s bytes as they sit in the source file: kernel-copied, hashed from the mapped pages."""
+        numel = math.prod(info.shape)
         for a in range(0, max(numel, 1), block):
             b = min(a + block, numel)
-            window = [self._read(reader, s, a, b) for s in sources]
-            if len(window) == 1:
-                mapped = sources[0].offset >= 0 and b > a  # bytes that sit as they are in a safetensors file
-                writer.write(t.out_key, window[0], source=reader.byte_range(sources[0], a) if mapped else None)
-            else:
-                # Merge and write cache-sized slices: each result is hashed and written while still hot.
-                for c in range(0, b - a, MERGE_ELEMENTS):
-                    d = min(c + MERGE_ELEMENTS, b - a)
-                    writer.write(t.out_key, merge_tensor([w[c:d] for w in window], t.role, t.rule, t.alpha,
-                                                         keys=t.source_keys))
-            del window  # unmaps the source blocks now: a job maps at most one block per window member
+            data = reader.map_bytes(info, a, b)
+            writer.write_bytes(key, data, source=reader.byte_range(info, a) if b > a else None)
+            del data  # unmaps the block now
 
-    def _write_corrected(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
-        """The window's MLP output projection with its correction (``merge.apply_correction``)."""
-        if self._correction_kind(t.correction) == "refit":
-            self._write_refit(writer, t, sources[0])
-        else:
-            self._write_linear(writer, reader, t, sources)
 
-    def _write_refit(self, writer: ShardWriter, t: TensorJob, source: TensorInfo) -> None:
-        """X^T (the weight) or X's last row (the bias), read from the corrections file in output row
-        blocks (column blocks of X) within ``memory_bytes``; the merged source is not needed at all."""
-        dtype = TORCH_DTYPES[source.dtype]
-        with correction_slice(self._corrections_path(t.correction), t.correction) as view:
-            shape = tuple(view.get_shape())
-            try:
-                rows = refit_rows(source.shape, shape)
-            except MergeError as err:
-                raise ValueError(f"the correction {t.correction!r} in {self.corrections_file} does not fit "
-                                 f"{t.out_key}: {err}; the corrections belong to another model") from None
-            if isinstance(rows, int):
-                writer.write(t.out_key, view[rows:rows + 1, :].reshape(-1).to(dtype))
-                return
-            out_rows, width = source.shape[0], rows.stop
-            block = max(1, min(out_rows, self.memory_bytes // (2 * width * 4)))
-            for r0 in range(0, out_rows, block):
-                r1 = min(r0 + block, out_rows)
-                writer.write(t.out_key, view[:width, r0:r1].T.contiguous().to(dtype).reshape(-1))
+def _arithmetic() -> ModuleType:
+    """`merge_arithmetic`, imported on first need: torch is a third of a short merge's wall time."""
+    from slm_dist.workers import merge_arithmetic
 
-    def _write_linear(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
-        """T^T W for the window's MLP output projection (``merge.apply_correction``), in output row blocks.
+    return merge_arithmetic
 
-        Rows [r0, r1) of T^T W need every row of W, so each output block (accumulated in float32) reads
-        and merges W again, one source row block at a time: memory stays within ``memory_bytes``
-        whatever the tensor, at the price of reading it (output rows / block rows) times.
-        """
-        matrix = self._correction(t.correction)
-        rows = sources[0].shape[0]
-        cols = math.prod(sources[0].shape[1:])  # 1 for a bias
-        if tuple(matrix.shape) != (rows, rows):
-            raise ValueError(f"the correction {t.correction!r} in {self.corrections_file} is {list(matrix.shape)}, "
-                             f"but {t.out_key} has {rows} output rows: the corrections belong to another model")
-        half = self.memory_bytes // 2
-        rows_out = max(1, min(rows, half // (cols * 4)))
-        itemsize = sources[0].nbytes // max(math.prod(sources[0].shape), 1)
-        rows_in = max(1, min(rows, half // (cols * (itemsize * len(sources) + 4))))
-        for r0 in range(0, rows, rows_out):
-            r1 = min(r0 + rows_out, rows)
-            acc = torch.zeros(r1 - r0, cols, dtype=torch.float32)
-            dtype = None
-            for e0 in range(0, rows, rows_in):
-                e1 = min(e0 + rows_in, rows)
-                blocks = [self._read(reader, s, e0 * cols, e1 * cols) for s in sources]
-                w = blocks[0] if len(blocks) == 1 else merge_tensor(blocks, t.role, t.rule, t.alpha, keys=t.source_keys)
-                dtype = w.dtype
-                acc += matrix[e0:e1, r0:r1].T @ w.float().view(e1 - e0, cols)
-                del blocks, w
-            writer.write(t.out_key, acc.to(dtype).reshape(-1))
 
-    def _corrections_path(self, key: str) -> str:
-        if self.corrections_file is None:
-            raise ValueError(f"the shard job needs the correction {key!r} but no corrections file was given")
-        return self.corrections_file
+def copies_only(job: ShardJob) -> bool:
+    """Whether every tensor of ``job`` is a byte copy of one source tensor (nothing to compute)."""
+    infos = {info.key: info for info in job.sources}
+    for t in job.tensors:
+        chosen = single_source(t)
+        if chosen is None or not _is_byte_copy(t, [infos[t.source_keys[chosen]]]):
+            return False
+    return True
 
-    def _correction_kind(self, key: str) -> str:
-        return kind_of(self._corrections_path(key))
 
-    def _correction(self, key: str) -> torch.Tensor:
-        return read_correction(self._corrections_path(key), key)
-
-    def _read(self, reader: RowReader, info: TensorInfo, a: int, b: int) -> torch.Tensor:
-        if info.offset >= 0:
-            return reader.map_flat(info, a, b)
-        # Opt-in pickle source (model.allow_pickle): torch.load maps the whole file; elements come from it.
-        if self._pickle_reader is None:
-            self._pickle_reader = LazyReader(open_index(self.source_dir, allow_pickle=self.allow_pickle))
-        return self._pickle_reader.get(info.key).reshape(-1)[a:b]
+def _is_byte_copy(t: TensorJob, sources: list[TensorInfo]) -> bool:
+    """One source tensor, no correction, in a safetensors file (a pickle source is loaded by torch)."""
+    return len(sources) == 1 and t.correction is None and sources[0].offset >= 0
 
 
 def write_shard_job(settings: WorkerSettings, job: ShardJob) -> ShardResult:
@@ -182,7 +128,7 @@ def elements_per_block(info: TensorInfo, num_sources: int, memory_bytes: int) ->
 
     A job maps one block of each source tensor it reads (one for a copy, every window member for a
     merge); the float32 merge work and the merged result live in cache-sized slices of
-    ``MERGE_ELEMENTS``, a fixed ~2 MiB whatever the tensor. Blocks stop at ``MAX_READ_BYTES``.
+    ``merge_arithmetic.MERGE_ELEMENTS``, a fixed ~2 MiB whatever the tensor. Blocks stop at ``MAX_READ_BYTES``.
     """
     numel = math.prod(info.shape)
     if numel == 0:
@@ -190,3 +136,40 @@ def elements_per_block(info: TensorInfo, num_sources: int, memory_bytes: int) ->
     itemsize = info.nbytes // numel
     per_source = min(memory_bytes // num_sources, MAX_READ_BYTES)
     return max(1, min(numel, per_source // itemsize))
+
+
+def run_jobs_in_threads(jobs: Sequence[ShardJob], settings: WorkerSettings, max_parallel: int,
+                        on_done: OnDone) -> None:
+    """Shard jobs on up to ``max_parallel`` threads of this process (file I/O, hashing and torch
+    kernels release the GIL): `cluster.backend: local`'s shard runner. After a failure no new job
+    starts; running ones finish and count. Torch, when a job computes, runs single-threaded meanwhile."""
+    computes = not all(copies_only(job) for job in jobs)
+    with _arithmetic().single_threaded_torch() if computes else nullcontext():
+        _run_in_threads(jobs, lambda job: write_shard_job(settings, job), max_parallel, on_done)
+
+
+def _run_in_threads(jobs: Sequence[ShardJob], run: Callable[[ShardJob], ShardResult], max_parallel: int,
+                    on_done: OnDone) -> None:
+    if max_parallel == 1:
+        for job in jobs:
+            on_done(job, run(job))
+        return
+    queue = list(jobs)
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_parallel, thread_name_prefix="merge") as pool:
+        running: dict[Future, ShardJob] = {}
+        while queue or running:
+            while queue and error is None and len(running) < max_parallel:
+                job = queue.pop(0)
+                running[pool.submit(run, job)] = job
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                try:
+                    on_done(job, future.result())
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after running jobs settle
+                    error = error or e
+    if error is not None:
+        raise error
