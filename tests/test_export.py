@@ -19,11 +19,20 @@ import torch
 from slm_dist import cli
 from slm_dist.arch import get_arch, prune_config
 from slm_dist.checkpoint.export import ExportError, check_disk_space, plan_export, write_export
-from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index
+from slm_dist.checkpoint.index import CheckpointError, TensorInfo, open_index, read_safetensors_header
 from slm_dist.checkpoint.verify import verify_model
-from slm_dist.checkpoint.writer import INDEX_NAME, MANIFEST_NAME, partial_name, sha256_file, verify_manifest
+from slm_dist.checkpoint.writer import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    PAGE_BYTES,
+    TensorEntry,
+    partial_name,
+    safetensors_header,
+    sha256_file,
+    verify_manifest,
+)
 from slm_dist.core.merge import merge_state_dict
-from slm_dist.core.merge_jobs import MergeError
+from slm_dist.core.merge_jobs import MergeError, single_source
 from slm_dist.core.planner import MergePlan
 from slm_dist.testing import layer_split_across_shards, make_tiny_model
 from slm_dist.workers.merge_worker import elements_per_block, run_jobs_in_threads
@@ -76,6 +85,42 @@ def test_out_of_core_merge_equals_the_in_memory_merge(tiny, tmp_path, rule, memo
     assert list(got) and set(got) == set(expected)
     for key, tensor in expected.items():
         assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("rule", ["drop", "reference"])
+def test_copied_bytes_keep_their_offset_within_a_page(tiny, tmp_path, rule):
+    """Each shard's header is padded so that the data start where `copy_page_offset` says; the
+    tensors it copies most bytes of then sit at the same offset within a page as in their source
+    (the kernel copies page to page), and the padded files still load."""
+    out = tmp_path / "out"
+    export = plan_export(open_index(tiny), _plan(rule), out, SHARD_BYTES)
+    write_export(export, run_jobs_in_threads)
+    source, written = open_index(tiny), open_index(out)
+    aligned_bytes = 0
+    for shard in export.shards:
+        assert shard.page_offset is not None and shard.page_offset % 8 == 0
+        assert (out / shard.name).stat().st_size == shard.file_bytes
+        starts = {written.tensors[t.out_key].offset for t in shard.tensors}
+        assert min(starts) % PAGE_BYTES == shard.page_offset
+        for t in shard.tensors:
+            src = source.tensors[t.source_keys[single_source(t)]]
+            if (written.tensors[t.out_key].offset - src.offset) % PAGE_BYTES == 0:
+                aligned_bytes += src.nbytes
+    # One padding per shard: at least the copies the padding was chosen for line up
+    assert aligned_bytes >= max(source.tensors[k].nbytes for k in source.tensors if ".layers." in k)
+    files = {p: safetensors.torch.load_file(p) for p in sorted(out.glob("*.safetensors"))}
+    assert sum(len(f) for f in files.values()) == len(written.tensors)
+
+
+def test_page_offset_pads_the_header_by_less_than_a_page():
+    entries = [TensorEntry("x", "BF16", (3, 2))]
+    plain = safetensors_header(entries)
+    for page_offset in (0, 8, 2616, PAGE_BYTES - 8):
+        raw = safetensors_header(entries, page_offset=page_offset)
+        assert len(raw) % PAGE_BYTES == page_offset and 0 <= len(raw) - len(plain) < PAGE_BYTES
+        assert json.loads(raw[8:]) == json.loads(plain[8:])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        safetensors_header(entries, page_offset=12)
 
 
 def test_blocks_are_sized_to_the_memory_share_by_hand():
@@ -387,7 +432,12 @@ def test_pickle_source_merges_only_with_the_opt_in_and_gives_the_same_shards(tin
                  allow_pickle=True, memory_budget_bytes=4096)
     write_export(plan_export(open_index(tiny), _plan("mean"), tmp_path / "b", SHARD_BYTES), run_jobs_in_threads)
     shards = sorted(p.name for p in (tmp_path / "b").glob("model-*.safetensors"))
-    assert shards and all(sha256_file(tmp_path / "a" / s) == sha256_file(tmp_path / "b" / s) for s in shards)
+    # The same tensors and header; only the padding differs: a pickle source has no page offsets to match
+    assert shards and all(read_safetensors_header(tmp_path / "a" / s) == read_safetensors_header(tmp_path / "b" / s)
+                          for s in shards)
+    for s in shards:
+        a, b = safetensors.torch.load_file(tmp_path / "a" / s), safetensors.torch.load_file(tmp_path / "b" / s)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 def test_merge_command_without_a_plan_says_how_to_get_one(tiny, tmp_path, capsys):

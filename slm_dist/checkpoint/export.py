@@ -35,6 +35,7 @@ from slm_dist.checkpoint.lock import FolderLock
 from slm_dist.checkpoint.writer import (
     INDEX_NAME,
     MANIFEST_NAME,
+    PAGE_BYTES,
     FileRecord,
     ShardWriter,
     TensorEntry,
@@ -47,7 +48,7 @@ from slm_dist.checkpoint.writer import (
     write_json,
     write_manifest,
 )
-from slm_dist.core.merge_jobs import MergeError, TensorJob, plan_tensor_jobs, refit_rows
+from slm_dist.core.merge_jobs import MergeError, TensorJob, plan_tensor_jobs, refit_rows, single_source
 from slm_dist.core.planner import MergePlan
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class ShardJob:
     sources: tuple[TensorInfo, ...]    # source tensors read (file, dtype, shape, byte offset)
     nbytes: int                        # tensor data bytes
     file_bytes: int                    # exact size of the finished file (header included)
+    page_offset: int | None = None     # where in a page the data start (`copy_page_offset`)
 
     @property
     def source_files(self) -> tuple[str, ...]:
@@ -209,11 +211,35 @@ def plan_export(index: CheckpointIndex, plan: MergePlan, out_dir: Path, max_shar
         sources = tuple(index.tensors[s] for t in tensors for s in t.source_keys)
         entries = [_entry(t, index) for t in tensors]
         nbytes = sum(size_of[key] for key in group)
-        header = safetensors_header(entries, {"format": "pt"})
-        shards.append(ShardJob(shard_name(k + 1, len(groups)), tensors, sources, nbytes, len(header) + nbytes))
+        page_offset = copy_page_offset(tensors, entries, index)
+        header = safetensors_header(entries, {"format": "pt"}, page_offset)
+        shards.append(ShardJob(shard_name(k + 1, len(groups)), tensors, sources, nbytes, len(header) + nbytes,
+                               page_offset))
     shards_t = tuple(shards)
     return ExportPlan(Path(index.root), Path(out_dir), plan, shards_t, config, sum(size_of.values()),
                       _fingerprint(index, plan, shards_t, config))
+
+
+def copy_page_offset(tensors: Sequence[TensorJob], entries: Sequence[TensorEntry], index: CheckpointIndex
+                     ) -> int | None:
+    """Where within a page a shard's data should start so that most of the bytes it copies sit at the
+    same offset within a page as in their source files (None: it copies nothing).
+
+    The kernel then copies them page to page: `copy_file_range` ran ~1.4x faster on the test machine
+    than between offsets that differ within a page. The tensors of a source shard sit back to back,
+    and most tensor sizes are multiples of a page, so one header padding aligns most copies at once.
+    """
+    bytes_at: dict[int, int] = {}
+    start = 0  # the tensor's offset in the shard's data
+    for t, entry in zip(tensors, entries):
+        chosen = single_source(t)
+        if chosen is not None and t.correction is None:
+            offset = index.tensors[t.source_keys[chosen]].offset
+            residue = (offset - start) % PAGE_BYTES
+            if offset >= 0 and residue % 8 == 0:
+                bytes_at[residue] = bytes_at.get(residue, 0) + entry.nbytes
+        start += entry.nbytes
+    return max(bytes_at, key=lambda r: (bytes_at[r], -r)) if bytes_at else None
 
 
 def _entry(t: TensorJob, index: CheckpointIndex) -> TensorEntry:

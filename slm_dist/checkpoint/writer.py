@@ -146,11 +146,18 @@ class TensorEntry:
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
-def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None) -> bytes:
+# Fixed, not the machine's page size: the same plan writes the same bytes on every machine.
+PAGE_BYTES = 4096
+
+
+def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None,
+                       page_offset: int | None = None) -> bytes:
     """The 8-byte length and JSON header of a safetensors file whose data are ``entries`` back to back.
 
     The header is padded with spaces to a multiple of 8 bytes, as the reference writer does, so
-    every tensor's data starts 8-byte aligned for readers that map the file.
+    every tensor's data starts 8-byte aligned for readers that map the file. With ``page_offset``
+    (a multiple of 8) it is padded further, by less than a page, so that the data start at that
+    offset within a ``PAGE_BYTES`` page (`export.copy_page_offset` says why).
     """
     seen: set[str] = set()
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -165,6 +172,10 @@ def safetensors_header(entries: Sequence[TensorEntry], metadata: Mapping[str, st
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if page_offset is not None:
+        if page_offset % 8:
+            raise ValueError(f"page_offset must be a multiple of 8, got {page_offset}")
+        raw += b" " * ((page_offset - 8 - len(raw)) % PAGE_BYTES)
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -179,11 +190,12 @@ class ShardWriter:
     leaves it, and nothing ever takes a ``.partial`` file for a finished shard.
     """
 
-    def __init__(self, path: Path, entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None):
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None = None,
+                 page_offset: int | None = None):
         self.path = Path(path)
         self.tmp = partial_name(self.path)
         self._entries = list(entries)
-        self._header = safetensors_header(self._entries, {"format": "pt", **(metadata or {})})
+        self._header = safetensors_header(self._entries, {"format": "pt", **(metadata or {})}, page_offset)
         self._hash = new_hash()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="hash")
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

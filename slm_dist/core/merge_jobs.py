@@ -273,3 +273,17 @@ def alpha_per_window(rule: str, alpha: Alpha, windows: Sequence[Window]) -> dict
     for a in given.values():
         check_alpha(rule, a)
     return {window: given[window] for window in windows}
+
+
+def single_source(t: TensorJob) -> int | None:
+    """Which window member a job copies unchanged, or None when the rule mixes them.
+
+    Mirrors `merge.merge_tensor` (norms and `drop` keep the bottom layer, `reference` takes the top
+    projection) so that those jobs copy one tensor's bytes instead of reading the whole window; the
+    parity tests against `merge.merge_state_dict` for every rule keep the two in step.
+    """
+    if t.rule == COPY or t.role == "norm" or t.rule == "drop":
+        return 0
+    if t.rule == "reference":
+        return len(t.source_keys) - 1
+    return None

@@ -27,7 +27,7 @@ from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSett
 from slm_dist.checkpoint.index import TensorInfo
 from slm_dist.checkpoint.mapped import ByteReader
 from slm_dist.checkpoint.writer import ShardWriter, TensorEntry
-from slm_dist.core.merge_jobs import COPY, TensorJob
+from slm_dist.core.merge_jobs import TensorJob, single_source
 
 DEFAULT_MEMORY_BYTES = 256 * 1024**2
 MAX_READ_BYTES = 64 * 1024**2   # bigger reads do not copy faster, they only hold more memory
@@ -54,7 +54,7 @@ class MergeWorker:
             arithmetic = _arithmetic().TensorArithmetic(self.source_dir, self.allow_pickle, self.memory_bytes,
                                                         self.corrections_file)
         reader = arithmetic.open_reader() if arithmetic else ByteReader(self.source_dir)
-        with reader, ShardWriter(Path(out_dir) / job.name, entries) as writer:
+        with reader, ShardWriter(Path(out_dir) / job.name, entries, page_offset=job.page_offset) as writer:
             for t in job.tensors:
                 sources = [infos[k] for k in t.source_keys]
                 chosen = single_source(t)
@@ -107,20 +107,6 @@ def write_shard_job(settings: WorkerSettings, job: ShardJob) -> ShardResult:
     """One export shard job, as both backends run it (threads here, Ray tasks there): the same bytes."""
     worker = MergeWorker(settings.source_dir, settings.allow_pickle, settings.memory_bytes, settings.corrections_file)
     return worker.write_shard(settings.out_dir, job)
-
-
-def single_source(t: TensorJob) -> int | None:
-    """Which window member a job copies unchanged, or None when the rule mixes them.
-
-    Mirrors `merge.merge_tensor` (norms and `drop` keep the bottom layer, `reference` takes the top
-    projection) so that those jobs read one tensor instead of the whole window; the parity tests
-    against `merge.merge_state_dict` for every rule keep the two in step.
-    """
-    if t.rule == COPY or t.role == "norm" or t.rule == "drop":
-        return 0
-    if t.rule == "reference":
-        return len(t.source_keys) - 1
-    return None
 
 
 def elements_per_block(info: TensorInfo, num_sources: int, memory_bytes: int) -> int:
