@@ -59,6 +59,31 @@ def test_write_safetensors_matches_the_format_byte_for_byte(tmp_path):
     assert not partial_name(tmp_path / "x.safetensors").exists()
 
 
+def test_writeback_is_started_block_by_block_over_the_whole_file(tmp_path, monkeypatch):
+    """The writer hands each stretch of the file to the disk as it goes (sync_file_range, WRITE only),
+    contiguous from byte 0, so that `finish`'s fsync waits only for the tail; the bytes are the same."""
+    from slm_dist.checkpoint import writer
+
+    t = torch.arange(4096, dtype=torch.float32)
+    entries = [TensorEntry("t", "F32", (4096,))]
+    with ShardWriter(tmp_path / "plain.safetensors", entries) as w:
+        w.write("t", t)
+        w.finish()
+    calls = []
+    monkeypatch.setattr(writer, "_SYNC_FILE_RANGE", lambda fd, offset, nbytes, flags: calls.append((offset, nbytes,
+                                                                                                     flags)))
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1000)
+    with ShardWriter(tmp_path / "s.safetensors", entries) as w:
+        for a in range(0, 4096, 512):
+            w.write("t", t[a:a + 512])   # 2 KiB per write
+        w.finish()
+    size = (tmp_path / "s.safetensors").stat().st_size
+    assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    assert calls and calls[0][0] == 0 and all(flags == 2 for _, _, flags in calls)
+    assert all(a + n == b for (a, n, _), (b, _, _) in zip(calls, calls[1:]))   # contiguous, no byte twice
+    assert size - 2048 <= calls[-1][0] + calls[-1][1] <= size
+
+
 def test_streamed_chunks_equal_the_whole_tensors_and_the_reference_loader_reads_them(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(7, 5, generator=g).bfloat16(), "empty": torch.zeros(0, 3),

@@ -7,6 +7,7 @@ unfinished.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -64,6 +65,23 @@ class FileRecord:
 
 
 _HASH_ON_THREAD_BYTES = 1 << 18  # smaller writes hash inline: a thread hand-off costs more than it saves
+# A shard's bytes are handed to the disk every this many bytes (`_start_writeback`), not all at `finish`.
+WRITEBACK_BYTES = 32 << 20
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None where libc has none (writeback then starts at the fsync)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait for it
 
 def shard_name(k: int, n: int) -> str:
     """1-based shard ``k`` of ``n``: ``model-00002-of-00005.safetensors``."""
@@ -200,6 +218,8 @@ class ShardWriter:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="hash")
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._kernel_copy = True  # copy_file_range works here until it says otherwise
+        self._position = 0       # bytes in the file so far
+        self._written_back = 0   # bytes whose writeback has been started
         self._current = 0        # index of the entry being written
         self._written = 0        # bytes of that entry so far
         self._emit(memoryview(self._header), None)
@@ -281,6 +301,22 @@ class ShardWriter:
         else:
             self._hash.update(data)
             self._write_bytes(data, source)
+        self._position += len(data)
+        if self._position - self._written_back >= WRITEBACK_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Hand the bytes written since the last call to the disk now, without waiting for them.
+
+        Left to itself the kernel keeps them dirty until `finish`'s fsync, which then waits for the
+        whole shard: 45% of a copy-only merge's time on the test machine. Started block by block, the
+        disk writes while the next blocks are copied and the fsync waits only for the tail. Best
+        effort: the fsync is what makes the shard durable.
+        """
+        if _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(self._fd, self._written_back, self._position - self._written_back,
+                             _SYNC_FILE_RANGE_WRITE)
+        self._written_back = self._position
 
     def _write_bytes(self, data: memoryview, source: tuple[int, int] | None) -> None:
         try:
