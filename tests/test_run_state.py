@@ -192,17 +192,19 @@ marker, phase, argv = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 from slm_dist.checkpoint.writer import ShardWriter
 from slm_dist.core import planner
 from slm_dist.workers.stats_reducer import StatsReducer
-owner, name = {"calibrate": (StatsReducer, "add"),          # the first batch's statistics counted
-               "plan": (planner, "search_threshold"),        # the plan chosen, plan.json not yet written
-               "merge": (ShardWriter, "write")}[phase]       # a shard half written
-real = getattr(owner, name)
-@functools.wraps(real)
-def paused(*args, **kwargs):
-    out = real(*args, **kwargs)
-    marker.touch()
-    time.sleep(120)
-    return out
-setattr(owner, name, paused)
+owner, names = {"calibrate": (StatsReducer, ["add"]),       # the first batch's statistics counted
+                "plan": (planner, ["search_threshold"]),     # the plan chosen, plan.json not yet written
+                "merge": (ShardWriter, ["write", "write_bytes"])}[phase]  # a shard half written (computed or copied)
+def pause_after(real):
+    @functools.wraps(real)
+    def paused(*args, **kwargs):
+        out = real(*args, **kwargs)
+        marker.touch()
+        time.sleep(120)
+        return out
+    return paused
+for name in names:
+    setattr(owner, name, pause_after(getattr(owner, name)))
 from slm_dist.cli import main
 sys.exit(main(argv))
 """
