@@ -232,14 +232,22 @@ def copy_page_offset(tensors: Sequence[TensorJob], entries: Sequence[TensorEntry
     bytes_at: dict[int, int] = {}
     start = 0  # the tensor's offset in the shard's data
     for t, entry in zip(tensors, entries):
-        chosen = single_source(t)
-        if chosen is not None and t.correction is None:
-            offset = index.tensors[t.source_keys[chosen]].offset
-            residue = (offset - start) % PAGE_BYTES
-            if offset >= 0 and residue % 8 == 0:
-                bytes_at[residue] = bytes_at.get(residue, 0) + entry.nbytes
+        source = copied_source(t, index.tensors)
+        if source is not None and (source.offset - start) % 8 == 0:
+            residue = (source.offset - start) % PAGE_BYTES
+            bytes_at[residue] = bytes_at.get(residue, 0) + entry.nbytes
         start += entry.nbytes
     return max(bytes_at, key=lambda r: (bytes_at[r], -r)) if bytes_at else None
+
+
+def copied_source(t: TensorJob, infos: Mapping[str, TensorInfo]) -> TensorInfo | None:
+    """The source tensor whose bytes ``t`` copies unchanged, file to file; None when ``t`` computes (a
+    rule mixes window members, or a correction applies) or its source is a pickle (torch loads it)."""
+    chosen = single_source(t)
+    if chosen is None or t.correction is not None:
+        return None
+    info = infos[t.source_keys[chosen]]
+    return info if info.offset >= 0 else None
 
 
 def _entry(t: TensorJob, index: CheckpointIndex) -> TensorEntry:

@@ -23,11 +23,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Sequence
 
-from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings
+from slm_dist.checkpoint.export import OnDone, ShardJob, ShardResult, WorkerSettings, copied_source
 from slm_dist.checkpoint.index import TensorInfo
 from slm_dist.checkpoint.mapped import ByteReader
 from slm_dist.checkpoint.writer import ShardWriter, TensorEntry
-from slm_dist.core.merge_jobs import TensorJob, single_source
+from slm_dist.core.merge_jobs import single_source
 
 DEFAULT_MEMORY_BYTES = 256 * 1024**2
 MAX_READ_BYTES = 64 * 1024**2   # bigger reads do not copy faster, they only hold more memory
@@ -56,15 +56,16 @@ class MergeWorker:
         reader = arithmetic.open_reader() if arithmetic else ByteReader(self.source_dir)
         with reader, ShardWriter(Path(out_dir) / job.name, entries, page_offset=job.page_offset) as writer:
             for t in job.tensors:
+                source = copied_source(t, infos)
+                if source is not None:
+                    self._copy(writer, reader, t.out_key, source, elements_per_block(source, 1, self.memory_bytes))
+                    continue
                 sources = [infos[k] for k in t.source_keys]
                 chosen = single_source(t)
-                if chosen is not None:  # a copy, or a rule that keeps one window member as it is
+                if chosen is not None:  # a rule that keeps one window member, corrected or from a pickle
                     sources = [sources[chosen]]
                 block = elements_per_block(sources[0], len(sources), self.memory_bytes)
-                if _is_byte_copy(t, sources):
-                    self._copy(writer, reader, t.out_key, sources[0], block)
-                else:
-                    arithmetic.write_tensor(writer, reader, t, sources, block)
+                arithmetic.write_tensor(writer, reader, t, sources, block)
             record = writer.finish()
             bytes_read = reader.bytes_read
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -91,16 +92,7 @@ def _arithmetic() -> ModuleType:
 def copies_only(job: ShardJob) -> bool:
     """Whether every tensor of ``job`` is a byte copy of one source tensor (nothing to compute)."""
     infos = {info.key: info for info in job.sources}
-    for t in job.tensors:
-        chosen = single_source(t)
-        if chosen is None or not _is_byte_copy(t, [infos[t.source_keys[chosen]]]):
-            return False
-    return True
-
-
-def _is_byte_copy(t: TensorJob, sources: list[TensorInfo]) -> bool:
-    """One source tensor, no correction, in a safetensors file (a pickle source is loaded by torch)."""
-    return len(sources) == 1 and t.correction is None and sources[0].offset >= 0
+    return all(copied_source(t, infos) is not None for t in job.tensors)
 
 
 def write_shard_job(settings: WorkerSettings, job: ShardJob) -> ShardResult:
