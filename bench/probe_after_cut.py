@@ -1,0 +1,162 @@
+"""Probe (issue 19): does refitting the layers AFTER a removed block help, on top of `refit` at the cut?
+
+    python bench/probe_after_cut.py [--samples 64] [--remove 13-18] [--after 0 1 3]
+
+An idea test, not a method of slm-dist: the whole SmolLM2-135M in memory, plain transformers. It removes
+a block, refits the MLP output projection of the layer before the block to reproduce the dense model's
+residual stream after the block (slm-dist's `refit`, simplified: one held-out split instead of
+cross-validation, rows weighted by 1 / ||target|| as `merge.correction_weight: relative` does), then refits
+each of the next N layers' output projection the same way, one after another on the already-corrected
+model, each to the dense model's residual stream at its own depth. Perplexity on the first 8 windows of
+512 tokens of WikiText-2 test and PTB test; calibration on consecutive 256-token pieces of the demo's
+Wikipedia text (the last 16 held out to pick the ridge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slm_dist.assets import default_cache_dir, prepare_demo_assets
+
+log = logging.getLogger("probe_after_cut")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HELD_OUT, SEQ, BATCH = 16, 256, 8
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # times the mean diagonal of the normal equations
+
+
+def windows(ids: list[int], n: int, length: int) -> torch.Tensor:
+    return torch.tensor(ids[: n * length]).view(n, length)
+
+
+@torch.no_grad()
+def perplexity(model, w: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    for k in range(0, len(w), 2):
+        x = w[k:k + 2]
+        logits = model(x).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+class Probe:
+    def __init__(self, model_dir: Path, calibration: torch.Tensor, remove: list[int]):
+        self.model_dir, self.calibration = model_dir, calibration
+        dense = self.load()
+        self.num_layers = dense.config.num_hidden_layers
+        self.kept = [i for i in range(self.num_layers) if i not in remove]
+        with torch.no_grad():  # the dense residual stream before every layer, per calibration batch
+            self.dense_states = [dense(calibration[k:k + BATCH], output_hidden_states=True).hidden_states[:-1]
+                                 for k in range(0, len(calibration), BATCH)]
+        self.dense = dense
+
+    def load(self):
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                    trust_remote_code=False).eval()
+
+    def pruned(self):
+        model = self.load()
+        model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in self.kept])
+        model.config.num_hidden_layers = len(self.kept)
+        for j, layer in enumerate(model.model.layers):
+            layer.self_attn.layer_idx = j
+        return model
+
+    def target_depth(self, j: int) -> int:
+        """The dense hidden state pruned layer j should output: the one before the next kept layer."""
+        return self.kept[j + 1] if j + 1 < len(self.kept) else self.num_layers
+
+    @torch.no_grad()
+    def rows(self, model, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer j's MLP intermediate activations and its target residual, rows weighted by 1 / ||target||."""
+        layer, seen = model.model.layers[j], {}
+        hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
+        layers, features, targets = model.model.layers, [], []
+        try:
+            model.model.layers = layers[:j + 1]  # run only as deep as layer j
+            for b, k in enumerate(range(0, len(self.calibration), BATCH)):
+                model.model(self.calibration[k:k + BATCH])
+                mid = seen["mid"]
+                x = layer.post_attention_layernorm(mid)
+                u = F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
+                target = self.dense_states[b][self.target_depth(j)]
+                weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+                features.append((u * weight).reshape(-1, u.shape[-1]))
+                targets.append(((target - mid) * weight).reshape(-1, mid.shape[-1]))
+        finally:
+            model.model.layers = layers
+            hook.remove()
+        return torch.cat(features).double(), torch.cat(targets).double()
+
+    @torch.no_grad()
+    def refit(self, model, j: int) -> None:
+        u, r = self.rows(model, j)
+        split = len(u) - HELD_OUT * SEQ
+        original = model.model.layers[j].mlp.down_proj.weight.double().T  # [intermediate, hidden]
+        gram, cross = u[:split].T @ u[:split], u[:split].T @ r[:split]
+        scale = gram.diagonal().mean()
+
+        def held_out_error(x):
+            return float(((u[split:] @ x - r[split:]) ** 2).sum())
+
+        plain = best_error = held_out_error(original)
+        best, best_ridge = original, None
+        for ridge in RIDGES:
+            eye = torch.eye(len(gram), dtype=gram.dtype)
+            x = torch.linalg.solve(gram + ridge * scale * eye, cross + ridge * scale * original)
+            if (error := held_out_error(x)) < best_error:
+                best, best_error, best_ridge = x, error, ridge
+        log.info("layer %d (dense %d): held-out error %.4g -> %.4g (ridge %s)", j, self.kept[j], plain,
+                 best_error, best_ridge)
+        model.model.layers[j].mlp.down_proj.weight.copy_(best.T.float())
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64, help="calibration pieces of 256 tokens for the fit")
+    parser.add_argument("--remove", default="13-18", help="the removed block, first-last (dense indices)")
+    parser.add_argument("--after", type=int, nargs="+", default=[0, 1, 3],
+                        help="how many layers after the block to refit as well (0: `refit` alone)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    first, last = (int(v) for v in args.remove.split("-"))
+    assets = prepare_demo_assets(default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
+    calibration = windows(tokens(calibration_text), args.samples + HELD_OUT, SEQ)
+    rows = [json.loads(line)["text"] for line in open(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")]
+    ptb_lines = (DATA / "ptb" / "ptb.test.txt").read_text(encoding="utf-8").splitlines()
+    evals = {"wikitext-2": windows(tokens("\n\n".join(rows)), 8, 512),
+             "ptb": windows(tokens(" ".join(s.strip() for s in ptb_lines if s.strip())), 8, 512)}
+
+    probe = Probe(assets.model_dir, calibration, list(range(first, last + 1)))
+    dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
+    log.info("dense: %s", dense)
+    cut = probe.kept.index(first - 1)
+    for label, after in [("drop", None)] + [(f"refit + {n} after", n) for n in args.after]:
+        start, model = time.time(), probe.pruned()
+        if after is not None:
+            for j in range(cut, min(cut + after, len(probe.kept) - 2) + 1):
+                probe.refit(model, j)
+        scores = {name: perplexity(model, w) for name, w in evals.items()}
+        log.info("%-16s %s (%.0f s)", label, "  ".join(f"{n} {v:.2f} ({v / dense[n]:.2f}x dense)"
+                                                       for n, v in scores.items()), time.time() - start)
+
+
+if __name__ == "__main__":
+    main()
