@@ -114,11 +114,17 @@ def _scaled_delta(tensors: Sequence[Tensor], alpha: float, keys: Sequence[str] |
         )
     work_dtype = torch.promote_types(source_dtype, torch.float32)
     base = tensors[0].to(work_dtype)  # may alias the input: only read below
-    delta = torch.zeros_like(base, memory_format=torch.contiguous_format)
-    for theta in tensors[1:]:
-        delta += theta.to(work_dtype) - base
-    merged = base + alpha * delta  # a new tensor; inputs untouched
-    return merged.to(source_dtype).contiguous()
+    # The same sums as `base + alpha * sum_k (theta_k - base)` written plainly, in place: each
+    # `theta_k - base` is promoted on the fly (no upcast copy of theta_k), one scratch buffer serves
+    # every member. Half the memory passes; the merge stage's `sum` runs on this loop.
+    delta = torch.sub(tensors[1], base) if len(tensors) > 1 else torch.zeros_like(base)
+    scratch = torch.empty_like(delta) if len(tensors) > 2 else None
+    for theta in tensors[2:]:
+        delta.add_(torch.sub(theta, base, out=scratch))
+    if alpha != 1.0:
+        delta.mul_(alpha)
+    merged = delta.add_(base)  # base + alpha * delta; a new tensor, inputs untouched
+    return merged.to(source_dtype).contiguous(memory_format=torch.contiguous_format)
 
 
 def _fresh(t: Tensor) -> Tensor:
