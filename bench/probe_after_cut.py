@@ -1,15 +1,20 @@
-"""Probe (issue 19): does refitting the layers AFTER a removed block help, on top of `refit` at the cut?
+"""Probe (issue 19): two ideas for `refit`, tested before building them into the stages.
 
     python bench/probe_after_cut.py [--samples 64] [--remove 13-18] [--after 0 1 3]
+    python bench/probe_after_cut.py --remove 4-5,12-18,26 --after 0 --independent
 
-An idea test, not a method of slm-dist: the whole SmolLM2-135M in memory, plain transformers. It removes
-a block, refits the MLP output projection of the layer before the block to reproduce the dense model's
-residual stream after the block (slm-dist's `refit`, simplified: one held-out split instead of
-cross-validation, rows weighted by 1 / ||target|| as `merge.correction_weight: relative` does), then refits
-each of the next N layers' output projection the same way, one after another on the already-corrected
-model, each to the dense model's residual stream at its own depth. Perplexity on the first 8 windows of
-512 tokens of WikiText-2 test and PTB test; calibration on consecutive 256-token pieces of the demo's
-Wikipedia text (the last 16 held out to pick the ridge).
+An idea test, not a method of slm-dist: the whole SmolLM2-135M in memory, plain transformers. For each
+removed block it refits the MLP output projection of the layer before the block to reproduce the dense
+model's residual stream after the block (slm-dist's `refit`, simplified: one held-out split instead of
+cross-validation, rows weighted by 1 / ||target|| as `merge.correction_weight: relative` does).
+
+- ``--after N``: then refits each of the next N layers' output projection the same way, one after another
+  on the already-corrected model, each to the dense model's residual stream at its own depth.
+- Error feedback: by default each block is fitted on the pruned model as corrected so far (the inputs it
+  will see); ``--independent`` adds the fit on the dense model's inputs, as slm-dist's `refit` does.
+
+Perplexity on the first 8 windows of 512 tokens of WikiText-2 test and PTB test; calibration on consecutive
+256-token pieces of the demo's Wikipedia text (the last 16 held out to pick the ridge).
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ def perplexity(model, w: torch.Tensor) -> float:
 
 
 class Probe:
-    def __init__(self, model_dir: Path, calibration: torch.Tensor, remove: list[int]):
-        self.model_dir, self.calibration = model_dir, calibration
+    def __init__(self, model_dir: Path, calibration: torch.Tensor, remove: list[int], feedback: bool = True):
+        self.model_dir, self.calibration, self.feedback = model_dir, calibration, feedback
         dense = self.load()
         self.num_layers = dense.config.num_hidden_layers
         self.kept = [i for i in range(self.num_layers) if i not in remove]
@@ -77,12 +82,18 @@ class Probe:
 
     @torch.no_grad()
     def rows(self, model, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer j's MLP intermediate activations and its target residual, rows weighted by 1 / ||target||."""
-        layer, seen = model.model.layers[j], {}
+        """Layer j's MLP intermediate activations and its target residual, rows weighted by 1 / ||target||.
+        With ``feedback`` they come from the pruned model as corrected so far; without, from the dense
+        model (each window fitted on the dense model's inputs, as slm-dist's `refit` does)."""
+        if not self.feedback:
+            model, j_run = self.dense, self.kept[j]
+        else:
+            j_run = j
+        layer, seen = model.model.layers[j_run], {}
         hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
         layers, features, targets = model.model.layers, [], []
         try:
-            model.model.layers = layers[:j + 1]  # run only as deep as layer j
+            model.model.layers = layers[:j_run + 1]  # run only as deep as layer j
             for b, k in enumerate(range(0, len(self.calibration), BATCH)):
                 model.model(self.calibration[k:k + BATCH])
                 mid = seen["mid"]
@@ -120,17 +131,29 @@ class Probe:
         model.model.layers[j].mlp.down_proj.weight.copy_(best.T.float())
 
 
+def removed_layers(spec: str) -> list[list[int]]:
+    """"4-5,12-18,26" -> [[4, 5], [12, ..., 18], [26]]: the removed blocks, dense indices."""
+    blocks = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        blocks.append(list(range(int(first), int(last or first) + 1)))
+    return blocks
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="calibration pieces of 256 tokens for the fit")
-    parser.add_argument("--remove", default="13-18", help="the removed block, first-last (dense indices)")
-    parser.add_argument("--after", type=int, nargs="+", default=[0, 1, 3],
-                        help="how many layers after the block to refit as well (0: `refit` alone)")
+    parser.add_argument("--remove", default="13-18",
+                        help="removed blocks, dense indices: 13-18, or 4-5,12-18,26 for several")
+    parser.add_argument("--after", type=int, nargs="*", default=[0, 1, 3],
+                        help="how many layers after each block to refit as well (0: `refit` alone)")
+    parser.add_argument("--independent", action="store_true",
+                        help="also fit every block on the dense model's inputs (no error feedback)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    first, last = (int(v) for v in args.remove.split("-"))
+    blocks = removed_layers(args.remove)
     assets = prepare_demo_assets(default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
 
@@ -144,17 +167,22 @@ def main() -> None:
     evals = {"wikitext-2": windows(tokens("\n\n".join(rows)), 8, 512),
              "ptb": windows(tokens(" ".join(s.strip() for s in ptb_lines if s.strip())), 8, 512)}
 
-    probe = Probe(assets.model_dir, calibration, list(range(first, last + 1)))
+    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
     dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
     log.info("dense: %s", dense)
-    cut = probe.kept.index(first - 1)
-    for label, after in [("drop", None)] + [(f"refit + {n} after", n) for n in args.after]:
+    cuts = [probe.kept.index(block[0] - 1) for block in blocks]
+    variants = [("drop", None, True)] + [(f"refit + {n} after", n, True) for n in args.after]
+    if args.independent:
+        variants.append(("refit, dense inputs", 0, False))
+    for label, after, feedback in variants:
         start, model = time.time(), probe.pruned()
+        probe.feedback = feedback
         if after is not None:
-            for j in range(cut, min(cut + after, len(probe.kept) - 2) + 1):
-                probe.refit(model, j)
+            for cut, stop in zip(cuts, cuts[1:] + [len(probe.kept) - 1]):  # never past the next block's cut
+                for j in range(cut, min(cut + after + 1, stop, len(probe.kept) - 1)):
+                    probe.refit(model, j)
         scores = {name: perplexity(model, w) for name, w in evals.items()}
-        log.info("%-16s %s (%.0f s)", label, "  ".join(f"{n} {v:.2f} ({v / dense[n]:.2f}x dense)"
+        log.info("%-20s %s (%.0f s)", label, "  ".join(f"{n} {v:.2f} ({v / dense[n]:.2f}x dense)"
                                                        for n, v in scores.items()), time.time() - start)
 
 
