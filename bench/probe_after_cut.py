@@ -63,13 +63,39 @@ class Probe:
             self.dense_states = [dense(calibration[k:k + BATCH], output_hidden_states=True).hidden_states[:-1]
                                  for k in range(0, len(calibration), BATCH)]
         self.dense = dense
+        self.grad_norms = None  # per batch: [depth, batch, position] norms of d(NLL)/d(hidden state), on demand
+        self.grad_weight = False
+
+    def loss_gradients(self) -> None:
+        """||d NLL / d h|| of every calibration token at every depth of the dense model (one backward)."""
+        self.grad_norms = []
+        for k in range(0, len(self.calibration), BATCH):
+            x = self.calibration[k:k + BATCH]
+            out = self.dense(x, output_hidden_states=True)
+            states = out.hidden_states[:-1]
+            for h in states:
+                h.retain_grad()
+            logits = out.logits[:, :-1].float()
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
+            self.grad_norms.append(torch.stack([h.grad.norm(dim=-1) for h in states]).detach())
+            self.dense.zero_grad(set_to_none=True)
 
     def load(self):
         return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
                                                     trust_remote_code=False).eval()
 
-    def pruned(self):
+    def pruned(self, alpha: float = 0.0, blocks: list[list[int]] = ()):
+        """The model without the removed layers; with ``alpha``, each block's host layer (the one before
+        it) first takes SLM's scaled merge of the window: theta_host + alpha * sum_k (theta_k - theta_host)
+        over the block's layers, projections only (norms stay the host's)."""
         model = self.load()
+        for block in blocks if alpha else ():
+            host = model.model.layers[block[0] - 1]
+            members = [dict(model.model.layers[i].named_parameters()) for i in block]
+            with torch.no_grad():
+                for name, p in host.named_parameters():
+                    if "norm" not in name:
+                        p.add_(alpha * sum(m[name] - p for m in members))
         model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in self.kept])
         model.config.num_hidden_layers = len(self.kept)
         for j, layer in enumerate(model.model.layers):
@@ -81,7 +107,7 @@ class Probe:
         return self.kept[j + 1] if j + 1 < len(self.kept) else self.num_layers
 
     @torch.no_grad()
-    def rows(self, model, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, model, j: int, joint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer j's MLP intermediate activations and its target residual, rows weighted by 1 / ||target||.
         With ``feedback`` they come from the pruned model as corrected so far; without, from the dense
         model (each window fitted on the dense model's inputs, as slm-dist's `refit` does)."""
@@ -90,7 +116,9 @@ class Probe:
         else:
             j_run = j
         layer, seen = model.model.layers[j_run], {}
-        hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
+        hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0])),
+                 layer.input_layernorm.register_forward_hook(lambda m, a, out: seen.update(inp=a[0])),
+                 layer.self_attn.o_proj.register_forward_hook(lambda m, a, out: seen.update(ctx=a[0]))]
         layers, features, targets = model.model.layers, [], []
         try:
             model.model.layers = layers[:j_run + 1]  # run only as deep as layer j
@@ -100,21 +128,33 @@ class Probe:
                 x = layer.post_attention_layernorm(mid)
                 u = F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
                 target = self.dense_states[b][self.target_depth(j)]
-                weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+                if self.grad_weight:  # first order: the NLL moves by g . error, so weight each row by ||g||
+                    weight = self.grad_norms[b][self.target_depth(j)].unsqueeze(-1).double().float()
+                else:
+                    weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+                if joint:  # the attention's output projection too: the layer's whole change, from its input
+                    u, mid = torch.cat([seen["ctx"], u], dim=-1), seen["inp"]
                 features.append((u * weight).reshape(-1, u.shape[-1]))
                 targets.append(((target - mid) * weight).reshape(-1, mid.shape[-1]))
         finally:
             model.model.layers = layers
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         return torch.cat(features).double(), torch.cat(targets).double()
 
     @torch.no_grad()
-    def refit(self, model, j: int) -> None:
-        u, r = self.rows(model, j)
+    def refit(self, model, j: int, joint: bool = False) -> None:
+        """Layer j's MLP output projection; with ``joint``, its attention output projection with it, fitted
+        together on [attention context, MLP intermediate] with the MLP's input taken as it was."""
+        u, r = self.rows(model, j, joint)
         split = len(u) - HELD_OUT * SEQ
-        original = model.model.layers[j].mlp.down_proj.weight.double().T  # [intermediate, hidden]
+        layer = model.model.layers[j]
+        original = layer.mlp.down_proj.weight.double().T  # [intermediate, hidden]
+        if joint:
+            original = torch.cat([layer.self_attn.o_proj.weight.double().T, original])
         gram, cross = u[:split].T @ u[:split], u[:split].T @ r[:split]
-        scale = gram.diagonal().mean()
+        # Each feature's own scale (the context and the intermediate differ by orders of magnitude).
+        scale = torch.diag(gram.diagonal()) if joint else gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
 
         def held_out_error(x):
             return float(((u[split:] @ x - r[split:]) ** 2).sum())
@@ -122,13 +162,16 @@ class Probe:
         plain = best_error = held_out_error(original)
         best, best_ridge = original, None
         for ridge in RIDGES:
-            eye = torch.eye(len(gram), dtype=gram.dtype)
-            x = torch.linalg.solve(gram + ridge * scale * eye, cross + ridge * scale * original)
+            x = torch.linalg.solve(gram + ridge * scale, cross + ridge * scale @ original)
             if (error := held_out_error(x)) < best_error:
                 best, best_error, best_ridge = x, error, ridge
         log.info("layer %d (dense %d): held-out error %.4g -> %.4g (ridge %s)", j, self.kept[j], plain,
                  best_error, best_ridge)
-        model.model.layers[j].mlp.down_proj.weight.copy_(best.T.float())
+        if joint:
+            width = layer.self_attn.o_proj.weight.shape[1]
+            layer.self_attn.o_proj.weight.copy_(best[:width].T.float())
+            best = best[width:]
+        layer.mlp.down_proj.weight.copy_(best.T.float())
 
 
 def removed_layers(spec: str) -> list[list[int]]:
@@ -148,6 +191,12 @@ def main() -> None:
                         help="removed blocks, dense indices: 13-18, or 4-5,12-18,26 for several")
     parser.add_argument("--after", type=int, nargs="*", default=[0, 1, 3],
                         help="how many layers after each block to refit as well (0: `refit` alone)")
+    parser.add_argument("--alphas", type=float, nargs="*", default=[],
+                        help="also refit on SLM's scaled merge of each window with these alphas")
+    parser.add_argument("--grad-weight", action="store_true",
+                        help="also weight each row by the norm of the dense NLL's gradient at the target depth")
+    parser.add_argument("--joint", action="store_true",
+                        help="also refit the attention output projection with the MLP's, then the MLP's again")
     parser.add_argument("--independent", action="store_true",
                         help="also fit every block on the dense model's inputs (no error feedback)")
     args = parser.parse_args()
@@ -171,11 +220,27 @@ def main() -> None:
     dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
     log.info("dense: %s", dense)
     cuts = [probe.kept.index(block[0] - 1) for block in blocks]
-    variants = [("drop", None, True)] + [(f"refit + {n} after", n, True) for n in args.after]
+    variants = [("drop", None, True, 0.0)] + [(f"refit + {n} after", n, True, 0.0) for n in args.after]
     if args.independent:
-        variants.append(("refit, dense inputs", 0, False))
-    for label, after, feedback in variants:
-        start, model = time.time(), probe.pruned()
+        variants.append(("refit, dense inputs", 0, False, 0.0))
+    variants += [(f"scaled {a} + refit", 0, True, a) for a in args.alphas]
+    if args.grad_weight:
+        variants.append(("refit, rows by loss gradient", "grad", True, 0.0))
+    if args.joint:
+        variants.append(("joint o_proj + down_proj, then down_proj", "joint", True, 0.0))
+    for label, after, feedback, alpha in variants:
+        start, model = time.time(), probe.pruned(alpha, blocks)
+        probe.feedback = feedback
+        probe.grad_weight = after == "grad"
+        if after == "grad":
+            if probe.grad_norms is None:
+                probe.loss_gradients()
+            after = 0
+        if after == "joint":
+            for cut in cuts:
+                probe.refit(model, cut, joint=True)
+                probe.refit(model, cut)  # the MLP's input moved with the new attention output: refit it there
+            after = None
         probe.feedback = feedback
         if after is not None:
             for cut, stop in zip(cuts, cuts[1:] + [len(probe.kept) - 1]):  # never past the next block's cut
