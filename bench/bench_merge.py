@@ -148,28 +148,6 @@ def run_ours(src: Path, run_dir: Path, plan: MergePlan, backend: str) -> dict:
     return r
 
 
-# The disk alone: the bytes a `drop` merge writes, from one buffer in memory, fsynced. No source to
-# read and no hash: a floor for any durable merge of that size on this machine.
-DISK = textwrap.dedent("""
-    import os, sys
-    path, total = sys.argv[1], int(sys.argv[2])
-    block = os.urandom(64 * 1024**2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    done = 0
-    while done < total:
-        done += os.write(fd, memoryview(block)[:min(len(block), total - done)])
-    os.fsync(fd)
-    os.close(fd)
-""")
-
-
-def run_disk(path: Path, total: int) -> dict:
-    r = timed([sys.executable, "-c", DISK, str(path), str(total)])
-    r["sync"] = sync_seconds()
-    path.unlink()
-    return r
-
-
 NAIVE = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -237,9 +215,7 @@ def bench_size(work: Path, target_gb: float, naive: bool, ray: bool, repeats: in
     row: dict = {"layers": n, "layers_after": plan.num_layers_after, "source_bytes": total,
                  "windows": [list(w) for w in plan.windows], "runs": {}}
     methods = ["cp", "local"] + [f"local:{r}" for r in rules if r != "sum"] + (["ray"] if ray else []) \
-        + (["naive"] if naive else []) + (["disk"] if len(rules) > 1 else [])
-    # What a `drop` merge writes: every tensor but the removed layers' (plus headers, under a MiB).
-    row["drop_written_bytes"] = total - (n - plan.num_layers_after) * layer_bytes()
+        + (["naive"] if naive else [])
     for rep in range(repeats):
         order = methods[rep % len(methods):] + methods[:rep % len(methods)]   # rotate: no method always first
         for method in order:
@@ -247,8 +223,6 @@ def bench_size(work: Path, target_gb: float, naive: bool, ray: bool, repeats: in
             log.info("rep %d: %s ...", rep + 1, method)
             if method == "cp":
                 r = run_cp(src, work / "cp")
-            elif method == "disk":
-                r = run_disk(work / "disk.bin", row["drop_written_bytes"])
             elif method == "naive":
                 r = run_naive(src, work / "naive", plan)
             else:
@@ -378,13 +352,6 @@ def markdown_rules(rows: list[dict], machine: str, repeats: int, load: tuple[flo
         cp_per_byte = cp_s / (2 * r["source_bytes"])
         lines.append(f"| {size} | `cp` of the shards | {cp_s:.1f} | 1.00x | | | | {cp['cpu_seconds']:.1f} | "
                      f"{cp['peak_rss'] / 2**30:.2f} GiB | {2 * r['source_bytes'] / GB:.2f} GB |")
-        if "disk" in r["runs"]:
-            d = best(r["runs"]["disk"])
-            written = r["drop_written_bytes"]
-            lines.append(f"| {size} | the disk alone: {written / GB:.2f} GB written from memory, fsynced (no read, "
-                         f"no hash) | {d['seconds'] + d['sync']:.1f} | {(d['seconds'] + d['sync']) / written / cp_per_byte:.2f}x "
-                         f"(per byte written) | | | | {d['cpu_seconds']:.1f} | {d['peak_rss'] / 2**30:.2f} GiB | "
-                         f"{written / GB:.2f} GB |")
         for method, runs in r["runs"].items():
             if not method.startswith("local"):
                 continue
