@@ -141,6 +141,19 @@ def test_writer_refuses_bytes_out_of_plan_and_leaves_no_file(tmp_path, writes, m
     assert not path.exists() and not partial_name(path).exists()
 
 
+def test_a_full_disk_while_writing_the_header_leaves_no_partial_file(tmp_path, monkeypatch):
+    # The header is written in the constructor, before any `with` block owns the file: a full disk there
+    # used to leave `.s.safetensors.partial` behind (seen when a merge filled the disk between two shards).
+    def no_room(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("slm_dist.checkpoint.writer.os.write", no_room)
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(OSError, match="no space left on the device writing"):
+        ShardWriter(path, [TensorEntry("a", "F32", (2,))])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_header_offsets_are_back_to_back_and_duplicate_keys_refused():
     raw = safetensors_header([TensorEntry("x", "BF16", (3, 2)), TensorEntry("y", "I8", (5,))])
     header = json.loads(raw[8:])

@@ -474,3 +474,19 @@ def test_ray_tasks_write_the_same_folder_and_raise_the_workers_error(tiny, tmp_p
     with pytest.raises(CheckpointError, match="ended early"):
         write_export(export, runner, max_parallel=2)
     assert not (tmp_path / "broken" / export.shards[0].name).exists()
+
+
+def test_shards_that_only_copy_are_written_while_torch_loads_and_computing_ones_after(tmp_path):
+    # `run_jobs_in_threads` imports torch beside the copy-only shards (a second it would otherwise spend
+    # with nothing running), so those go first; each group keeps the planned order, and the output is the same.
+    from slm_dist.workers.merge_worker import copies_only
+
+    root = make_tiny_model(tmp_path / "src")
+    export = plan_export(open_index(root), MergePlan(6, ((1, 2),), "mean", "cka", None), tmp_path / "out", 20_000)
+    planned = [job.name for job in export.shards]
+    computing = [job.name for job in export.shards if not copies_only(job)]
+    assert computing and planned.index(computing[-1]) < len(planned) - 1  # a copy after one that computes
+    order: list[str] = []
+    write_export(export, run_jobs_in_threads, on_shard=lambda job, result: order.append(job.name))
+    assert order == [n for n in planned if n not in computing] + computing
+    assert verify_model(tmp_path / "out") == []

@@ -222,7 +222,11 @@ class ShardWriter:
         self._written_back = 0   # bytes whose writeback has been started
         self._current = 0        # index of the entry being written
         self._written = 0        # bytes of that entry so far
-        self._emit(memoryview(self._header), None)
+        try:
+            self._emit(memoryview(self._header), None)
+        except BaseException:  # e.g. a full disk: no `with` block owns the partial file yet
+            self.abort()
+            raise
 
     def write(self, key: str, chunk: torch.Tensor, source: tuple[int, int] | None = None) -> None:
         """Append ``chunk`` (the next elements of tensor ``key``, in its planned dtype) to the shard.
