@@ -126,12 +126,11 @@ def run_jobs_in_threads(jobs: Sequence[ShardJob], settings: WorkerSettings, max_
     jobs that only copy go first; a computing job starts once it is done. On the 4.2 GB `sum` merge of
     bench_merge.py that import had been a second of the stage with nothing else running.
     """
-    computing = [not copies_only(job) for job in jobs]
-    if not any(computing):
+    computes = {job.name for job in jobs if not copies_only(job)}
+    if not computes:
         _run_in_threads(jobs, lambda job: write_shard_job(settings, job), max_parallel, on_done)
         return
-    computes = {job.name for job, c in zip(jobs, computing) if c}
-    ordered = [job for job in jobs if job.name not in computes] + [job for job in jobs if job.name in computes]
+    ordered = sorted(jobs, key=lambda job: job.name in computes)  # stable: copies first, each group in plan order
     torch_settings = ExitStack()  # entered on the import thread, left here once every job is over
 
     def import_torch() -> None:
