@@ -1,4 +1,4 @@
-"""Probe (issue 19): two ideas for `refit`, tested before building them into the stages.
+"""Probe (issue 19): ideas for improving `refit`, tested in memory before building any into the stages.
 
     python bench/probe_after_cut.py [--samples 64] [--remove 13-18] [--after 0 1 3]
     python bench/probe_after_cut.py --remove 4-5,12-18,26 --after 0 --independent
@@ -12,6 +12,11 @@ cross-validation, rows weighted by 1 / ||target|| as `merge.correction_weight: r
   on the already-corrected model, each to the dense model's residual stream at its own depth.
 - Error feedback: by default each block is fitted on the pruned model as corrected so far (the inputs it
   will see); ``--independent`` adds the fit on the dense model's inputs, as slm-dist's `refit` does.
+- ``--alphas``: the host layer first takes SLM's scaled merge of its window, then the refit.
+- ``--joint``: the attention output projection refitted together with the MLP's, then the MLP's again.
+- ``--grad-weight``: rows weighted by the norm of the dense loss gradient at the target depth.
+
+What each gave is in bench/RESULTS.md (issue 19, eleventh session): none helped.
 
 Perplexity on the first 8 windows of 512 tokens of WikiText-2 test and PTB test; calibration on consecutive
 256-token pieces of the demo's Wikipedia text (the last 16 held out to pick the ridge).
