@@ -25,7 +25,6 @@ Perplexity on the first 8 windows of 512 tokens of WikiText-2 test and PTB test;
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_dist.assets import default_cache_dir, prepare_demo_assets
+from slm_dist.evaluation import read_ppl_text
 
 log = logging.getLogger("probe_after_cut")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -134,7 +134,7 @@ class Probe:
                 u = F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
                 target = self.dense_states[b][self.target_depth(j)]
                 if self.grad_weight:  # first order: the NLL moves by g . error, so weight each row by ||g||
-                    weight = self.grad_norms[b][self.target_depth(j)].unsqueeze(-1).double().float()
+                    weight = self.grad_norms[b][self.target_depth(j)].unsqueeze(-1)
                 else:
                     weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
                 if joint:  # the attention's output projection too: the layer's whole change, from its input
@@ -216,10 +216,9 @@ def main() -> None:
 
     calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
     calibration = windows(tokens(calibration_text), args.samples + HELD_OUT, SEQ)
-    rows = [json.loads(line)["text"] for line in open(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")]
-    ptb_lines = (DATA / "ptb" / "ptb.test.txt").read_text(encoding="utf-8").splitlines()
-    evals = {"wikitext-2": windows(tokens("\n\n".join(rows)), 8, 512),
-             "ptb": windows(tokens(" ".join(s.strip() for s in ptb_lines if s.strip())), 8, 512)}
+    # The texts as `slm-dist eval` joins them; the first 8 windows of 512 tokens (the eval spreads its windows).
+    evals = {"wikitext-2": windows(tokens(read_ppl_text(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")), 8, 512),
+             "ptb": windows(tokens(read_ppl_text(DATA / "ptb" / "ptb.test.txt")), 8, 512)}
 
     probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
     dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}

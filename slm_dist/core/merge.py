@@ -124,7 +124,7 @@ def _scaled_delta(tensors: Sequence[Tensor], alpha: float, keys: Sequence[str] |
     if alpha != 1.0:
         delta.mul_(alpha)
     merged = delta.add_(base)  # base + alpha * delta; a new tensor, inputs untouched
-    return merged.to(source_dtype).contiguous(memory_format=torch.contiguous_format)
+    return merged.to(source_dtype).contiguous()
 
 
 def _fresh(t: Tensor) -> Tensor:
