@@ -23,8 +23,8 @@ from slm_dist import compare
 
 METHODS = ("shortgpt", "angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "slm_global_scaled",
            "slm_global_refit")
-OURS = ("slm_global_drop", "slm_global_scaled", "slm_global_linear", "slm_global_refit", "angular_refit",
-        "sleb_refit")
+OURS = ("slm_global_drop", "slm_global_scaled", "slm_global_linear", "slm_global_refit", "angular_refit", "angular_pool",
+        "sleb_refit", "sleb_pool")
 BASELINES = ("shortgpt", "angular", "laco", "last_layers", "slm_output", "sleb", "replaceme_lstsq",
              "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular")
 SECTION = "## Training-free baselines (issue 19)"

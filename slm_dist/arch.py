@@ -38,6 +38,14 @@ class ArchSpec:
     # The MLP's output projection: its output adds straight to the residual stream (no norm after
     # it), which is what lets merge.correction=linear fold a fitted map into its weight.
     mlp_out_module: str
+    # The gated MLP's gate and up projections (in that order) and the norm before them: act(gate x) *
+    # up x feeds mlp_out_module. merge.correction=pool chooses a window's neurons among all of them.
+    mlp_in_modules: tuple[str, str]
+    mlp_norm: str
+
+    def mlp_in_suffixes(self) -> tuple[str, str]:
+        """Weight suffixes of the gate and up projections."""
+        return tuple(f"{name}.weight" for name in self.mlp_in_modules)  # type: ignore[return-value]
 
     def mlp_out_suffixes(self) -> tuple[str, ...]:
         """Per-layer tensor suffixes of ``mlp_out_module`` (weight, and bias where the model has one)."""

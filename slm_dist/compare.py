@@ -42,7 +42,9 @@ Methods (k = layers removed):
 - ``sleb_refit``: SLEB's layers (a non-contiguous plan) with slm-dist's ``refit`` correction fitted for
   each of its windows: the layer choice LinearPatch found best, our correction instead of its patch.
   The product's ``plan.search: sleb`` with ``merge.rule: drop`` and ``merge.correction: refit``
-  (configs/best.yaml) builds the same plan (its ``protect_last`` aside: SLEB here may drop the top layer).
+  builds the same plan (its ``protect_last`` aside: SLEB here may drop the top layer).
+- ``angular_pool`` / ``sleb_pool``: the same layers with ``merge.correction: pool`` instead: each window's
+  kept layer takes the best MLP neurons of the whole window, then refit (``core/neuron_pool.py``).
 
 SLEB's trials (and the global search's measured plans) score on ``plan.score_batches`` calibration
 batches when it is set (all when null): SLEB measures about k x N plans, each a forward pass from its
@@ -79,7 +81,8 @@ from slm_dist.workers.stage_worker import StageSpec, StageWorker
 log = logging.getLogger(__name__)
 
 # Methods whose layers are the angular block: they need the angular-distance pass after calibration.
-ANGULAR_METHODS = ("angular", "linearpatch_angular", "angular_refit")
+ANGULAR_METHODS = ("angular", "linearpatch_angular", "angular_refit", "angular_pool")
+SLEB_METHODS = ("sleb", "linearpatch_sleb", "sleb_refit", "sleb_pool")  # SLEB's layers: its trials first
 LABELS = {
     "dense": "Dense (unpruned)",
     "shortgpt": "ShortGPT (lowest Block Influence)",
@@ -98,6 +101,8 @@ LABELS = {
     "linearpatch_angular": "Angular block + LinearPatch (patch in memory)",
     "angular_refit": "slm-dist refit on the angular block",
     "sleb_refit": "slm-dist refit on SLEB's layers",
+    "angular_pool": "slm-dist pool on the angular block",
+    "sleb_pool": "slm-dist pool on SLEB's layers",
 }
 
 
@@ -161,9 +166,9 @@ def method_settings(method: str, config: SlmConfig) -> dict:
             settings["correction_weight"] = config.merge.correction_weight
         return settings
     settings = {}
-    if method in ("sleb", "linearpatch_sleb", "sleb_refit"):  # how SLEB's trials are scored
+    if method in SLEB_METHODS:  # how SLEB's trials are scored
         settings["score_batches"] = config.plan.score_batches
-    if method in ("angular_refit", "sleb_refit"):   # our correction on a chosen plan: how it is fitted
+    if method.endswith(("_refit", "_pool")):   # our correction on a chosen plan: how it is fitted
         settings.update(correction_batches=config.merge.correction_batches,
                         correction_weight=config.merge.correction_weight)
     return settings
@@ -384,17 +389,18 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
         out_dir = out_root / f"{method}-{k}"
         out_dir.mkdir(parents=True, exist_ok=True)
         protect_first = max(p.protect_first, 1)
-        if method in ("sleb", "linearpatch_sleb", "sleb_refit"):
+        if method in SLEB_METHODS:
             plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows, p.score_batches),
                                   protect_first)
-        elif method in ("linearpatch_angular", "angular_refit"):
+        elif method in ANGULAR_METHODS:
             plan = baselines.angular_block(stats.angular, k, protect_first=protect_first)
         else:
             plan = replaceme_plan(backend, stats, k, method, protect_first, out_dir)
         if method.startswith("linearpatch_"):
             plan = linear_patch_plan(backend, plan, method, out_dir)
-        elif method.endswith("_refit"):
-            plan = refit_plan(backend, plan, method, out_dir, config.merge.correction_batches)
+        elif method.endswith(("_refit", "_pool")):
+            plan = refit_plan(backend, plan, method, out_dir, config.merge.correction_batches,
+                              method.rpartition("_")[2])
         write_json(out_dir / "plan.json", plan.to_json())
         return plan
 
@@ -434,18 +440,18 @@ def replaceme_plan(backend: Backend, stats: Statistics, k: int, method: str, pro
 
 
 def refit_plan(backend: Backend, base: baselines.LayerPlan, method: str, out_dir: Path,
-               num_batches: int) -> baselines.LayerPlan:
-    """``base``'s removal with slm-dist's ``refit`` correction of each window's kept layer, each fitted
-    on the original model's inputs to its window (as the global search fits them); a window whose fit
-    does not beat its plain removal on held-out batches keeps the plain removal."""
+               num_batches: int, kind: str = "refit") -> baselines.LayerPlan:
+    """``base``'s removal with slm-dist's ``kind`` correction (refit or pool) of each window's kept layer,
+    each fitted on the original model's inputs to its window (as the global search fits them); a window
+    whose fit does not beat its plain removal on held-out batches keeps the plain removal."""
     windows = list(base.windows)
-    fits = backend.fit_corrections([(w, "drop", None, "refit") for w in windows], num_batches)
+    fits = backend.fit_corrections([(w, "drop", None, kind) for w in windows], num_batches)
     backend.clear_candidates(corrections=True)
     kept = {w: fit.matrix for w, fit in zip(windows, fits) if fit.corrects}
-    file, sha = write_corrections(out_dir, kept, "refit")
+    file, sha = write_corrections(out_dir, kept, kind)
     log.info("%s: windows %s, held-out error %s of the plain removal's (%d of %d corrected)", method,
              [list(w) for w in windows], [round(f.loss, 3) for f in fits], len(kept), len(windows))
-    details = {**base.details, "refit": [f.to_json() for f in fits] if len(fits) > 1 else fits[0].to_json()}
+    details = {**base.details, kind: [f.to_json() for f in fits] if len(fits) > 1 else fits[0].to_json()}
     inner = replace(base.plan, corrections=file, corrections_sha256=sha) if kept else base.plan
     return baselines.LayerPlan(method, inner, details)
 

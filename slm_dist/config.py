@@ -23,7 +23,7 @@ GLOBAL_METHODS = {**{f"slm_global_{r}": (r, "none") for r in GLOBAL_RULES},
                   **{f"slm_global_{c}": ("scaled", c) for c in ("linear", "refit")}}
 # Baselines that run forward passes on the stages' cached calibration inputs (issue 19).
 STAGED_BASELINES = ("sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
-                    "angular_refit", "sleb_refit")
+                    "angular_refit", "sleb_refit", "angular_pool", "sleb_pool")
 COMPARE_METHODS: tuple[str, ...] = ("shortgpt", "angular", "laco", "last_layers",
                                     *(f"slm_cka_{r}" for r in SLM_RULES), "slm_output", *GLOBAL_METHODS,
                                     *STAGED_BASELINES)
@@ -138,19 +138,21 @@ class MergeSection(_Section):
                                  "scaled: theta_lo + alpha * sum(theta_k - theta_lo), alpha fitted per window")
     alpha_batches: int = Field(2, ge=1, description="rule scaled: calibration batches each window's alpha is "
                                                     "fitted on (the window's stage runs only that window)")
-    correction: Literal["none", "linear", "refit"] = Field(
+    correction: Literal["none", "linear", "refit", "pool"] = Field(
         "none", description="after the rule, fit each merged window's MLP output projection on the calibration "
                             "samples (ridge towards the plain merge, cross-validated over batches) so its layer adds "
                             "what the whole window added (core/correction_fit.py). linear: one hidden x hidden map on "
                             "the projection's output (256 MiB float32 per window at hidden 8192); refit: the "
                             "projection itself, from its intermediate-size input (fits better; its statistics are "
                             "intermediate^2 float64 on the window's stage, 6.6 GiB per copy at intermediate 28672: "
-                            "see `slm-dist plan --dry-run`). The global search holds one plan's corrections at a "
+                            "see `slm-dist plan --dry-run`); pool: refit after choosing the merged layer's MLP "
+                            "neurons among all the window's layers (core/neuron_pool.py; its statistics are (window "
+                            "layers x intermediate)^2: small models only). The global search holds one plan's corrections at a "
                             "time, on their stages and on the Ray driver")
-    correction_batches: int = Field(8, ge=2, description="correction linear|refit: calibration batches each window's "
+    correction_batches: int = Field(8, ge=2, description="correction linear|refit|pool: calibration batches each window's "
                                                          "correction is fitted and cross-validated on (up to 4 folds)")
     correction_weight: Literal["relative", "none"] = Field(
-        "relative", description="correction linear|refit: how each token counts in the least squares. relative: "
+        "relative", description="correction linear|refit|pool: how each token counts in the least squares. relative: "
                                 "its error relative to the norm of the window's output there (what the next RMSNorm "
                                 "sees), so a massive-activation token counts as one token, not as 10^5; none: plain "
                                 "squared error. On SmolLM2 (10 of 30 layers, block 9-18) relative took WikiText-2 "

@@ -27,7 +27,15 @@ from slm_dist.config import SlmConfig, needs_cached_inputs
 from slm_dist.config import compute_dtype as config_compute_dtype
 from slm_dist.config import resolve_device as config_resolve_device
 from slm_dist.core import planner, sizing
-from slm_dist.core.correction_sizes import CROSS_COPIES, FOLDS, GRAM_COPIES, RIDGE_GRID, ROW_CHUNK
+from slm_dist.core.correction_sizes import (
+    CHUNKS,
+    CROSS_COPIES,
+    FOLDS,
+    GRAM_COPIES,
+    POOL_GRAM_COPIES,
+    RIDGE_GRID,
+    ROW_CHUNK,
+)
 from slm_dist.core.partition import PartitionError, partition_layers
 
 GiB = 2**30
@@ -390,7 +398,7 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
     # has at most one window per removed layer.
     candidates = {"global": p.candidates + p.local_search, "sleb": removed or 0}.get(p.search, 0)
     if config.merge.correction != "none" and candidates:
-        width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction == "refit" else hidden
+        width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction != "linear" else hidden
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len
         window = config.plan.max_window or 4
         fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_fp64_flops_per_s
@@ -398,6 +406,9 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         forwards = (2 * window + grid + 3) * fit_tokens * fpt / rate
         normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
                   + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
+        if config.merge.correction == "pool":  # the pool's equations, then OBS: a factor and an inverse per chunk
+            pool = fitted_window_layers(config, removed) * width
+            normal += 2 * fit_tokens * pool * (pool + hidden) + CHUNKS * (4 / 3) * pool ** 3 / 2
         seconds += candidates * (forwards + normal / fp64)
     return seconds
 
@@ -417,10 +428,10 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     notes = list(model.notes)
     # Fitting a refit correction runs the merged layer on a batch while its statistics are held:
     # counted on top of the activations.
-    stats = refit_stat_bytes(int(hf["hidden_size"]), hf.get("intermediate_size")) \
-        if config.merge.correction == "refit" else 0
-    non_weight = "activations" if not stats else "activations and merge.correction=refit's fitting statistics"
     removed = expected_layers_removed(config, sizes)
+    stats = correction_stat_bytes(config, int(hf["hidden_size"]), hf.get("intermediate_size"), removed)
+    non_weight = "activations" if not stats else \
+        f"activations and merge.correction={config.merge.correction}'s fitting statistics"
     io = window_fit_bytes(hf, config, sizing.dtype_bytes(cdtype), max(sizes.layer_bytes, default=0), device,
                           removed)
     fit = stats + io
@@ -470,7 +481,8 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
         notes.append(f"{why} caches every calibration batch's input to every layer, each on its stage: "
                      f"{cached_per_layer / GiB:.2f} GiB per layer, up to {host / GiB:.2f} GiB on a stage; {where}")
     if config.merge.correction != "none":
-        notes.append(correction_note(config.merge.correction, int(hf["hidden_size"]), hf.get("intermediate_size")))
+        notes.append(correction_note(config.merge.correction, int(hf["hidden_size"]), hf.get("intermediate_size"),
+                                     fitted_window_layers(config, removed)))
     if config.eval.enabled and config.eval.max_windows is None:
         notes.append(f"eval.max_windows=null: eval time assumes {eval_tokens(config):,} tokens (the held-out "
                      "text at ~4 bytes per token when it is here, else 32 windows)")
@@ -556,7 +568,7 @@ def smaller_cards(parts: _Parts, num_stages: int, memory: int | None) -> list[st
                 stats = parts.fit - parts.window_io
                 plain = replace(parts, activation=parts.activation - stats, fit=parts.window_io)
                 ok_plain, peak_plain = _fits_on(plain, num_stages, card)
-                text += (f"; without refit's statistics (merge.correction=linear or none) {num_stages} stages "
+                text += (f"; without the correction's statistics (merge.correction=linear or none) {num_stages} stages "
                          + (f"fit (largest {peak_plain / GiB:.1f} GiB)" if ok_plain else "do not fit either"))
         lines.append(text)
     return lines
@@ -656,9 +668,35 @@ def window_fit_bytes(hf_config: dict, config: SlmConfig, compute_bytes: int, sto
     # Per batch (shared by its samples): rotary cos and sin, and at most a seq x seq boolean mask.
     held += math.ceil(samples / cal.batch_size) * cal.seq_len * (2 * head_dim * compute_bytes + cal.seq_len)
     if device != "cuda":
-        window = config.plan.max_window or (layers_removed + 1 if layers_removed is not None else 4)
-        held += window * stored_layer_bytes
+        held += fitted_window_layers(config, layers_removed) * stored_layer_bytes
     return held
+
+
+def fitted_window_layers(config: SlmConfig, layers_removed: int | None) -> int:
+    """The longest window a correction is expected to fit: plan.max_window, else ``layers_removed`` + 1
+    (one window holding them all), else 4 (a threshold decides)."""
+    return config.plan.max_window or (layers_removed + 1 if layers_removed is not None else 4)
+
+
+def correction_stat_bytes(config: SlmConfig, hidden: int, intermediate: int | None, layers_removed: int | None) -> int:
+    """Peak memory of one window's correction fit besides the layer's forward (see the kinds' own)."""
+    kind = config.merge.correction
+    if kind == "refit":
+        return refit_stat_bytes(hidden, intermediate)
+    if kind == "pool":
+        return pool_stat_bytes(hidden, intermediate, fitted_window_layers(config, layers_removed))
+    return 0
+
+
+def pool_stat_bytes(hidden: int, intermediate: int | None, window_layers: int) -> int:
+    """merge.correction=pool: the larger of its neuron choice (POOL_GRAM_COPIES x pool^2 float64, pool =
+    window layers x intermediate, its cross terms, and one batch's u^T u in float32) and the refit that
+    follows it (core/neuron_pool.py)."""
+    if intermediate is None:
+        return 0
+    pool = window_layers * int(intermediate)
+    choose = (POOL_GRAM_COPIES * pool ** 2 + 2 * pool * hidden) * 8 + pool ** 2 * 4
+    return max(choose, refit_stat_bytes(hidden, intermediate))
 
 
 def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:
@@ -672,7 +710,14 @@ def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:
     return (GRAM_COPIES * d_in ** 2 + CROSS_COPIES * d_in * hidden + ROW_CHUNK * (d_in + hidden)) * 8
 
 
-def correction_note(kind: str, hidden: int, intermediate: int | None) -> str:
+def correction_note(kind: str, hidden: int, intermediate: int | None, window_layers: int = 4) -> str:
+    if kind == "pool" and intermediate is not None:
+        stats = pool_stat_bytes(hidden, intermediate, window_layers)
+        return (f"merge.correction=pool: choosing a {window_layers}-layer window's neurons holds about "
+                f"{stats / GiB:.2f} GiB ({POOL_GRAM_COPIES} copies of (window layers x intermediate)^2 float64) on the "
+                f"window's stage device, on top of each stage's activations; each fitted correction is "
+                f"{3 * intermediate * hidden * 4 / GiB:.2f} GiB (float32). Use merge.correction=refit where that "
+                "does not fit")
     if kind == "linear":
         return (f"merge.correction=linear: each window's fitted map is {hidden ** 2 * 4 / GiB:.2f} GiB (float32), "
                 "held on the window's stage and on the Ray driver while its plan is scored (one plan's maps at a time)")

@@ -1,7 +1,8 @@
-"""The file beside plan.json that holds a plan's corrections (``merge.correction: linear | refit``).
+"""The file beside plan.json that holds a plan's corrections (``merge.correction: linear | refit | pool``).
 
 One float32 tensor per corrected window, keyed ``merge.correction_name(window)``: linear T [hidden,
-hidden], or refit X [intermediate (+1), hidden]; the metadata says which (``kind``, linear when
+hidden], refit X [intermediate (+1), hidden], or pool [3 x intermediate, hidden] (X, then the chosen
+gate and up rows: core/neuron_pool.py); the metadata says which (``kind``, linear when
 absent). Windows whose fit kept the plain merge have no entry. The plan records the file's path and
 sha256, and the export checks both before it writes a byte.
 """
@@ -54,7 +55,7 @@ def kind_of(path: Path | str) -> str:
 def checked_windows(plan: MergePlan, hidden_size: int) -> dict[Window, str]:
     """Window -> key of each correction in the plan's file, after checking the file is the one the
     plan was made with, names only the plan's windows and holds maps of the model's hidden size
-    (linear [hidden, hidden]; refit [intermediate (+1), hidden])."""
+    (linear [hidden, hidden]; refit [intermediate (+1), hidden]; pool [3 x intermediate, hidden])."""
     if plan.corrections is None:
         return {}
     import safetensors  # the module: see checkpoint/reader.py
@@ -74,7 +75,8 @@ def checked_windows(plan: MergePlan, hidden_size: int) -> dict[Window, str]:
             if key not in names:
                 raise PlanError(f"{path} holds {key!r}, which is not a window of the plan {list(plan.windows)}")
             shape = list(f.get_slice(key).get_shape())
-            if len(shape) != 2 or shape[1] != hidden_size or (kind == "linear" and shape[0] != hidden_size):
+            if len(shape) != 2 or shape[1] != hidden_size or (kind == "linear" and shape[0] != hidden_size) \
+                    or (kind == "pool" and shape[0] % 3):
                 raise PlanError(f"{path}: {key} is {shape}, but the model's hidden size is {hidden_size}: "
                                 "the corrections belong to another model")
             out[names[key]] = key

@@ -48,7 +48,7 @@ from slm_dist.checkpoint.writer import (
     write_json,
     write_manifest,
 )
-from slm_dist.core.merge_jobs import MergeError, TensorJob, plan_tensor_jobs, refit_rows, single_source
+from slm_dist.core.merge_jobs import MergeError, TensorJob, plan_tensor_jobs, pool_rows, refit_rows, single_source
 from slm_dist.core.planner import MergePlan
 
 if TYPE_CHECKING:
@@ -187,15 +187,20 @@ def plan_export(index: CheckpointIndex, plan: MergePlan, out_dir: Path, max_shar
         raise ExportError(f"plan is for {plan.num_layers_before} layers but {index.root} has {index.num_layers}; "
                           "the plan belongs to another model: re-run the plan stage")
     check_output_dir(index.root, out_dir)
-    corrections = checked_windows(plan, int(index.config["hidden_size"]))  # merge.correction=linear|refit
+    corrections = checked_windows(plan, int(index.config["hidden_size"]))  # merge.correction=linear|refit|pool
+    kind = kind_of(plan.corrections) if corrections else "linear"
     jobs = plan_tensor_jobs(index.tensors.keys(), plan.windows, index.num_layers, arch, plan.rule,
-                            plan.alpha_map, corrections)  # rule "scaled": per-window alphas
-    refits = matrix_shapes(plan.corrections) if corrections and kind_of(plan.corrections) == "refit" else {}
+                            plan.alpha_map, corrections, kind)  # rule "scaled": per-window alphas
+    replaced = matrix_shapes(plan.corrections) if corrections and kind in ("refit", "pool") else {}
     for job in jobs:
         _check_job(job, [index.tensors[k] for k in job.source_keys])
-        if job.correction in refits:
+        if job.correction in replaced:
+            shape = index.tensors[job.source_keys[0]].shape
             try:
-                refit_rows(index.tensors[job.source_keys[0]].shape, refits[job.correction])
+                if kind == "pool":
+                    pool_rows(job.correction_part, shape, replaced[job.correction])
+                else:
+                    refit_rows(shape, replaced[job.correction])
             except MergeError as err:
                 raise ExportError(f"{plan.corrections}: {job.correction} cannot replace {job.out_key}: {err}; the "
                                   "corrections belong to another model: re-run the plan stage") from None

@@ -9,9 +9,13 @@ FOLDS = 4  # cross-validation folds over calibration batches (fewer when there a
 ROW_CHUNK = 2048
 GRAM_COPIES = 2   # the training set's statistics and its Cholesky factor (d_in^2 float64 each)
 CROSS_COPIES = 3  # the training set's m^T r, the right-hand side (solved in place into X), the prior
+# merge.correction=pool's selection (core/neuron_pool.obs_select): the pool's normal equations, the copy
+# of the features still alive and its Cholesky factor, or the factor and its inverse ((pool)^2 float64 each).
+POOL_GRAM_COPIES = 3
+CHUNKS = 16  # pool's OBS removes the surplus neurons in this many steps (each re-solves the ridge problem)
 
 WEIGHTS = ("relative", "none")  # merge.correction_weight values
-KINDS = ("linear", "refit")  # merge.correction values that fit something (and the corrections file's kinds)
+KINDS = ("linear", "refit", "pool")  # merge.correction values that fit something (and the corrections file's kinds)
 # Maps fitted by `compare`'s ReplaceMe baseline (core/replaceme.py): hidden x hidden, folded as ``linear``.
 BASELINE_KINDS = ("replaceme_lstsq", "replaceme_cosine")
 

@@ -24,6 +24,7 @@ from slm_dist.core.merge_jobs import (
     check_rule,
     correction_name,
     plan_tensor_jobs,
+    pool_rows,
     refit_rows,
     validate_windows,
 )
@@ -156,18 +157,24 @@ def _describe(keys: Sequence[str] | None, n: int) -> str:
     return ", ".join(keys) if keys is not None else f"{n} tensors"
 
 
-def apply_correction(tensor: Tensor, matrix: Tensor, kind: str = "linear") -> Tensor:
+def apply_correction(tensor: Tensor, matrix: Tensor, kind: str = "linear", part: str | None = None) -> Tensor:
     """Fold a window's correction (core/correction_fit.py) into its MLP output projection.
 
     ``linear``: T [d, d]; the layer then adds m T where it added m: weight [d, d_in] -> T^T W, bias
     [d] -> T^T b. ``refit``: X [d_in (+1), d] replaces the projection: weight -> X[:d_in]^T, bias ->
-    X[d_in] (X has that last row only when the projection has a bias). Computed in float32 (float64
-    inputs stay float64) and returned in the tensor's dtype, a fresh tensor.
+    X[d_in] (X has that last row only when the projection has a bias). ``pool`` [3 d_in, d]: the
+    output projection as refit's X from its first d_in rows, and (``part`` gate / up) the input
+    projections' rows after them (core/neuron_pool.py). Computed in float32 (float64 inputs stay
+    float64) and returned in the tensor's dtype, a fresh tensor.
     """
     if kind == "refit":
         return _refitted(tensor, matrix)
+    if kind == "pool":
+        picked = matrix[pool_rows(part, tuple(tensor.shape), tuple(matrix.shape))]
+        picked = picked.T if part is None else picked
+        return picked.to(device=tensor.device, dtype=tensor.dtype).contiguous()
     if kind != "linear":
-        raise MergeError(f"unknown correction kind {kind!r}; known: linear, refit")
+        raise MergeError(f"unknown correction kind {kind!r}; known: linear, refit, pool")
     d = matrix.shape[0]
     if matrix.dim() != 2 or matrix.shape[1] != d or tensor.dim() not in (1, 2) or tensor.shape[0] != d:
         raise MergeError(f"a correction [{d}, {d}] applies to an output projection with {d} output rows; got "
@@ -201,7 +208,7 @@ def merge_state_dict(
     """The pruned state dict, every tensor a fresh copy (tests and small models)."""
     matrices = {tuple(w): t for w, t in (corrections or {}).items()}
     jobs = plan_tensor_jobs(state_dict.keys(), windows, num_layers, arch, rule, alpha,
-                            {w: correction_name(w) for w in matrices})
+                            {w: correction_name(w) for w in matrices}, correction_kind)
     alphas = alpha_per_window(rule, alpha, validate_windows(windows, num_layers))
     out: dict[str, Tensor] = {}
     for job in jobs:
@@ -212,6 +219,7 @@ def merge_state_dict(
         tensors = [state_dict[key] for key in job.source_keys]
         out[job.out_key] = merge_tensor(tensors, job.role, job.rule, alphas[job.window], keys=job.source_keys)
         if job.correction is not None:
-            out[job.out_key] = apply_correction(out[job.out_key], matrices[job.window], correction_kind)
+            out[job.out_key] = apply_correction(out[job.out_key], matrices[job.window], correction_kind,
+                                                job.correction_part)
     return out
 

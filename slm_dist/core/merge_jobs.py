@@ -55,6 +55,25 @@ def refit_rows(tensor_shape: tuple[int, ...], matrix_shape: tuple[int, ...]) -> 
                      f"bias [d]); got refit {list(matrix_shape)} and tensor {list(tensor_shape)}")
 
 
+POOL_PARTS = ("gate", "up")  # TensorJob.correction_part of a pool's input projections (arch.mlp_in_modules)
+
+
+def pool_rows(part: str | None, tensor_shape: tuple[int, ...], matrix_shape: tuple[int, ...]) -> slice:
+    """Which rows of a pool correction [3 * intermediate, hidden] (core/neuron_pool.py) make this tensor:
+    X = the down projection transposed (part None, weight [hidden, intermediate]), then the gate rows,
+    then the up rows (parts gate / up, weight [intermediate, hidden]). Raises MergeError when the shapes
+    do not belong together."""
+    ok = len(matrix_shape) == 2 and len(tensor_shape) == 2
+    if ok and part is None and matrix_shape == (3 * tensor_shape[1], tensor_shape[0]):
+        return slice(0, tensor_shape[1])
+    if ok and part in POOL_PARTS and matrix_shape == (3 * tensor_shape[0], tensor_shape[1]):
+        start = (1 + POOL_PARTS.index(part)) * tensor_shape[0]
+        return slice(start, start + tensor_shape[0])
+    raise MergeError(f"a pool correction [3 x intermediate, hidden] replaces a gated MLP's projections (down "
+                     f"[hidden, intermediate], gate and up [intermediate, hidden]); got pool {list(matrix_shape)} "
+                     f"and the {part or 'down'} projection {list(tensor_shape)}")
+
+
 @dataclass(frozen=True)
 class TensorJob:
     """How to produce one output tensor."""
@@ -65,7 +84,8 @@ class TensorJob:
     rule: str  # COPY when not merged, else the merge rule
     window: Window | None
     alpha: float | None = None  # rule "scaled" only: the window's alpha
-    correction: str | None = None  # the window's linear correction (its key), applied after the rule
+    correction: str | None = None  # the window's correction (its key), applied after the rule
+    correction_part: str | None = None  # a pool correction's gate or up rows (POOL_PARTS); None: the output projection
 
     def __post_init__(self) -> None:
         merged = self.window is not None
@@ -73,6 +93,9 @@ class TensorJob:
             raise MergeError(f"TensorJob {self.out_key!r} has a correction but no window; only merged layers have one")
         if not self.source_keys:
             raise MergeError(f"TensorJob {self.out_key!r} has no source keys")
+        if self.correction_part is not None and (self.correction is None or self.correction_part not in POOL_PARTS):
+            raise MergeError(f"TensorJob {self.out_key!r}: correction_part {self.correction_part!r} needs a correction "
+                             f"and is one of {list(POOL_PARTS)}")
         if merged and self.rule not in RULES:
             raise MergeError(f"TensorJob {self.out_key!r} merges with unknown rule {self.rule!r}")
         if merged:
@@ -141,7 +164,8 @@ def plan_tensor_jobs(
     arch: ArchSpec,
     rule: str,
     alphas: Alpha = None,  # rule "scaled": one float, or {window: alpha} covering every window
-    corrections: Mapping[Window, str] | None = None,  # window -> correction key (merge.correction=linear)
+    corrections: Mapping[Window, str] | None = None,  # window -> correction key (merge.correction)
+    correction_kind: str = "linear",  # pool also replaces the gate and up projections
 ) -> list[TensorJob]:
     """One job per output tensor, every source key consumed by exactly one job.
 
@@ -159,6 +183,7 @@ def plan_tensor_jobs(
     window_of = {lo: (lo, hi) for lo, hi in windows}
     corrections = _corrections_per_window(corrections, windows)
     corrected_suffixes = set(arch.mlp_out_suffixes())
+    parts = dict(zip(arch.mlp_in_suffixes(), POOL_PARTS)) if correction_kind == "pool" else {}
     members = {layer for lo, hi in windows for layer in range(lo + 1, hi + 1)}
     layer_jobs: list[tuple[int, str, TensorJob]] = []
     for layer in range(num_layers):
@@ -175,9 +200,9 @@ def plan_tensor_jobs(
         _check_window_suffixes(window, layers, arch)
         for suffix in layers[layer]:
             sources = tuple(arch.layer_key(k, suffix) for k in range(window[0], window[1] + 1))
-            correction = corrections.get(window) if suffix in corrected_suffixes else None
+            correction = corrections.get(window) if suffix in corrected_suffixes or suffix in parts else None
             job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window, alpha_of[window],
-                            correction)
+                            correction, parts.get(suffix) if correction is not None else None)
             layer_jobs.append((new, suffix, job))
     layer_jobs.sort(key=lambda item: (item[0], item[1]))
     return jobs + [job for _, _, job in layer_jobs]

@@ -22,7 +22,7 @@ from slm_dist.checkpoint.index import TensorInfo, open_index
 from slm_dist.checkpoint.reader import LazyReader, RowReader, torch_dtype
 from slm_dist.checkpoint.writer import ShardWriter
 from slm_dist.core.merge import merge_tensor
-from slm_dist.core.merge_jobs import MergeError, TensorJob, refit_rows
+from slm_dist.core.merge_jobs import MergeError, TensorJob, pool_rows, refit_rows
 
 # Merge arithmetic runs on slices this long: with their float32 temporaries they stay in a core's L2
 # cache. On the 2-core test machine that made the `sum` rule ~6x faster than whole 5632 x 2048 tensors.
@@ -49,7 +49,7 @@ class TensorArithmetic:
         self.source_dir = Path(source_dir)
         self.allow_pickle = allow_pickle
         self.memory_bytes = memory_bytes
-        self.corrections_file = corrections_file  # the plan's corrections (merge.correction=linear | refit)
+        self.corrections_file = corrections_file  # the plan's corrections (merge.correction=linear | refit | pool)
         self._pickle_reader: LazyReader | None = None
 
     def open_reader(self) -> RowReader:
@@ -77,8 +77,11 @@ class TensorArithmetic:
 
     def _write_corrected(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
         """The window's MLP output projection with its correction (``merge.apply_correction``)."""
-        if kind_of(self._corrections_path(t.correction)) == "refit":
+        kind = kind_of(self._corrections_path(t.correction))
+        if kind == "refit":
             self._write_refit(writer, t, sources[0])
+        elif kind == "pool":
+            self._write_pool(writer, t, sources[0])
         else:
             self._write_linear(writer, reader, t, sources)
 
@@ -101,6 +104,26 @@ class TensorArithmetic:
             for r0 in range(0, out_rows, block):
                 r1 = min(r0 + block, out_rows)
                 writer.write(t.out_key, view[:width, r0:r1].T.contiguous().to(dtype).reshape(-1))
+
+    def _write_pool(self, writer: ShardWriter, t: TensorJob, source: TensorInfo) -> None:
+        """A pool correction's rows for this projection (``merge_jobs.pool_rows``): the output projection as
+        X^T, the gate or up projection as stored, in row blocks within ``memory_bytes``."""
+        dtype = torch_dtype(source.dtype)
+        with correction_slice(self._corrections_path(t.correction), t.correction) as view:
+            try:
+                rows = pool_rows(t.correction_part, source.shape, tuple(view.get_shape()))
+            except MergeError as err:
+                raise ValueError(f"the correction {t.correction!r} in {self.corrections_file} does not fit "
+                                 f"{t.out_key}: {err}; the corrections belong to another model") from None
+            out_rows, width = source.shape[0], source.shape[1]
+            block = max(1, min(out_rows, self.memory_bytes // (2 * width * 4)))
+            for r0 in range(0, out_rows, block):
+                r1 = min(r0 + block, out_rows)
+                if t.correction_part is None:  # X [intermediate, hidden] holds the weight transposed
+                    part = view[rows.start:rows.stop, r0:r1].T.contiguous()
+                else:
+                    part = view[rows.start + r0:rows.start + r1, :]
+                writer.write(t.out_key, part.to(dtype).reshape(-1))
 
     def _write_linear(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
         """T^T W for the window's MLP output projection (``merge.apply_correction``), in output row blocks.

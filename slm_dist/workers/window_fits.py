@@ -10,6 +10,7 @@ and cross-validation); this module collects what they need through the stage's p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +33,7 @@ from slm_dist.core.correction_fit import (
 )
 from slm_dist.core.linear_patch import PatchError, patch_matrix, rotation
 from slm_dist.core.merge import merge_window
+from slm_dist.core.neuron_pool import obs_select, pool_matrix, pool_weights
 from slm_dist.core.replaceme import MODES, NormalEquations, cosine_map, least_squares_map
 from slm_dist.core.types import Window
 
@@ -121,7 +123,8 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
                           batch_ids: Sequence[int], skip_first: bool = True, kind: str = "linear",
                           weight: str = "relative") -> CorrectionFit:
     """Fit the ``kind`` correction of the window merged by ``rule`` (``alpha`` for scaled) on cached
-    calibration inputs (``core/correction_fit.py`` says what is fitted and how it is regularised).
+    calibration inputs (``core/correction_fit.py`` says what is fitted and how it is regularised;
+    ``core/neuron_pool.py`` how ``pool`` chooses its neurons first).
 
     The targets are the ORIGINAL window's outputs on its original inputs, as for the alpha fit. With
     ``skip_first`` position 0 is fitted but kept out of the score (``core/correction_fit.py``).
@@ -136,13 +139,21 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
         raise CorrectionError(f"the correction of window {list(window)} needs at least 2 calibration batches for "
                               f"cross-validation, got {len(batch_ids)}; raise merge.correction_batches")
     source, member = stage.window_members(window)
-    merged = stage.new_layer(lo, merge_window(source, rule, stage.arch.role, alpha))
+    tensors = merge_window(source, rule, stage.arch.role, alpha)
+    inputs, targets = window_targets(stage, window, batch_ids, member)
+    pool = None
+    if kind == "pool":
+        with torch.inference_mode():
+            pool = _choose_neurons(stage, window, source, tensors, inputs, targets, skip_first, weight)
+        tensors = pool.tensors
     del source
+    with torch.inference_mode(pool is not None):  # the pool's chosen tensors are inference tensors
+        merged = stage.new_layer(lo, tensors)
+    del tensors
     projection = merged.get_submodule(stage.arch.mlp_out_module)
     prior = None
-    if kind == "refit":
+    if kind != "linear":
         prior = projection_prior(projection.weight, getattr(projection, "bias", None)).to(stage.device)
-    inputs, targets = window_targets(stage, window, batch_ids, member)
     folds = min(FOLDS, len(batch_ids))
     captured: list[tuple[Tensor, Tensor]] = []
 
@@ -177,8 +188,93 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     # across its yields): the fit's buffers and the recomputed rows are all inference tensors.
     with torch.inference_mode():
         ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior)
+    if pool is not None:
+        # The fit's losses are relative to the chosen neurons with the merged projection's rows (zeros
+        # for the members' neurons); the plain merge is what a pool must beat to be kept.
+        factor = pool.prior_error / pool.plain_error
+        tried = [(r, v * factor) for r, v in tried]
+        loss = loss * factor
+        if matrix is None or loss >= 1.0:
+            ridge, loss, matrix = None, 1.0, None
+        else:
+            matrix = pool_matrix(matrix, pool.gate, pool.up)
     return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
                          matrix=None if matrix is None else matrix.float().cpu(), kind=kind)
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """The neurons ``pool`` chose: the merged layer's tensors with them in place, and what to compare."""
+
+    tensors: dict[str, Tensor]  # the merged layer with the chosen gate / up rows, down = the prior
+    gate: Tensor                # [intermediate, hidden] float32, the chosen rows
+    up: Tensor
+    plain_error: float          # ordinary rows' (weighted) squared error of the plain merge
+    prior_error: float          # ... of the chosen neurons with the prior down projection
+
+
+def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Tensor]], tensors: dict[str, Tensor],
+                    inputs: list[tuple[Tensor, LayerContext]], targets: list[Tensor], skip_first: bool,
+                    weight: str) -> _Pool:
+    """``pool``'s steps 1 and 2 (core/neuron_pool.py): the pool's normal equations over every batch, and
+    OBS down to the architecture's width."""
+    arch, lo = stage.arch, window[0]
+    gate_s, up_s = arch.mlp_in_suffixes()
+    down_s = f"{arch.mlp_out_module}.weight"
+    gate, up = (w.to(stage.device) for w in pool_weights(tensors, source, arch))
+    width = tensors[gate_s].shape[0]
+    merged = stage.new_layer(lo, tensors)
+    mlp = merged.get_submodule(arch.mlp_out_module.rpartition(".")[0])
+    act = getattr(mlp, "act_fn", None)
+    if act is None:
+        raise CorrectionError(f"merge.correction=pool needs a gated MLP with an act_fn; {type(mlp).__name__} has "
+                              "none. Use merge.correction=refit")
+
+    def rows(layer: torch.nn.Module, features: bool) -> Iterator[tuple[Tensor | None, Tensor, Tensor]]:
+        """Per batch: pool features u (with ``features``), target residual r, and the layer's error."""
+        captured: list[tuple[Tensor, Tensor]] = []
+        hook = layer.get_submodule(arch.mlp_out_module.rpartition(".")[0]).register_forward_hook(
+            lambda module, args, out: captured.append((args[0], out)))
+        try:
+            for (h, ctx), target in zip(inputs, targets):
+                captured.clear()
+                out = stage.run_layer(layer, lo, h, ctx)
+                ((x, m),) = captured
+                captured.clear()
+                x = x.float()
+                u = act(x @ gate.T) * (x @ up.T) if features else None
+                r, error = (target - out + m).float(), (out - target).float()
+                if weight == "relative":
+                    scale = relative_row_scale(target)
+                    u, r, error = None if u is None else u * scale, r * scale, error * scale
+                if skip_first and x.shape[1] > 1:  # position 0 is refitted later, never chosen for
+                    u, r, error = None if u is None else u[:, 1:], r[:, 1:], error[:, 1:]
+                yield (None if u is None else u.reshape(-1, u.shape[-1])), r.reshape(-1, r.shape[-1]), error
+        finally:
+            hook.remove()
+
+    gram = torch.zeros(len(gate), len(gate), dtype=torch.float64, device=stage.device)
+    cross = torch.zeros(len(gate), tensors[down_s].shape[0], dtype=torch.float64, device=stage.device)
+    plain = 0.0
+    for u, r, error in rows(merged, True):
+        gram += u.T @ u  # float32 per batch, summed in float64
+        cross += u.T @ r
+        plain += float((error * error).sum())
+    del merged
+    alive = obs_select(gram, cross, width)
+    del gram, cross
+    chosen = dict(tensors)
+    chosen[gate_s], chosen[up_s] = gate[alive].cpu(), up[alive].cpu()
+    down = torch.zeros_like(tensors[down_s])
+    own = alive < width
+    down[:, own.nonzero().squeeze(1).cpu()] = tensors[down_s][:, alive[own].cpu()]
+    chosen[down_s] = down
+    layer = stage.new_layer(lo, chosen)
+    prior = sum(float((error * error).sum()) for _, _, error in rows(layer, False))
+    if not plain > 0.0:
+        raise CorrectionError(f"window {list(window)} adds nothing beyond its merged layer on these batches; "
+                              "nothing to fit")
+    return _Pool(chosen, chosen[gate_s], chosen[up_s], plain, prior)
 
 
 def fit_window_replaceme(stage: LayerHost, window: Window, batch_ids: Sequence[int], mode: str) -> CorrectionFit:

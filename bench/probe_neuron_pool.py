@@ -1,0 +1,182 @@
+"""Probe (issue 19): merge a removed block's MLPs into the layer before it by choosing neurons, in memory.
+
+    python bench/probe_neuron_pool.py [--samples 64] [--remove 13-18]
+
+An idea test, not a method of slm-dist. `refit` keeps the host layer's own 1536 MLP neurons and refits
+their output projection to reproduce what the whole block added. Here the host's MLP first gets every
+neuron of the block's MLPs as well (each computed on the host's input, its own RMSNorm gain folded into
+its gate and up rows, so one norm serves all), the output projection of that pool is fitted the same way
+(ridge towards the host's own projection, rows weighted by 1 / ||target||), and then the pool is cut back
+to the host's width by Optimal Brain Surgeon's rule on the least-squares problem: removing feature i
+and refitting the rest raises the error by ||X_i||^2 / [G^-1]_ii. The checkpoint keeps its architecture:
+the host's gate, up and down projections are rows of the pool.
+
+Variants, each scored by perplexity (the first 8 windows of 512 tokens of WikiText-2 and PTB test):
+- ``refit``: the host's own neurons (probe_after_cut.py's baseline);
+- ``pool, all``: the whole pool kept (a wider MLP than the architecture allows: an upper bound);
+- ``pool, OBS``: the pool pruned back to the host's width in chunks, then refitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from probe_after_cut import BATCH, DATA, HELD_OUT, RIDGES, SEQ, Probe, perplexity, removed_layers, windows
+from transformers import AutoTokenizer
+
+from slm_dist.assets import default_cache_dir, prepare_demo_assets
+from slm_dist.evaluation import read_ppl_text
+
+log = logging.getLogger("probe_neuron_pool")
+
+
+@torch.no_grad()
+def widen(host, members) -> None:
+    """The host layer's MLP takes every member layer's neurons after its own (gains folded in)."""
+    g_host = host.post_attention_layernorm.weight
+    gates, ups, downs = [host.mlp.gate_proj.weight], [host.mlp.up_proj.weight], [host.mlp.down_proj.weight]
+    for layer in members:
+        ratio = (layer.post_attention_layernorm.weight / g_host)[None, :]
+        gates.append(layer.mlp.gate_proj.weight * ratio)
+        ups.append(layer.mlp.up_proj.weight * ratio)
+        downs.append(torch.zeros_like(layer.mlp.down_proj.weight))
+    set_mlp(host, torch.cat(gates), torch.cat(ups), torch.cat(downs, dim=1))
+
+
+def set_mlp(host, gate, up, down) -> None:
+    width, hidden = gate.shape
+    mlp = host.mlp
+    mlp.gate_proj = torch.nn.Linear(hidden, width, bias=False)
+    mlp.up_proj = torch.nn.Linear(hidden, width, bias=False)
+    mlp.down_proj = torch.nn.Linear(width, hidden, bias=False)
+    mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data = gate, up, down
+
+
+@torch.no_grad()
+def statistics(probe: Probe, model, j: int):
+    """Normal equations of the training batches and the held-out rows, layer j's (widened) MLP."""
+    layer, seen = model.model.layers[j], {}
+    hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
+    layers = model.model.layers
+    gram = cross = None
+    held_u, held_r = [], []
+    split = len(probe.calibration) - HELD_OUT
+    try:
+        model.model.layers = layers[:j + 1]
+        for b, k in enumerate(range(0, len(probe.calibration), BATCH)):
+            model.model(probe.calibration[k:k + BATCH])
+            mid = seen["mid"]
+            x = layer.post_attention_layernorm(mid)
+            u = F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
+            target = probe.dense_states[b][probe.target_depth(j)]
+            weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            u = (u * weight).reshape(-1, u.shape[-1]).double()
+            r = ((target - mid) * weight).reshape(-1, mid.shape[-1]).double()
+            if k >= split:
+                held_u.append(u)
+                held_r.append(r)
+                continue
+            if gram is None:
+                gram, cross = u.T @ u, u.T @ r
+            else:
+                gram.addmm_(u.T, u)
+                cross.addmm_(u.T, r)
+    finally:
+        model.model.layers = layers
+        hook.remove()
+    return gram, cross, torch.cat(held_u), torch.cat(held_r)
+
+
+def ridge_fit(gram, cross, held_u, held_r, prior):
+    """The ridge (towards ``prior``) with the lowest held-out error, and its map."""
+    scale = gram.diagonal().mean()
+    best, best_error, best_ridge = prior, float(((held_u @ prior - held_r) ** 2).sum()), None
+    plain = best_error
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    for ridge in RIDGES:
+        x = torch.linalg.solve(gram + ridge * scale * eye, cross + ridge * scale * prior)
+        if (error := float(((held_u @ x - held_r) ** 2).sum())) < best_error:
+            best, best_error, best_ridge = x, error, ridge
+    log.info("held-out error %.4g -> %.4g (ridge %s, %d features)", plain, best_error, best_ridge, len(gram))
+    return best, best_ridge
+
+
+def obs_keep(gram, cross, keep: int, ridge: float, chunk: int) -> torch.Tensor:
+    """Indices of ``keep`` features chosen by OBS backward elimination, ``chunk`` at a time."""
+    alive = torch.arange(len(gram))
+    scale = gram.diagonal().mean()
+    while len(alive) > keep:
+        g = gram[alive][:, alive]
+        inverse = torch.linalg.inv(g + ridge * scale * torch.eye(len(alive), dtype=g.dtype))
+        x = inverse @ cross[alive]
+        cost = (x ** 2).sum(dim=1) / inverse.diagonal()
+        drop = min(chunk, len(alive) - keep)
+        order = torch.argsort(cost)
+        alive = alive[torch.sort(order[drop:]).values]
+        log.info("OBS: %d features left", len(alive))
+    return alive
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--remove", default="13-18")
+    parser.add_argument("--chunk", type=int, default=1024, help="features removed per OBS step")
+    parser.add_argument("--select-ridge", type=float, default=1e-3)
+    parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    blocks = removed_layers(args.remove)
+    assets = prepare_demo_assets(default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
+    calibration = windows(tokens(calibration_text), args.samples + HELD_OUT, SEQ)
+    evals = {"wikitext-2": windows(tokens(read_ppl_text(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")), 8, 512),
+             "ptb": windows(tokens(read_ppl_text(DATA / "ptb" / "ptb.test.txt")), 8, 512)}
+    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
+    dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
+    log.info("dense: %s", dense)
+
+    def report(label, model, start):
+        scores = {name: perplexity(model, w) for name, w in evals.items()}
+        log.info("%-12s %s (%.0f s)", label, "  ".join(f"{n} {v:.2f} ({v / dense[n]:.2f}x dense)"
+                                                      for n, v in scores.items()), time.time() - start)
+
+    for variant in ("refit",) + (() if args.skip_all else ("pool, all",)) + ("pool, OBS",):
+        start, model = time.time(), probe.pruned(0.0, blocks)
+        originals = probe.load().model.layers
+        for block in blocks:  # one block at a time, on the model as corrected so far
+            j = probe.kept.index(block[0] - 1)
+            host = model.model.layers[j]
+            width = host.mlp.down_proj.weight.shape[1]
+            if variant != "refit":
+                widen(host, [originals[i] for i in block])
+            gram, cross, held_u, held_r = statistics(probe, model, j)
+            prior = torch.zeros_like(cross)
+            prior[:width] = originals[block[0] - 1].mlp.down_proj.weight.double().T
+            x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
+            if variant == "pool, OBS":
+                alive = obs_keep(gram, cross, width, args.select_ridge, args.chunk)
+                log.info("kept per layer: %s", torch.bincount(alive // width).tolist())
+                x, ridge = ridge_fit(gram[alive][:, alive], cross[alive], held_u[:, alive], held_r, prior[alive])
+                mlp = host.mlp
+                set_mlp(host, mlp.gate_proj.weight[alive].clone(), mlp.up_proj.weight[alive].clone(),
+                        x.T.float().contiguous())
+            else:
+                host.mlp.down_proj.weight.data = x.T.float().contiguous()
+        report(variant, model, start)
+
+
+if __name__ == "__main__":
+    main()
