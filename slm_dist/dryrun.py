@@ -463,7 +463,7 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
         stages = []
 
     if device == "cuda":
-        notes += smaller_cards(parts, cluster.num_stages, memory)
+        notes += smaller_cards(parts, cluster.num_stages, memory, config.merge.correction)
 
     if removed is None:
         notes.append("plan.threshold: how many layers go depends on the statistics; output and disk figures "
@@ -551,8 +551,9 @@ def _fits_on(parts: _Parts, num_stages: int, memory: int) -> tuple[bool, int]:
     return peak <= memory, peak
 
 
-def smaller_cards(parts: _Parts, num_stages: int, memory: int | None) -> list[str]:
-    """What fits on GPUs smaller than the configured ones (40 and 48 GiB), and without refit's statistics."""
+def smaller_cards(parts: _Parts, num_stages: int, memory: int | None, correction: str = "refit") -> list[str]:
+    """What fits on GPUs smaller than the configured ones (40 and 48 GiB), and without the correction's
+    statistics (``correction``: merge.correction, refit or pool)."""
     lines = []
     for gib in SMALLER_CARDS_GIB:
         card = gib * GiB
@@ -568,7 +569,7 @@ def smaller_cards(parts: _Parts, num_stages: int, memory: int | None) -> list[st
                 stats = parts.fit - parts.window_io
                 plain = replace(parts, activation=parts.activation - stats, fit=parts.window_io)
                 ok_plain, peak_plain = _fits_on(plain, num_stages, card)
-                text += (f"; without the correction's statistics (merge.correction=linear or none) {num_stages} stages "
+                text += (f"; without {correction}'s statistics (merge.correction=linear or none) {num_stages} stages "
                          + (f"fit (largest {peak_plain / GiB:.1f} GiB)" if ok_plain else "do not fit either"))
         lines.append(text)
     return lines

@@ -509,7 +509,7 @@ def test_refit_files_say_their_kind_and_are_checked_against_the_projection(tiny_
 
 
 # ----------------------------------------------------------------------------------- the run
-@pytest.mark.parametrize("kind", ["linear", "refit"])
+@pytest.mark.parametrize("kind", ["linear", "refit", "pool"])
 def test_corrected_run_writes_fits_and_a_checkpoint_with_them(tiny_model, tiny_text_file, tmp_path, kind):
     from slm_dist import pipeline
     from slm_dist.config import load_config

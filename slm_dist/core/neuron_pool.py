@@ -18,10 +18,10 @@ The result keeps the architecture (intermediate_size unchanged): the merged laye
 projections are replaced. Stored as one matrix [3 * intermediate, hidden]: X (the down projection
 transposed), then the gate rows, then the up rows (``merge_jobs.pool_rows``).
 
-On SmolLM2-135M, block 13-18 removed (bench/probe_neuron_pool.py, 64 samples): WikiText-2 perplexity
-56.96 with ``refit``, 50.85 with the pool cut back to 1536 neurons, 48.27 with the whole 10752-neuron
-pool kept (wider than the architecture allows). The neurons kept per layer were 606 of the host's and
-92-285 of each member's.
+On SmolLM2-135M, block 13-18 removed (bench/probe_neuron_pool.py, in memory): WikiText-2 perplexity
+54.76 with ``refit`` and 48.58 with the pool cut back to 1536 neurons at 256 calibration samples (56.96
+and 50.85 at 64; the whole 10752-neuron pool, wider than the architecture allows, 48.27 there). The
+neurons kept: ~610 of the host layer's, 89-287 of each member's (the top one the most).
 
 Memory: the pool's statistics are (window layers x intermediate)^2 float64, twice (the equations and an
 inverse), on the window's stage: 0.9 GiB each for SmolLM2's 7-layer windows, but ~420 GiB for a 70B

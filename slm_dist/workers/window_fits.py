@@ -224,7 +224,8 @@ def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Ten
     gate, up = (w.to(stage.device) for w in pool_weights(tensors, source, arch))
     width = tensors[gate_s].shape[0]
     merged = stage.new_layer(lo, tensors)
-    mlp = merged.get_submodule(arch.mlp_out_module.rpartition(".")[0])
+    mlp_path = arch.mlp_out_module.rpartition(".")[0]  # the MLP module: its input is the normed x
+    mlp = merged.get_submodule(mlp_path)
     act = getattr(mlp, "act_fn", None)
     if act is None:
         raise CorrectionError(f"merge.correction=pool needs a gated MLP with an act_fn; {type(mlp).__name__} has "
@@ -233,7 +234,7 @@ def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Ten
     def rows(layer: torch.nn.Module, features: bool) -> Iterator[tuple[Tensor | None, Tensor, Tensor]]:
         """Per batch: pool features u (with ``features``), target residual r, and the layer's error."""
         captured: list[tuple[Tensor, Tensor]] = []
-        hook = layer.get_submodule(arch.mlp_out_module.rpartition(".")[0]).register_forward_hook(
+        hook = layer.get_submodule(mlp_path).register_forward_hook(
             lambda module, args, out: captured.append((args[0], out)))
         try:
             for (h, ctx), target in zip(inputs, targets):
@@ -261,6 +262,9 @@ def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Ten
         cross += u.T @ r
         plain += float((error * error).sum())
     del merged
+    if not plain > 0.0:
+        raise CorrectionError(f"window {list(window)} adds nothing beyond its merged layer on these batches; "
+                              "nothing to fit")
     alive = obs_select(gram, cross, width)
     del gram, cross
     chosen = dict(tensors)
@@ -271,9 +275,6 @@ def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Ten
     chosen[down_s] = down
     layer = stage.new_layer(lo, chosen)
     prior = sum(float((error * error).sum()) for _, _, error in rows(layer, False))
-    if not plain > 0.0:
-        raise CorrectionError(f"window {list(window)} adds nothing beyond its merged layer on these batches; "
-                              "nothing to fit")
     return _Pool(chosen, chosen[gate_s], chosen[up_s], plain, prior)
 
 
