@@ -164,7 +164,7 @@ def main() -> None:
                 widen(host, [originals[i] for i in block])
             gram, cross, held_u, held_r = statistics(probe, model, j)
             prior = torch.zeros_like(cross)
-            prior[:width] = originals[block[0] - 1].mlp.down_proj.weight.double().T
+            prior[:width] = originals[block[0] - 1].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
             if variant == "pool, OBS":
                 alive = obs_keep(gram, cross, width, args.select_ridge, args.chunk)

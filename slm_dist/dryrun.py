@@ -406,10 +406,14 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         forwards = (2 * window + grid + 3) * fit_tokens * fpt / rate
         normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
                   + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
-        if config.merge.correction == "pool":  # the pool's equations, then OBS: a factor and an inverse per chunk
+        pooled = 0.0
+        if config.merge.correction == "pool":
+            # The pool's equations in float32, then OBS: a Cholesky factor and an inverse ((4/3) n^3) per
+            # chunk, n falling linearly from the pool to the layer's width (the mean of n^3 over that range).
             pool = fitted_window_layers(config, removed) * width
-            normal += 2 * fit_tokens * pool * (pool + hidden) + CHUNKS * (4 / 3) * pool ** 3 / 2
-        seconds += candidates * (forwards + normal / fp64)
+            mean_cube = (pool ** 4 - width ** 4) / (4 * max(pool - width, 1))
+            pooled = 2 * fit_tokens * pool * (pool + hidden) / rate + CHUNKS * (4 / 3) * mean_cube / fp64
+        seconds += candidates * (forwards + normal / fp64 + pooled)
     return seconds
 
 

@@ -167,7 +167,7 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
                                 "eval.max_windows=4"])
     spec = evaluation.EvalSpec.from_config(config.eval, [tiny_text_file], {})
     methods = ("angular", "sleb", "replaceme_lstsq", "replaceme_cosine", "linearpatch_sleb", "linearpatch_angular",
-               "angular_refit", "sleb_refit")
+               "angular_refit", "sleb_refit", "angular_pool", "sleb_pool")
     result = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     rows = {r["method"]: r for r in result["rows"]}
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
@@ -185,34 +185,34 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
         assert rows[method]["windows"] == rows[base]["windows"] and rows[method]["key"]["patch"]
         assert rows[method]["eval"]["ppl"] != rows[base]["eval"]["ppl"], method
     assert "+ LinearPatch (in memory)" in compare.format_table(result)
-    # slm-dist's refit on the same block: a refit corrections file (or the plain removal when it kept it).
-    refit = rows["angular_refit"]
-    assert refit["windows"] == rows["angular"]["windows"]
-    assert refit["key"].get("correction_kind") == "refit" or "same_model_as" in refit
-    # ... and on SLEB's layers: SLEB's windows, each with its own refit (or its plain removal).
-    refit = rows["sleb_refit"]
-    assert refit["windows"] == rows["sleb"]["windows"]
-    assert refit["key"].get("correction_kind") == "refit" or "same_model_as" in refit
+    # slm-dist's refit (pool) on the angular block and on SLEB's layers: their windows, each with its own
+    # corrections file (or the plain removal where the fit kept it).
+    for kind in ("refit", "pool"):
+        for base in ("angular", "sleb"):
+            fitted = rows[f"{base}_{kind}"]
+            assert fitted["windows"] == rows[base]["windows"]
+            assert fitted["key"].get("correction_kind") == kind or "same_model_as" in fitted
     # A rerun reuses every plan (the ReplaceMe maps included) and every measured row.
     again = compare.compare(config, [2], spec, methods=methods, show_progress=False)
     assert [r["eval"] for r in again["rows"]] == [r["eval"] for r in result["rows"]]
-    # The product's plan.search=sleb with merge.correction=refit is compare's sleb_refit: the same
-    # layers and the same fitted maps (SLEB's trials may remove the top layer there: protect_last=0).
-    product = config.model_copy(update={
-        "plan": config.plan.model_copy(update={"search": "sleb", "protect_last": 0}),
-        "merge": config.merge.model_copy(update={"rule": "drop", "correction": "refit"}),
-        "run": config.run.model_copy(update={"dir": tmp_path / "product"})})
-    planned = pipeline.run(product, show_progress=False, stop_after="plan")["plan"]
-    assert [list(w) for w in planned["windows"]] == [list(w) for w in rows["sleb"]["windows"]]
-    ours = load_plan(tmp_path / "product")
-    theirs = compare.plan_from_json(json.loads((tmp_path / "run" / "compare" / "sleb_refit-2" / "plan.json")
-                                               .read_text()), 6)
-    assert (ours.corrections is None) == (theirs.corrections is None)
-    if ours.corrections is not None:
-        mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
-        assert mine.keys() == other.keys()
-        for w in mine:
-            torch.testing.assert_close(mine[w], other[w])
+    # The product's plan.search=sleb with merge.correction=refit (pool) is compare's sleb_refit (sleb_pool):
+    # the same layers and the same fitted maps (SLEB's trials may remove the top layer there: protect_last=0).
+    for kind in ("refit", "pool"):
+        product = config.model_copy(update={
+            "plan": config.plan.model_copy(update={"search": "sleb", "protect_last": 0}),
+            "merge": config.merge.model_copy(update={"rule": "drop", "correction": kind}),
+            "run": config.run.model_copy(update={"dir": tmp_path / f"product-{kind}"})})
+        planned = pipeline.run(product, show_progress=False, stop_after="plan")["plan"]
+        assert [list(w) for w in planned["windows"]] == [list(w) for w in rows["sleb"]["windows"]]
+        ours = load_plan(tmp_path / f"product-{kind}")
+        theirs = compare.plan_from_json(json.loads((tmp_path / "run" / "compare" / f"sleb_{kind}-2" / "plan.json")
+                                                   .read_text()), 6)
+        assert (ours.corrections is None) == (theirs.corrections is None)
+        if ours.corrections is not None:
+            mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
+            assert mine.keys() == other.keys()
+            for w in mine:
+                torch.testing.assert_close(mine[w], other[w])
 
 
 # ------------------------------------------------------------------------------ LinearPatch
