@@ -76,7 +76,8 @@ class TensorArithmetic:
             del window  # unmaps the source blocks now: a job maps at most one block per window member
 
     def _write_corrected(self, writer: ShardWriter, reader: RowReader, t: TensorJob, sources: list[TensorInfo]) -> None:
-        """The window's MLP output projection with its correction (``merge.apply_correction``)."""
+        """A projection of the window's MLP with its correction (``merge.apply_correction``): the output
+        projection for every kind, the gate and up projections too for ``pool``."""
         kind = kind_of(self._corrections_path(t.correction))
         if kind == "refit":
             self._write_refit(writer, t, sources[0])
