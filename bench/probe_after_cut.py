@@ -188,6 +188,27 @@ def removed_layers(spec: str) -> list[list[int]]:
     return blocks
 
 
+def setup(samples: int, blocks: list[list[int]]) -> tuple[Probe, dict[str, torch.Tensor], dict[str, float]]:
+    """The probe on ``samples`` calibration pieces (+ the held-out ones) without ``blocks``, the evaluation
+    windows, and the dense model's perplexity on them."""
+    torch.manual_seed(0)
+    assets = prepare_demo_assets(default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
+    calibration = windows(tokens(calibration_text), samples + HELD_OUT, SEQ)
+    # The texts as `slm-dist eval` joins them; the first 8 windows of 512 tokens (the eval spreads its windows).
+    evals = {"wikitext-2": windows(tokens(read_ppl_text(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")), 8, 512),
+             "ptb": windows(tokens(read_ppl_text(DATA / "ptb" / "ptb.test.txt")), 8, 512)}
+    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
+    dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
+    log.info("dense: %s", dense)
+    return probe, evals, dense
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -205,24 +226,9 @@ def main() -> None:
     parser.add_argument("--independent", action="store_true",
                         help="also fit every block on the dense model's inputs (no error feedback)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     torch.set_num_threads(1)
     blocks = removed_layers(args.remove)
-    assets = prepare_demo_assets(default_cache_dir())
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
-
-    def tokens(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
-    calibration = windows(tokens(calibration_text), args.samples + HELD_OUT, SEQ)
-    # The texts as `slm-dist eval` joins them; the first 8 windows of 512 tokens (the eval spreads its windows).
-    evals = {"wikitext-2": windows(tokens(read_ppl_text(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")), 8, 512),
-             "ptb": windows(tokens(read_ppl_text(DATA / "ptb" / "ptb.test.txt")), 8, 512)}
-
-    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
-    dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
-    log.info("dense: %s", dense)
+    probe, evals, dense = setup(args.samples, blocks)
     cuts = [probe.kept.index(block[0] - 1) for block in blocks]
     variants = [("drop", None, True, 0.0)] + [(f"refit + {n} after", n, True, 0.0) for n in args.after]
     if args.independent:

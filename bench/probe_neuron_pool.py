@@ -22,15 +22,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from probe_after_cut import BATCH, DATA, HELD_OUT, RIDGES, SEQ, Probe, perplexity, removed_layers, windows
-from transformers import AutoTokenizer
-
-from slm_dist.assets import default_cache_dir, prepare_demo_assets
-from slm_dist.evaluation import read_ppl_text
+from probe_after_cut import BATCH, HELD_OUT, RIDGES, Probe, perplexity, removed_layers, setup
 
 log = logging.getLogger("probe_neuron_pool")
 
@@ -131,22 +126,9 @@ def main() -> None:
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
     args = parser.parse_args()
-    torch.manual_seed(0)
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
-    assets = prepare_demo_assets(default_cache_dir())
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
-
-    def tokens(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
-    calibration = windows(tokens(calibration_text), args.samples + HELD_OUT, SEQ)
-    evals = {"wikitext-2": windows(tokens(read_ppl_text(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")), 8, 512),
-             "ptb": windows(tokens(read_ppl_text(DATA / "ptb" / "ptb.test.txt")), 8, 512)}
-    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
-    dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
-    log.info("dense: %s", dense)
+    probe, evals, dense = setup(args.samples, blocks)
 
     def report(label, model, start):
         scores = {name: perplexity(model, w) for name, w in evals.items()}
