@@ -181,7 +181,8 @@ class _Solver:
         return rhs
 
 
-def choose_correction(rows: FoldRows, folds: int, grid: Sequence[float] = RIDGE_GRID, prior: Tensor | None = None
+def choose_correction(rows: FoldRows, folds: int, grid: Sequence[float] = RIDGE_GRID, prior: Tensor | None = None,
+                      reference: float | None = None
                       ) -> tuple[float | None, float, list[tuple[float, float]], Tensor | None]:
     """Cross-validated ridge: each fold is scored by the map fitted on the others (every row).
 
@@ -193,7 +194,9 @@ def choose_correction(rows: FoldRows, folds: int, grid: Sequence[float] = RIDGE_
     Returns (ridge, loss, tried, X): loss is the held-out error on ordinary rows relative to the
     prior's (1.0 = no better than the plain merge); a ridge whose map loses to the prior on all
     held-out rows together (position 0 included) is vetoed (its loss shows as inf). ridge and X are
-    None when no ridge beats the prior held out; otherwise X is refitted on every fold.
+    None when no ridge beats the prior held out; otherwise X is refitted on every fold. A given
+    ``reference`` (an error on the same ordinary rows) replaces the prior's as what a loss is relative
+    to and what a map must beat: ``pool``'s prior is its chosen neurons, but it must beat the plain merge.
 
     Memory: GRAM_COPIES d_in^2 and CROSS_COPIES d_in x d_out float64 (``dryrun.refit_stat_bytes``),
     plus ROW_CHUNK rows in float64.
@@ -247,7 +250,8 @@ def choose_correction(rows: FoldRows, folds: int, grid: Sequence[float] = RIDGE_
         # The veto: on every held-out row together the map must not lose to the plain merge. Only a
         # map that wrecks the massive rows trips it (their errors dwarf the rest).
         vetoed = out + out_first > total_identity + first_identity
-        tried.append((float(ridge), math.inf if vetoed else out / total_identity))
+        relative_to = total_identity if reference is None else reference
+        tried.append((float(ridge), math.inf if vetoed else out / relative_to))
     ridge, loss = min(tried, key=lambda t: (t[1], -t[0]))  # ties: the stronger ridge
     if loss >= 1.0:
         return None, 1.0, tried, None

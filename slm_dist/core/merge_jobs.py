@@ -74,6 +74,15 @@ def pool_rows(part: str | None, tensor_shape: tuple[int, ...], matrix_shape: tup
                      f"and the {part or 'down'} projection {list(tensor_shape)}")
 
 
+def corrected_suffixes(arch: ArchSpec, kind: str) -> dict[str, str | None]:
+    """Per-layer suffix -> correction part of every tensor a correction of ``kind`` replaces or folds
+    into: the MLP output projection (part None), and for ``pool`` the gate and up projections too."""
+    parts: dict[str, str | None] = {suffix: None for suffix in arch.mlp_out_suffixes()}
+    if kind == "pool":
+        parts.update(zip(arch.mlp_in_suffixes(), POOL_PARTS))
+    return parts
+
+
 @dataclass(frozen=True)
 class TensorJob:
     """How to produce one output tensor."""
@@ -182,8 +191,7 @@ def plan_tensor_jobs(
     jobs = [TensorJob(key, (key,), None, COPY, None) for key in sorted(passthrough)]
     window_of = {lo: (lo, hi) for lo, hi in windows}
     corrections = _corrections_per_window(corrections, windows)
-    corrected_suffixes = set(arch.mlp_out_suffixes())
-    parts = dict(zip(arch.mlp_in_suffixes(), POOL_PARTS)) if correction_kind == "pool" else {}
+    parts = corrected_suffixes(arch, correction_kind)
     members = {layer for lo, hi in windows for layer in range(lo + 1, hi + 1)}
     layer_jobs: list[tuple[int, str, TensorJob]] = []
     for layer in range(num_layers):
@@ -200,9 +208,9 @@ def plan_tensor_jobs(
         _check_window_suffixes(window, layers, arch)
         for suffix in layers[layer]:
             sources = tuple(arch.layer_key(k, suffix) for k in range(window[0], window[1] + 1))
-            correction = corrections.get(window) if suffix in corrected_suffixes or suffix in parts else None
+            correction = corrections.get(window) if suffix in parts else None
             job = TensorJob(arch.layer_key(new, suffix), sources, arch.role(suffix), rule, window, alpha_of[window],
-                            correction, parts.get(suffix) if correction is not None else None)
+                            correction, parts[suffix] if correction is not None else None)
             layer_jobs.append((new, suffix, job))
     layer_jobs.sort(key=lambda item: (item[0], item[1]))
     return jobs + [job for _, _, job in layer_jobs]

@@ -23,9 +23,10 @@ On SmolLM2-135M, block 13-18 removed (bench/probe_neuron_pool.py, in memory): Wi
 and 50.85 at 64; the whole 10752-neuron pool, wider than the architecture allows, 48.27 there). The
 neurons kept: ~610 of the host layer's, 89-287 of each member's (the top one the most).
 
-Memory: the pool's statistics are (window layers x intermediate)^2 float64, twice (the equations and an
-inverse), on the window's stage: 0.9 GiB each for SmolLM2's 7-layer windows, but ~420 GiB for a 70B
-model's 8-layer window, which the dry run refuses. Use ``refit`` there.
+Memory: the pool's statistics are (window layers x intermediate)^2 float64, POOL_GRAM_COPIES at the
+selection's peak (the equations, the copy of the features left and its factor or inverse), on the
+window's stage: 0.9 GiB each for SmolLM2's 7-layer windows (3.1 GiB in all, dryrun.pool_stat_bytes), but
+~420 GiB each (~1.3 TB) for a 70B model's 8-layer window, which the dry run refuses. Use ``refit`` there.
 
 PURE: torch only.
 """

@@ -24,7 +24,7 @@ from slm_dist.core import similarity
 from slm_dist.core.alpha_fit import AlphaFit
 from slm_dist.core.correction_fit import BASELINE_KINDS, CorrectionFit, correction_key, fold_kind
 from slm_dist.core.merge import apply_correction, merge_window
-from slm_dist.core.merge_jobs import POOL_PARTS
+from slm_dist.core.merge_jobs import corrected_suffixes
 from slm_dist.core.types import Window
 from slm_dist.workers.window_fits import (
     fit_window_alpha,
@@ -335,10 +335,9 @@ class StageWorker:
             merged = merge_window(per_layer, rule, self.arch.role, alpha)
             if matrix is not None:
                 kind = fold_kind(correction)
-                parts = dict(zip(self.arch.mlp_in_suffixes(), POOL_PARTS)) if kind == "pool" else {}
-                for suffix in (*self.arch.mlp_out_suffixes(), *parts):
+                for suffix, part in corrected_suffixes(self.arch, kind).items():
                     if suffix in merged:
-                        merged[suffix] = apply_correction(merged[suffix], matrix, kind, parts.get(suffix))
+                        merged[suffix] = apply_correction(merged[suffix], matrix, kind, part)
             self._merged_layers[key] = self.new_layer(window[0], merged)
         return self._merged_layers[key]
 

@@ -10,7 +10,6 @@ and cross-validation); this module collects what they need through the stage's p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -141,13 +140,15 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     source, member = stage.window_members(window)
     tensors = merge_window(source, rule, stage.arch.role, alpha)
     inputs, targets = window_targets(stage, window, batch_ids, member)
-    pool = None
+    # pool: the plain merge's error is what its fit must beat (its prior, the chosen neurons, is another model)
+    reference, chosen = {}, None
     if kind == "pool":
         with torch.inference_mode():
-            pool = _choose_neurons(stage, window, source, tensors, inputs, targets, skip_first, weight)
-        tensors = pool.tensors
+            tensors, reference["reference"] = _choose_neurons(stage, window, source, tensors, inputs, targets,
+                                                              skip_first, weight)
+        chosen = [tensors[suffix] for suffix in stage.arch.mlp_in_suffixes()]
     del source
-    with torch.inference_mode(pool is not None):  # the pool's chosen tensors are inference tensors
+    with torch.inference_mode(kind == "pool"):  # the pool's chosen tensors are inference tensors
         merged = stage.new_layer(lo, tensors)
     del tensors
     projection = merged.get_submodule(stage.arch.mlp_out_module)
@@ -187,80 +188,57 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     # One inference_mode around the whole fit (not inside the generator, whose mode would leak
     # across its yields): the fit's buffers and the recomputed rows are all inference tensors.
     with torch.inference_mode():
-        ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior)
-    if pool is not None:
-        # The fit's losses are relative to the chosen neurons with the merged projection's rows (zeros
-        # for the members' neurons); the plain merge is what a pool must beat to be kept.
-        factor = pool.prior_error / pool.plain_error
-        tried = [(r, v * factor) for r, v in tried]
-        loss = loss * factor
-        if matrix is None or loss >= 1.0:
-            ridge, loss, matrix = None, 1.0, None
-        else:
-            matrix = pool_matrix(matrix, pool.gate, pool.up)
+        ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior, **reference)
+    if chosen is not None and matrix is not None:
+        matrix = pool_matrix(matrix, *chosen)
     return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
                          matrix=None if matrix is None else matrix.float().cpu(), kind=kind)
 
 
-@dataclass(frozen=True)
-class _Pool:
-    """The neurons ``pool`` chose: the merged layer's tensors with them in place, and what to compare."""
-
-    tensors: dict[str, Tensor]  # the merged layer with the chosen gate / up rows, down = the prior
-    gate: Tensor                # [intermediate, hidden] float32, the chosen rows
-    up: Tensor
-    plain_error: float          # ordinary rows' (weighted) squared error of the plain merge
-    prior_error: float          # ... of the chosen neurons with the prior down projection
-
-
 def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Tensor]], tensors: dict[str, Tensor],
                     inputs: list[tuple[Tensor, LayerContext]], targets: list[Tensor], skip_first: bool,
-                    weight: str) -> _Pool:
+                    weight: str) -> tuple[dict[str, Tensor], float]:
     """``pool``'s steps 1 and 2 (core/neuron_pool.py): the pool's normal equations over every batch, and
-    OBS down to the architecture's width."""
+    OBS down to the architecture's width. Returns the merged layer's tensors with the chosen gate / up
+    rows (float32) and the prior as its down projection (the merged one's rows, zeros for the members'
+    neurons), and the plain merge's (weighted) squared error on the ordinary rows."""
     arch, lo = stage.arch, window[0]
     gate_s, up_s = arch.mlp_in_suffixes()
     down_s = f"{arch.mlp_out_module}.weight"
     gate, up = (w.to(stage.device) for w in pool_weights(tensors, source, arch))
     width = tensors[gate_s].shape[0]
     merged = stage.new_layer(lo, tensors)
-    mlp_path = arch.mlp_out_module.rpartition(".")[0]  # the MLP module: its input is the normed x
-    mlp = merged.get_submodule(mlp_path)
+    mlp = merged.get_submodule(arch.mlp_out_module.rpartition(".")[0])  # its input is the normed x
     act = getattr(mlp, "act_fn", None)
     if act is None:
         raise CorrectionError(f"merge.correction=pool needs a gated MLP with an act_fn; {type(mlp).__name__} has "
                               "none. Use merge.correction=refit")
 
-    def rows(layer: torch.nn.Module, features: bool) -> Iterator[tuple[Tensor | None, Tensor, Tensor]]:
-        """Per batch: pool features u (with ``features``), target residual r, and the layer's error."""
-        captured: list[tuple[Tensor, Tensor]] = []
-        hook = layer.get_submodule(mlp_path).register_forward_hook(
-            lambda module, args, out: captured.append((args[0], out)))
-        try:
-            for (h, ctx), target in zip(inputs, targets):
-                captured.clear()
-                out = stage.run_layer(layer, lo, h, ctx)
-                ((x, m),) = captured
-                captured.clear()
-                x = x.float()
-                u = act(x @ gate.T) * (x @ up.T) if features else None
-                r, error = (target - out + m).float(), (out - target).float()
-                if weight == "relative":
-                    scale = relative_row_scale(target)
-                    u, r, error = None if u is None else u * scale, r * scale, error * scale
-                if skip_first and x.shape[1] > 1:  # position 0 is refitted later, never chosen for
-                    u, r, error = None if u is None else u[:, 1:], r[:, 1:], error[:, 1:]
-                yield (None if u is None else u.reshape(-1, u.shape[-1])), r.reshape(-1, r.shape[-1]), error
-        finally:
-            hook.remove()
-
     gram = torch.zeros(len(gate), len(gate), dtype=torch.float64, device=stage.device)
     cross = torch.zeros(len(gate), tensors[down_s].shape[0], dtype=torch.float64, device=stage.device)
     plain = 0.0
-    for u, r, error in rows(merged, True):
-        gram += u.T @ u  # float32 per batch, summed in float64
-        cross += u.T @ r
-        plain += float((error * error).sum())
+    captured: list[tuple[Tensor, Tensor]] = []
+    hook = mlp.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
+    try:
+        for (h, ctx), target in zip(inputs, targets):
+            captured.clear()
+            out = stage.run_layer(merged, lo, h, ctx)
+            ((x, m),) = captured
+            captured.clear()
+            x = x.float()
+            u = act(x @ gate.T) * (x @ up.T)
+            r, error = (target - out + m).float(), (out - target).float()
+            if weight == "relative":
+                scale = relative_row_scale(target)
+                u, r, error = u * scale, r * scale, error * scale
+            if skip_first and x.shape[1] > 1:  # position 0 is refitted later, never chosen for
+                u, r, error = u[:, 1:], r[:, 1:], error[:, 1:]
+            u, r = u.reshape(-1, u.shape[-1]), r.reshape(-1, r.shape[-1])
+            gram += u.T @ u  # float32 per batch, summed in float64
+            cross += u.T @ r
+            plain += float((error * error).sum())
+    finally:
+        hook.remove()
     del merged
     if not plain > 0.0:
         raise CorrectionError(f"window {list(window)} adds nothing beyond its merged layer on these batches; "
@@ -273,9 +251,7 @@ def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Ten
     own = alive < width
     down[:, own.nonzero().squeeze(1).cpu()] = tensors[down_s][:, alive[own].cpu()]
     chosen[down_s] = down
-    layer = stage.new_layer(lo, chosen)
-    prior = sum(float((error * error).sum()) for _, _, error in rows(layer, False))
-    return _Pool(chosen, chosen[gate_s], chosen[up_s], plain, prior)
+    return chosen, plain
 
 
 def fit_window_replaceme(stage: LayerHost, window: Window, batch_ids: Sequence[int], mode: str) -> CorrectionFit:
