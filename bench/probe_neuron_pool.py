@@ -117,12 +117,36 @@ def obs_keep(gram, cross, keep: int, ridge: float, chunk: int) -> torch.Tensor:
     return alive
 
 
+def obs_downdate(gram, cross, keep: int, ridge: float, block: int) -> torch.Tensor:
+    """As obs_keep, ``block`` features at a time, the inverse downdated (Woodbury) instead of recomputed."""
+    alive = torch.arange(len(gram))
+    m = gram.clone()
+    m.diagonal().add_(ridge * gram.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(m))
+    del m
+    x = inverse @ cross
+    while len(alive) > keep:
+        cost = (x * x).sum(dim=1) / inverse.diagonal()
+        drop = min(block, len(alive) - keep)
+        order = torch.argsort(cost)
+        gone, stay = order[:drop], torch.sort(order[drop:]).values
+        p_ab = inverse[stay][:, gone]
+        solve = torch.linalg.solve(inverse[gone][:, gone], torch.cat([p_ab.T, x[gone]], dim=1))
+        inverse = inverse[stay][:, stay] - p_ab @ solve[:, :len(stay)]
+        x = x[stay] - p_ab @ solve[:, len(stay):]
+        alive = alive[stay]
+        if len(alive) % 1024 < block:
+            log.info("OBS downdate: %d features left", len(alive))
+    return torch.sort(alive).values
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--remove", default="13-18")
     parser.add_argument("--chunk", type=int, default=1024, help="features removed per OBS step")
+    parser.add_argument("--block", type=int, default=0, help="downdate the inverse, this many features a step")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
     args = parser.parse_args()
@@ -149,7 +173,8 @@ def main() -> None:
             prior[:width] = originals[block[0] - 1].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
             if variant == "pool, OBS":
-                alive = obs_keep(gram, cross, width, args.select_ridge, args.chunk)
+                alive = (obs_downdate(gram, cross, width, args.select_ridge, args.block) if args.block else
+                         obs_keep(gram, cross, width, args.select_ridge, args.chunk))
                 log.info("kept per layer: %s", torch.bincount(alive // width).tolist())
                 x, ridge = ridge_fit(gram[alive][:, alive], cross[alive], held_u[:, alive], held_r, prior[alive])
                 mlp = host.mlp

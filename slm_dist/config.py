@@ -65,6 +65,12 @@ class CalibrationSection(_Section):
     seq_len: int = Field(256, ge=8, description="tokens per sequence")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch (one HSIC term per batch)")
     seed: int = Field(0, description="seed for sample choice and token sub-sampling")
+    cache_stride: int = Field(1, ge=1, description="when planning reruns layers on calibration inputs (SLEB "
+                              "trials, measured plans, alphas, corrections), each stage keeps every batch's input "
+                              "of its first layer and of every n-th layer after it, and recomputes the others from "
+                              "the nearest kept one below (exact: the original layers). 1 keeps every layer's "
+                              "(fastest); n divides that host memory by about n, for more calibration samples, "
+                              "at the cost of up to n-1 extra layer forwards per read")
 
     @property
     def num_batches(self) -> int:

@@ -447,7 +447,8 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
     cal = config.calibration
     cached_per_layer = cal.num_samples * cal.seq_len * int(hf["hidden_size"]) * sizing.dtype_bytes(cdtype) \
         if needs_cached_inputs(config) else 0
-    parts = _Parts(compute, last_extra, act, logits, overhead, fit, cached_per_layer, device != "cuda", io)
+    parts = _Parts(compute, last_extra, act, logits, overhead, fit, cached_per_layer, device != "cuda",
+                   cal.cache_stride, io)
     refusal, slices = None, []
     try:
         slices = partition_layers(compute.layer_bytes, cluster.num_stages, cluster.memory_per_stage_bytes,
@@ -482,8 +483,11 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
         why = "criterion=output" if config.similarity.criterion == "output" else "planning on calibration samples"
         where = ("counted in each stage's activations above (on a CPU the host is the stage)" if device != "cuda"
                  else "host memory beside each stage's GPU, not counted above")
-        notes.append(f"{why} caches every calibration batch's input to every layer, each on its stage: "
-                     f"{cached_per_layer / GiB:.2f} GiB per layer, up to {host / GiB:.2f} GiB on a stage; {where}")
+        which = ("every layer" if cal.cache_stride == 1 else
+                 f"one layer in {cal.cache_stride} (calibration.cache_stride; the others are recomputed when read)")
+        notes.append(f"{why} caches every calibration batch's input to {which}, each on its stage: "
+                     f"{cached_per_layer / GiB:.2f} GiB per layer kept, up to {host / GiB:.2f} GiB on a stage; "
+                     f"{where}")
     if config.merge.correction != "none":
         notes.append(correction_note(config.merge.correction, int(hf["hidden_size"]), hf.get("intermediate_size"),
                                      fitted_window_layers(config, removed)))
@@ -527,6 +531,7 @@ class _Parts:
     fit: int = 0           # refit's statistics, part of activation
     cached_per_layer: int = 0    # one layer's cached calibration inputs (all batches)
     cached_on_stage: bool = False  # CPU stages: the cache is the stage's own memory
+    cache_stride: int = 1        # calibration.cache_stride: one layer in this many keeps its inputs
     window_io: int = 0     # a fitted window's inputs, targets and source tensors, part of fit
 
 
@@ -536,7 +541,8 @@ def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, st
     weights = sum(c.layer_bytes[start:stop]) + (c.first_extra_bytes if first else 0) + (parts.last_extra if last else 0)
     read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
         + (stored.last_extra_bytes if last else 0)
-    cached = (stop - start + (1 if last else 0)) * parts.cached_per_layer  # + the last stage's final hidden
+    # The inputs of layers start, start + stride, ... (calibration.cache_stride), + the last stage's final hidden.
+    cached = (-(-(stop - start) // parts.cache_stride) + (1 if last else 0)) * parts.cached_per_layer
     activation = parts.activation + (parts.logits if last else 0) + (cached if parts.cached_on_stage else 0)
     return StageEstimate(start, stop, weights, activation, parts.overhead, read, parts.fit, cached)
 

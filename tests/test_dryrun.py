@@ -248,6 +248,12 @@ def test_correction_and_planning_caches_are_in_the_notes():
     assert [st.cached_bytes for st in fitted.stages] == [(st.stop - st.start + (k == last)) * per_layer
                                                          for k, st in enumerate(fitted.stages)]
     assert fitted.host_bytes_per_stage == max(st.cached_bytes for st in fitted.stages)
+    # calibration.cache_stride=3 keeps the inputs of layers start, start + 3, ... of each stage.
+    strided = dryrun.dry_run(config_70b("plan.search=global", "merge.rule=scaled", "merge.correction=linear",
+                                        "calibration.cache_stride=3"), LLAMA3_70B)
+    assert [st.cached_bytes for st in strided.stages] == [(-(-(st.stop - st.start) // 3) + (k == last)) * per_layer
+                                                          for k, st in enumerate(fitted.stages)]
+    assert any("one layer in 3 (calibration.cache_stride" in n for n in strided.notes)
     # On GPUs the cache is host memory: not in the stages' device totals; the fitted window's inputs and
     # targets are.
     hf = json.loads((LLAMA3_70B / "config.json").read_text())

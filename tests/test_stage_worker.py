@@ -144,6 +144,29 @@ def test_local_cka_equals_hf_hidden_states(tiny_model, unit, kernel):
                                atol=1e-5, rtol=0)
 
 
+def test_cache_stride_keeps_fewer_inputs_and_recomputes_the_others_exactly(tiny_model):
+    # calibration.cache_stride=4: inputs of layers 0 and 4 kept (stage [0, 6)); every other layer's is
+    # recomputed from the one below, bit for bit what the every-layer cache holds, and a candidate
+    # plan scores the same.
+    ids = torch.randint(0, 20, (2, 9), generator=torch.Generator().manual_seed(5))
+    every = StageWorker(StageSpec(str(tiny_model), 0, 6, 6), StatsSpec(unit="token", tokens_per_batch=8))
+    strided = StageWorker(StageSpec(str(tiny_model), 0, 6, 6, cache_stride=4),
+                          StatsSpec(unit="token", tokens_per_batch=8))
+    for w in (every, strided):
+        w.calibrate(0, ids, cache_inputs=True)
+    assert len(every._cached_inputs[0]) == 6 and len(strided._cached_inputs[0]) == 2
+    kept = [h.clone() for h in strided._cached_inputs[0]]
+    for layer in range(6):
+        torch.testing.assert_close(strided.cached_input(0, layer), every.cached_input(0, layer), atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(kept, strided._cached_inputs[0]))  # reads leave the cache as it was
+    windows = [(2, 3)]
+    torch.testing.assert_close(strided.run_candidate(0, None, windows, "mean", from_layer=2, input_ids=ids),
+                               every.run_candidate(0, None, windows, "mean", from_layer=2, input_ids=ids),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cache_stride must be >= 1"):
+        StageSpec(str(tiny_model), 0, 6, 6, cache_stride=0)
+
+
 @pytest.mark.parametrize("rule", ["reference", "mean"])
 def test_candidate_reruns_from_its_lowest_changed_layer_on_cached_inputs(tiny_model, rule):
     # The stage keeps every layer's original input, so a window high in the stage reruns only

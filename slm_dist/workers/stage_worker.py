@@ -66,6 +66,11 @@ class StageSpec:
     # (checkpoint/corrections.py ``save_patches``); ``forward`` applies them, calibration and scoring do not.
     patch_file: str | None = None
     correction_weight: str = "relative"  # merge.correction_weight: how tokens count in a correction's fit
+    cache_stride: int = 1  # calibration.cache_stride: cached inputs of layers start, start + n, ... only
+
+    def __post_init__(self) -> None:
+        if self.cache_stride < 1:
+            raise ValueError(f"StageSpec.cache_stride must be >= 1, got {self.cache_stride}")
 
     @property
     def is_first(self) -> bool:
@@ -112,8 +117,9 @@ class StageWorker:
         self.arch: ArchSpec = get_arch(self.index.model_type)
         self.reader = LazyReader(self.index)
         self._build()
-        # batch_id -> the original input of each layer held (index layer_id - start), kept on the
-        # host: a candidate plan reruns only from its lowest changed layer, not from the stage's start.
+        # batch_id -> the original input of layers start, start + cache_stride, ... (index
+        # (layer_id - start) // cache_stride), kept on the host: a candidate plan reruns from its lowest
+        # changed layer (or the nearest kept input below it), not from the stage's start.
         self._cached_inputs: dict[int, list[Tensor]] = {}
         self._reference_final: dict[int, Tensor] = {}  # batch_id -> original final-norm hidden (last stage)
         self._merged_layers: dict[tuple, nn.Module] = {}
@@ -285,7 +291,7 @@ class StageWorker:
         ctx = self.context(h)
         for layer_id, layer in zip(self.layer_ids, self.layers):
             h_in = h
-            if cache_inputs:
+            if cache_inputs and (layer_id - self.spec.start) % self.spec.cache_stride == 0:
                 cached.append(h_in.detach().to("cpu", copy=True))
             h = self.run_layer(layer, layer_id, h, ctx)
             record(layer_id + 1, h)
@@ -388,7 +394,14 @@ class StageWorker:
                                     f"{batch_id}: run calibrate(..., cache_inputs=True) first")
         if not self.spec.start <= layer_id < self.spec.stop:
             raise ValueError(f"layer {layer_id} is not held by stage [{self.spec.start}, {self.spec.stop})")
-        return self._cached_inputs[batch_id][layer_id - self.spec.start].to(self.device)
+        kept, rest = divmod(layer_id - self.spec.start, self.spec.cache_stride)
+        h = self._cached_inputs[batch_id][kept].to(self.device)
+        if rest:  # recomputed from the nearest kept input below: the original layers, as calibrate ran them
+            with torch.inference_mode():
+                ctx = self.context(h)
+                for lid in range(layer_id - rest, layer_id):
+                    h = self.run_layer(self.layers[lid - self.spec.start], lid, h, ctx)
+        return h
 
     def fit_alpha(self, window: Window, batch_ids: Sequence[int], grid_points: int = 6,
                   refine_steps: int = 6) -> AlphaFit:
