@@ -140,12 +140,127 @@ def obs_downdate(gram, cross, keep: int, ridge: float, block: int) -> torch.Tens
     return torch.sort(alive).values
 
 
+@torch.no_grad()
+def widen_attention(host, members) -> int:
+    """The host's attention takes every member's heads after its own (input-norm gains folded into their
+    q, k, v columns; o_proj columns zero for now). Returns the width of one key-value group's output."""
+    g_host = host.input_layernorm.weight
+    attn = host.self_attn
+    parts = {name: [getattr(attn, name).weight] for name in ("q_proj", "k_proj", "v_proj")}
+    for layer in members:
+        ratio = (layer.input_layernorm.weight / g_host)[None, :]
+        for name in parts:
+            parts[name].append(getattr(layer.self_attn, name).weight * ratio)
+    group = attn.head_dim * (attn.q_proj.weight.shape[0] // attn.k_proj.weight.shape[0])
+    for name, weights in parts.items():
+        weight = torch.cat(weights)
+        setattr(attn, name, torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        getattr(attn, name).weight.data = weight
+    width = attn.q_proj.weight.shape[0]
+    o_proj = torch.nn.Linear(width, attn.o_proj.weight.shape[0], bias=False)
+    o_proj.weight.data = torch.cat([attn.o_proj.weight,
+                                    torch.zeros(attn.o_proj.weight.shape[0], width - attn.o_proj.weight.shape[1])], 1)
+    attn.o_proj = o_proj
+    return group
+
+
+@torch.no_grad()
+def attention_statistics(probe: Probe, model, j: int, window: list[int], whole: bool = False):
+    """Normal equations of layer j's (widened) attention context against the dense window's summed
+    attention outputs (``whole``: the window's whole change of the residual stream), rows weighted by
+    1 / ||dense target||; the held-out rows apart."""
+    layer, seen, dense_out = model.model.layers[j], {}, []
+    hook = layer.self_attn.o_proj.register_forward_hook(lambda m, a, out: seen.update(ctx=a[0]))
+    in_hook = layer.input_layernorm.register_forward_hook(lambda m, a, out: seen.update(inp=a[0]))
+    dense_hooks = [probe.dense.model.layers[i].self_attn.register_forward_hook(
+        lambda m, a, out: dense_out.append(out[0] if isinstance(out, tuple) else out)) for i in window]
+    layers, dense_layers = model.model.layers, probe.dense.model.layers
+    gram = cross = None
+    held_u, held_r = [], []
+    split = len(probe.calibration) - HELD_OUT
+    try:
+        model.model.layers = layers[:j + 1]
+        probe.dense.model.layers = dense_layers[:window[-1] + 1]
+        for b, k in enumerate(range(0, len(probe.calibration), BATCH)):
+            model.model(probe.calibration[k:k + BATCH])
+            dense_out.clear()
+            probe.dense.model(probe.calibration[k:k + BATCH])
+            target = probe.dense_states[b][probe.target_depth(j)]
+            weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            u = (seen["ctx"] * weight).reshape(-1, seen["ctx"].shape[-1]).double()
+            r = ((target - seen["inp"] if whole else sum(dense_out)) * weight).reshape(-1, target.shape[-1]).double()
+            if k >= split:
+                held_u.append(u)
+                held_r.append(r)
+            elif gram is None:
+                gram, cross = u.T @ u, u.T @ r
+            else:
+                gram.addmm_(u.T, u)
+                cross.addmm_(u.T, r)
+    finally:
+        model.model.layers, probe.dense.model.layers = layers, dense_layers
+        hook.remove()
+        in_hook.remove()
+        for h in dense_hooks:
+            h.remove()
+    return gram, cross, torch.cat(held_u), torch.cat(held_r)
+
+
+def group_obs(gram, cross, group: int, keep: int, ridge: float) -> list[int]:
+    """Key-value groups (``group`` consecutive features each) kept by OBS, one removed per step: removing
+    group g and refitting the rest costs tr(X_g^T [P_gg]^-1 X_g), P the regularised inverse."""
+    alive = list(range(len(gram) // group))
+    scale = gram.diagonal().mean()
+    while len(alive) > keep:
+        idx = torch.cat([torch.arange(g * group, (g + 1) * group) for g in alive])
+        inverse = torch.linalg.inv(gram[idx][:, idx] + ridge * scale * torch.eye(len(idx), dtype=gram.dtype))
+        x = inverse @ cross[idx]
+        costs = []
+        for n in range(len(alive)):
+            s = slice(n * group, (n + 1) * group)
+            costs.append(float(torch.trace(x[s].T @ torch.linalg.solve(inverse[s, s], x[s]))))
+        alive.pop(min(range(len(alive)), key=costs.__getitem__))
+    return alive
+
+
+@torch.no_grad()
+def pool_attention(probe: Probe, model, j: int, block: list[int], originals, ridge: float,
+                   whole: bool = False) -> None:
+    """Layer j's attention rebuilt from the best key-value groups of its own and the block's layers."""
+    host = model.model.layers[j]
+    attn = host.self_attn
+    heads_q, heads_kv, hidden = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.o_proj.weight.shape[0]
+    own_o = attn.o_proj.weight.detach().double().T.clone()
+    group = widen_attention(host, [originals[i] for i in block])
+    window = [block[0] - 1] + block
+    gram, cross, held_u, held_r = attention_statistics(probe, model, j, window, whole)
+    kept = group_obs(gram, cross, group, heads_kv // attn.head_dim, ridge)
+    log.info("attention: kept key-value groups %s (the host's are 0-%d)", kept, heads_kv // attn.head_dim - 1)
+    cols = torch.cat([torch.arange(g * group, (g + 1) * group) for g in kept])
+    kv_rows = torch.cat([torch.arange(g * attn.head_dim, (g + 1) * attn.head_dim) for g in kept])
+    prior = torch.zeros(len(cols), hidden, dtype=torch.float64)
+    for n, g in enumerate(kept):
+        if g < heads_kv // attn.head_dim:
+            prior[n * group:(n + 1) * group] = own_o[g * group:(g + 1) * group]
+    x, _ = ridge_fit(gram[cols][:, cols], cross[cols], held_u[:, cols], held_r, prior)
+    for name, rows in (("q_proj", cols), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        w = getattr(attn, name).weight[rows].clone()
+        setattr(attn, name, torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+        getattr(attn, name).weight.data = w
+    attn.o_proj = torch.nn.Linear(len(cols), hidden, bias=False)
+    attn.o_proj.weight.data = x.T.float().contiguous()
+    assert attn.q_proj.weight.shape[0] == heads_q
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--remove", default="13-18")
     parser.add_argument("--chunk", type=int, default=1024, help="features removed per OBS step")
+    parser.add_argument("--attention", choices=("attention", "whole"),
+                        help="pool the attention too: the host keeps the best key-value groups of the block's, "
+                             "fitted to the block's summed attention outputs or to its whole residual change")
     parser.add_argument("--block", type=int, default=0, help="downdate the inverse, this many features a step")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
@@ -166,6 +281,8 @@ def main() -> None:
             j = probe.kept.index(block[0] - 1)
             host = model.model.layers[j]
             width = host.mlp.down_proj.weight.shape[1]
+            if variant != "refit" and args.attention:
+                pool_attention(probe, model, j, block, originals, args.select_ridge, args.attention == "whole")
             if variant != "refit":
                 widen(host, [originals[i] for i in block])
             gram, cross, held_u, held_r = statistics(probe, model, j)

@@ -381,8 +381,8 @@ def measured_plans(config: SlmConfig, num_layers: int, layers_removed: int | Non
 
 def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, fpt: float, rate: float,
                            a: Assumptions) -> float:
-    """Each scored plan runs, on average, half the model (from its lowest changed layer) and the head on
-    every calibration sample. With merge.correction, assume one window fitted per scored candidate:
+    """Each scored plan runs, on average, half the model (from its lowest changed layer, or the nearest
+    kept input below it) and the head on every calibration sample. With merge.correction, assume one window fitted per scored candidate:
     the window's layers twice on the fitting batches, the merged layer once more per ridge and per
     move of the training set (correction_fit.choose_correction recomputes a fold's rows rather than
     holding its statistics), and in float64 the normal equations (2.5 passes of the rows: a first
@@ -393,7 +393,9 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
     scored = cal.num_samples if p.score_batches is None else min(p.score_batches * cal.batch_size, cal.num_samples)
     lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
     removed = expected_layers_removed(config, sizes)
-    seconds = measured_plans(config, n, removed) * scored * cal.seq_len * (fpt * n / 2 + lm_head) / rate
+    # calibration.cache_stride: a rerun starts from the nearest kept input below, (stride - 1) / 2 layers lower.
+    rerun = n / 2 + (cal.cache_stride - 1) / 2
+    seconds = measured_plans(config, n, removed) * scored * cal.seq_len * (fpt * rerun + lm_head) / rate
     # Windows fitted: about one per scored global candidate; SLEB's trials are uncorrected and its plan
     # has at most one window per removed layer.
     candidates = {"global": p.candidates + p.local_search, "sleb": removed or 0}.get(p.search, 0)
@@ -403,7 +405,7 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         window = config.plan.max_window or 4
         fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_fp64_flops_per_s
         grid, folds = len(RIDGE_GRID), FOLDS
-        forwards = (2 * window + grid + 3) * fit_tokens * fpt / rate
+        forwards = (2 * window + grid + 3 + (cal.cache_stride - 1) / 2) * fit_tokens * fpt / rate
         normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
                   + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
         pooled = 0.0
