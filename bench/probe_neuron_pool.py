@@ -261,10 +261,14 @@ def main() -> None:
     parser.add_argument("--attention", choices=("attention", "whole"),
                         help="pool the attention too: the host keeps the best key-value groups of the block's, "
                              "fitted to the block's summed attention outputs or to its whole residual change")
+    parser.add_argument("--host", choices=("below", "above"), default="below",
+                        help="the layer whose MLP takes the block's neurons: the one below the block or above it")
     parser.add_argument("--block", type=int, default=0, help="downdate the inverse, this many features a step")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
     args = parser.parse_args()
+    if args.attention and args.host == "above":
+        parser.error("--attention pools into the layer below the block only")
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
     probe, evals, dense = setup(args.samples, blocks)
@@ -278,7 +282,8 @@ def main() -> None:
         start, model = time.time(), probe.pruned(0.0, blocks)
         originals = probe.load().model.layers
         for block in blocks:  # one block at a time, on the model as corrected so far
-            j = probe.kept.index(block[0] - 1)
+            below = args.host == "below" or block[-1] + 1 >= probe.num_layers
+            j = probe.kept.index(block[0] - 1) if below else probe.kept.index(block[-1] + 1)
             host = model.model.layers[j]
             width = host.mlp.down_proj.weight.shape[1]
             if variant != "refit" and args.attention:
@@ -287,7 +292,7 @@ def main() -> None:
                 widen(host, [originals[i] for i in block])
             gram, cross, held_u, held_r = statistics(probe, model, j)
             prior = torch.zeros_like(cross)
-            prior[:width] = originals[block[0] - 1].mlp.down_proj.weight.detach().double().T
+            prior[:width] = originals[probe.kept[j]].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
             if variant == "pool, OBS":
                 alive = (obs_downdate(gram, cross, width, args.select_ridge, args.block) if args.block else
