@@ -15,6 +15,11 @@ Variants, each scored by perplexity (the first 8 windows of 512 tokens of WikiTe
 - ``refit``: the host's own neurons (probe_after_cut.py's baseline);
 - ``pool, all``: the whole pool kept (a wider MLP than the architecture allows: an upper bound);
 - ``pool, OBS``: the pool pruned back to the host's width in chunks, then refitted.
+
+Options the thirteenth session tried (none helped; bench/RESULTS.md): ``--block N`` (exact OBS, N features a
+step, the inverse downdated by Woodbury's identity), ``--host above`` (the layer after the block takes the
+neurons), ``--attention attention|whole`` (the host's attention first keeps the best key-value groups of its
+own and the block's attentions, by group OBS).
 """
 
 from __future__ import annotations
@@ -52,14 +57,34 @@ def set_mlp(host, gate, up, down) -> None:
     mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data = gate, up, down
 
 
+class NormalEquations:
+    """u^T u and u^T r of the training rows; the held-out rows kept apart for choosing a ridge."""
+
+    def __init__(self):
+        self.gram = self.cross = None
+        self.held_u, self.held_r = [], []
+
+    def add(self, u, r, held: bool) -> None:
+        if held:
+            self.held_u.append(u)
+            self.held_r.append(r)
+        elif self.gram is None:
+            self.gram, self.cross = u.T @ u, u.T @ r
+        else:
+            self.gram.addmm_(u.T, u)
+            self.cross.addmm_(u.T, r)
+
+    def result(self):
+        return self.gram, self.cross, torch.cat(self.held_u), torch.cat(self.held_r)
+
+
 @torch.no_grad()
 def statistics(probe: Probe, model, j: int):
     """Normal equations of the training batches and the held-out rows, layer j's (widened) MLP."""
     layer, seen = model.model.layers[j], {}
     hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
     layers = model.model.layers
-    gram = cross = None
-    held_u, held_r = [], []
+    equations = NormalEquations()
     split = len(probe.calibration) - HELD_OUT
     try:
         model.model.layers = layers[:j + 1]
@@ -72,19 +97,11 @@ def statistics(probe: Probe, model, j: int):
             weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
             u = (u * weight).reshape(-1, u.shape[-1]).double()
             r = ((target - mid) * weight).reshape(-1, mid.shape[-1]).double()
-            if k >= split:
-                held_u.append(u)
-                held_r.append(r)
-                continue
-            if gram is None:
-                gram, cross = u.T @ u, u.T @ r
-            else:
-                gram.addmm_(u.T, u)
-                cross.addmm_(u.T, r)
+            equations.add(u, r, k >= split)
     finally:
         model.model.layers = layers
         hook.remove()
-    return gram, cross, torch.cat(held_u), torch.cat(held_r)
+    return equations.result()
 
 
 def ridge_fit(gram, cross, held_u, held_r, prior):
@@ -175,8 +192,7 @@ def attention_statistics(probe: Probe, model, j: int, window: list[int], whole: 
     dense_hooks = [probe.dense.model.layers[i].self_attn.register_forward_hook(
         lambda m, a, out: dense_out.append(out[0] if isinstance(out, tuple) else out)) for i in window]
     layers, dense_layers = model.model.layers, probe.dense.model.layers
-    gram = cross = None
-    held_u, held_r = [], []
+    equations = NormalEquations()
     split = len(probe.calibration) - HELD_OUT
     try:
         model.model.layers = layers[:j + 1]
@@ -189,21 +205,14 @@ def attention_statistics(probe: Probe, model, j: int, window: list[int], whole: 
             weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
             u = (seen["ctx"] * weight).reshape(-1, seen["ctx"].shape[-1]).double()
             r = ((target - seen["inp"] if whole else sum(dense_out)) * weight).reshape(-1, target.shape[-1]).double()
-            if k >= split:
-                held_u.append(u)
-                held_r.append(r)
-            elif gram is None:
-                gram, cross = u.T @ u, u.T @ r
-            else:
-                gram.addmm_(u.T, u)
-                cross.addmm_(u.T, r)
+            equations.add(u, r, k >= split)
     finally:
         model.model.layers, probe.dense.model.layers = layers, dense_layers
         hook.remove()
         in_hook.remove()
         for h in dense_hooks:
             h.remove()
-    return gram, cross, torch.cat(held_u), torch.cat(held_r)
+    return equations.result()
 
 
 def group_obs(gram, cross, group: int, keep: int, ridge: float) -> list[int]:
