@@ -238,18 +238,19 @@ def pool_attention(probe: Probe, model, j: int, block: list[int], originals, rid
     """Layer j's attention rebuilt from the best key-value groups of its own and the block's layers."""
     host = model.model.layers[j]
     attn = host.self_attn
-    heads_q, heads_kv, hidden = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.o_proj.weight.shape[0]
+    q_rows, hidden = attn.q_proj.weight.shape[0], attn.o_proj.weight.shape[0]
+    kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim  # the host's key-value groups: 0 .. kv_heads - 1
     own_o = attn.o_proj.weight.detach().double().T.clone()
     group = widen_attention(host, [originals[i] for i in block])
     window = [block[0] - 1] + block
     gram, cross, held_u, held_r = attention_statistics(probe, model, j, window, whole)
-    kept = group_obs(gram, cross, group, heads_kv // attn.head_dim, ridge)
-    log.info("attention: kept key-value groups %s (the host's are 0-%d)", kept, heads_kv // attn.head_dim - 1)
+    kept = group_obs(gram, cross, group, kv_heads, ridge)
+    log.info("attention: kept key-value groups %s (the host's are 0-%d)", kept, kv_heads - 1)
     cols = torch.cat([torch.arange(g * group, (g + 1) * group) for g in kept])
     kv_rows = torch.cat([torch.arange(g * attn.head_dim, (g + 1) * attn.head_dim) for g in kept])
     prior = torch.zeros(len(cols), hidden, dtype=torch.float64)
     for n, g in enumerate(kept):
-        if g < heads_kv // attn.head_dim:
+        if g < kv_heads:
             prior[n * group:(n + 1) * group] = own_o[g * group:(g + 1) * group]
     x, _ = ridge_fit(gram[cols][:, cols], cross[cols], held_u[:, cols], held_r, prior)
     for name, rows in (("q_proj", cols), ("k_proj", kv_rows), ("v_proj", kv_rows)):
@@ -258,7 +259,7 @@ def pool_attention(probe: Probe, model, j: int, block: list[int], originals, rid
         getattr(attn, name).weight.data = w
     attn.o_proj = torch.nn.Linear(len(cols), hidden, bias=False)
     attn.o_proj.weight.data = x.T.float().contiguous()
-    assert attn.q_proj.weight.shape[0] == heads_q
+    assert attn.q_proj.weight.shape[0] == q_rows
 
 
 def main() -> None:

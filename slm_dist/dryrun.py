@@ -382,12 +382,12 @@ def measured_plans(config: SlmConfig, num_layers: int, layers_removed: int | Non
 def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, fpt: float, rate: float,
                            a: Assumptions) -> float:
     """Each scored plan runs, on average, half the model (from its lowest changed layer, or the nearest
-    kept input below it) and the head on every calibration sample. With merge.correction, assume one window fitted per scored candidate:
-    the window's layers twice on the fitting batches, the merged layer once more per ridge and per
-    move of the training set (correction_fit.choose_correction recomputes a fold's rows rather than
-    holding its statistics), and in float64 the normal equations (2.5 passes of the rows: a first
-    training set, three moves, the final fold), a Cholesky factor and two triangular solves per ridge
-    and fold (+ the final fit) and the held-out scores."""
+    kept input below it) and the head on every calibration sample. With merge.correction, assume one
+    window fitted per scored candidate: the window's layers twice on the fitting batches, the merged
+    layer once more per ridge and per move of the training set (correction_fit.choose_correction
+    recomputes a fold's rows rather than holding its statistics), and in float64 the normal equations
+    (2.5 passes of the rows: a first training set, three moves, the final fold), a Cholesky factor and
+    two triangular solves per ridge and fold (+ the final fit) and the held-out scores."""
     cal, n, p = config.calibration, sizes.num_layers, config.plan
     hidden = int(hf_config["hidden_size"])
     scored = cal.num_samples if p.score_batches is None else min(p.score_batches * cal.batch_size, cal.num_samples)
@@ -544,7 +544,7 @@ def _stage(parts: _Parts, stored: sizing.ModelSizes, k: int, num_stages: int, st
     read = sum(stored.layer_bytes[start:stop]) + (stored.first_extra_bytes if first else 0) \
         + (stored.last_extra_bytes if last else 0)
     # The inputs of layers start, start + stride, ... (calibration.cache_stride), + the last stage's final hidden.
-    cached = (-(-(stop - start) // parts.cache_stride) + (1 if last else 0)) * parts.cached_per_layer
+    cached = (math.ceil((stop - start) / parts.cache_stride) + (1 if last else 0)) * parts.cached_per_layer
     activation = parts.activation + (parts.logits if last else 0) + (cached if parts.cached_on_stage else 0)
     return StageEstimate(start, stop, weights, activation, parts.overhead, read, parts.fit, cached)
 

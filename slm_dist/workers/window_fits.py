@@ -141,11 +141,10 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     tensors = merge_window(source, rule, stage.arch.role, alpha)
     inputs, targets = window_targets(stage, window, batch_ids, member)
     # pool: the plain merge's error is what its fit must beat (its prior, the chosen neurons, is another model)
-    reference, chosen = {}, None
+    reference, chosen = None, None
     if kind == "pool":
         with torch.inference_mode():
-            tensors, reference["reference"] = _choose_neurons(stage, window, source, tensors, inputs, targets,
-                                                              skip_first, weight)
+            tensors, reference = _choose_neurons(stage, window, source, tensors, inputs, targets, skip_first, weight)
         chosen = [tensors[suffix] for suffix in stage.arch.mlp_in_suffixes()]
     del source
     with torch.inference_mode(kind == "pool"):  # the pool's chosen tensors are inference tensors
@@ -188,7 +187,7 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     # One inference_mode around the whole fit (not inside the generator, whose mode would leak
     # across its yields): the fit's buffers and the recomputed rows are all inference tensors.
     with torch.inference_mode():
-        ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior, **reference)
+        ridge, loss, tried, matrix = choose_correction(fold_rows, folds, prior=prior, reference=reference)
     if chosen is not None and matrix is not None:
         matrix = pool_matrix(matrix, *chosen)
     return CorrectionFit(window=(lo, hi), rule=rule, alpha=alpha, ridge=ridge, loss=loss, tried=tuple(tried),
