@@ -59,8 +59,10 @@ def perplexity(model, w: torch.Tensor) -> float:
 
 
 class Probe:
-    def __init__(self, model_dir: Path, calibration: torch.Tensor, remove: list[int], feedback: bool = True):
+    def __init__(self, model_dir: Path, calibration: torch.Tensor, remove: list[int], feedback: bool = True,
+                 held_out: int = HELD_OUT):
         self.model_dir, self.calibration, self.feedback = model_dir, calibration, feedback
+        self.held_out = held_out  # the last calibration pieces, kept apart to choose the ridge
         dense = self.load()
         self.num_layers = dense.config.num_hidden_layers
         self.kept = [i for i in range(self.num_layers) if i not in remove]
@@ -152,7 +154,7 @@ class Probe:
         """Layer j's MLP output projection; with ``joint``, its attention output projection with it, fitted
         together on [attention context, MLP intermediate] with the MLP's input taken as it was."""
         u, r = self.rows(model, j, joint)
-        split = len(u) - HELD_OUT * SEQ
+        split = len(u) - self.held_out * self.calibration.shape[1]
         layer = model.model.layers[j]
         original = layer.mlp.down_proj.weight.double().T  # [intermediate, hidden]
         if joint:
@@ -188,9 +190,10 @@ def removed_layers(spec: str) -> list[list[int]]:
     return blocks
 
 
-def setup(samples: int, blocks: list[list[int]]) -> tuple[Probe, dict[str, torch.Tensor], dict[str, float]]:
-    """The probe on ``samples`` calibration pieces (+ the held-out ones) without ``blocks``, the evaluation
-    windows, and the dense model's perplexity on them."""
+def setup(samples: int, blocks: list[list[int]], seq: int = SEQ
+          ) -> tuple[Probe, dict[str, torch.Tensor], dict[str, float]]:
+    """The probe on ``samples`` calibration pieces of ``seq`` tokens (+ the held-out ones, as many tokens as
+    16 of 256) without ``blocks``, the evaluation windows, and the dense model's perplexity on them."""
     torch.manual_seed(0)
     assets = prepare_demo_assets(default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(assets.model_dir, trust_remote_code=False)
@@ -199,11 +202,12 @@ def setup(samples: int, blocks: list[list[int]]) -> tuple[Probe, dict[str, torch
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     calibration_text = Path(assets.calibration_text).read_text(encoding="utf-8")[:3_000_000]
-    calibration = windows(tokens(calibration_text), samples + HELD_OUT, SEQ)
+    held_out = max(1, HELD_OUT * SEQ // seq)
+    calibration = windows(tokens(calibration_text), samples + held_out, seq)
     # The texts as `slm-dist eval` joins them; the first 8 windows of 512 tokens (the eval spreads its windows).
     evals = {"wikitext-2": windows(tokens(read_ppl_text(DATA / "wikitext-2-raw" / "wiki.test.hf_rows.jsonl")), 8, 512),
              "ptb": windows(tokens(read_ppl_text(DATA / "ptb" / "ptb.test.txt")), 8, 512)}
-    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block])
+    probe = Probe(assets.model_dir, calibration, [i for block in blocks for i in block], held_out=held_out)
     dense = {name: perplexity(probe.dense, w) for name, w in evals.items()}
     log.info("dense: %s", dense)
     return probe, evals, dense

@@ -30,7 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from probe_after_cut import BATCH, HELD_OUT, RIDGES, Probe, perplexity, removed_layers, setup
+from probe_after_cut import BATCH, RIDGES, SEQ, Probe, perplexity, removed_layers, setup
 
 log = logging.getLogger("probe_neuron_pool")
 
@@ -85,7 +85,7 @@ def statistics(probe: Probe, model, j: int):
     hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
     layers = model.model.layers
     equations = NormalEquations()
-    split = len(probe.calibration) - HELD_OUT
+    split = len(probe.calibration) - probe.held_out
     try:
         model.model.layers = layers[:j + 1]
         for b, k in enumerate(range(0, len(probe.calibration), BATCH)):
@@ -193,7 +193,7 @@ def attention_statistics(probe: Probe, model, j: int, window: list[int], whole: 
         lambda m, a, out: dense_out.append(out[0] if isinstance(out, tuple) else out)) for i in window]
     layers, dense_layers = model.model.layers, probe.dense.model.layers
     equations = NormalEquations()
-    split = len(probe.calibration) - HELD_OUT
+    split = len(probe.calibration) - probe.held_out
     try:
         model.model.layers = layers[:j + 1]
         probe.dense.model.layers = dense_layers[:window[-1] + 1]
@@ -274,6 +274,7 @@ def main() -> None:
     parser.add_argument("--host", choices=("below", "above"), default="below",
                         help="the layer whose MLP takes the block's neurons: the one below the block or above it")
     parser.add_argument("--block", type=int, default=0, help="downdate the inverse, this many features a step")
+    parser.add_argument("--seq", type=int, default=SEQ, help="tokens per calibration piece")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
     args = parser.parse_args()
@@ -281,7 +282,7 @@ def main() -> None:
         parser.error("--attention pools into the layer below the block only")
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
-    probe, evals, dense = setup(args.samples, blocks)
+    probe, evals, dense = setup(args.samples, blocks, args.seq)
 
     def report(label, model, start):
         scores = {name: perplexity(model, w) for name, w in evals.items()}

@@ -180,18 +180,12 @@ def plan_to_json(plan) -> dict:
     return plan.to_json()
 
 
-def plan_from_json(data: dict, num_layers: int):
+def plan_from_json(data: dict):
     """The plan (or error text) stored by plan_to_json."""
     if "error" in data:
         return data["error"]
     if "method" in data:  # a baseline's LayerPlan
-        plan = baselines.layer_plan(data["method"], num_layers, [tuple(w) for w in data["windows"]], data["rule"],
-                                    **data.get("details", {}))
-        if "corrections" in data:  # ReplaceMe: its fitted map
-            inner = replace(plan.plan, corrections=data["corrections"]["file"],
-                            corrections_sha256=data["corrections"]["sha256"])
-            plan = baselines.LayerPlan(plan.method, inner, plan.details)
-        return plan
+        return baselines.LayerPlan.from_json(data)
     return planner.MergePlan.from_json({k: v for k, v in data.items() if k != "details"})
 
 
@@ -580,7 +574,7 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
             result["plan_settings"].update({f"{m}@{k}": method_settings(m, config) for k in new for m in new[k]})
         else:
             log.info("reusing every plan in %s (same model, calibration tokens and settings)", results_path)
-        plans = {k: {m: plan_from_json(result["plans"][f"{m}@{k}"], n) for m in methods} for k in layers_removed}
+        plans = {k: {m: plan_from_json(result["plans"][f"{m}@{k}"]) for m in methods} for k in layers_removed}
         write_json(results_path, result)
 
         by_model: dict[str, dict] = {}  # model_identity -> its measured row, this run

@@ -30,7 +30,7 @@ from slm_dist.checkpoint.index import CheckpointIndex
 from slm_dist.checkpoint.lock import LOCK_NAME, FolderLock
 from slm_dist.checkpoint.writer import MANIFEST_NAME, sha256_file, write_json
 from slm_dist.config import SlmConfig
-from slm_dist.core.planner import MergePlan, PlanError
+from slm_dist.core.planner import LayerPlan, MergePlan, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +314,9 @@ def load_state(run_dir: Path) -> dict:
         return {}
 
 
-def load_plan(run_dir: Path) -> MergePlan:
-    """The `MergePlan` a run's plan stage wrote to ``<run_dir>/plan.json``, re-validated."""
+def load_plan(run_dir: Path) -> MergePlan | LayerPlan:
+    """The `MergePlan` a run's plan stage wrote to ``<run_dir>/plan.json``, re-validated; in a `slm-dist compare`
+    method's folder, the baseline's `LayerPlan` (it names its method)."""
     path = Path(run_dir) / "plan.json"
     if not path.is_file():
         raise PlanError(f"{path} does not exist: run `slm-dist run` (or its plan stage) first, or set run.dir to a "
@@ -324,4 +325,6 @@ def load_plan(run_dir: Path) -> MergePlan:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise PlanError(f"{path} is not valid JSON ({e}); regenerate it") from None
+    if isinstance(data, dict) and "method" in data:
+        return LayerPlan.from_json(data)
     return MergePlan.from_json(data)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slm_dist.core.planner import (
+    LayerPlan,
     MergePlan,
     PlanError,
     TraceStep,
@@ -517,6 +518,39 @@ def test_merge_plan_from_json_missing_key():
     del d["rule"]
     with pytest.raises(PlanError, match=r"missing keys \['rule'\]"):
         MergePlan.from_json(d)
+
+
+def test_layer_plan_json_round_trip_and_load_plan(tmp_path):
+    """A compare method's plan.json (it names its method and the removed layers) reads back as the same
+    baseline plan, through run_state.load_plan as `slm-dist merge` reads it, corrections included."""
+    from slm_dist.run_state import load_plan
+
+    inner = MergePlan(8, ((1, 3), (5, 6)), "drop", "cka", None, corrections="fix.safetensors",
+                      corrections_sha256="ab" * 32)
+    plan = LayerPlan("sleb_pool", inner, {"fit": "pool"})
+    d = json.loads(json.dumps(plan.to_json()))
+    assert d["criterion"] == "sleb_pool" and d["removed"] == [2, 3, 6]
+    back = LayerPlan.from_json(d)
+    assert back == plan and back.details == {"fit": "pool"} and back.corrections == "fix.safetensors"
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    loaded = load_plan(tmp_path)
+    assert loaded == plan and loaded.criterion == "sleb_pool" and loaded.new_to_old == inner.new_to_old
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"removed": [2, 3]}, r"says removed=\[2, 3\] but its windows .* remove \[2, 3, 6\]"),
+        ({"criterion": "cka"}, r"names its method twice .*criterion='cka'"),
+        ({"details": [1]}, r"\"details\" must be an object"),
+        ({"index_map": [0, 1, 1, 1, 2, 3, 3, 3]}, r"index_map .* does not match"),
+    ],
+)
+def test_layer_plan_from_json_rejects_inconsistent(edit, message):
+    d = LayerPlan("sleb", MergePlan(8, ((1, 3), (5, 6)), "drop", "cka", None)).to_json()
+    d.update(edit)
+    with pytest.raises(PlanError, match=message):
+        LayerPlan.from_json(d)
 
 
 @pytest.mark.parametrize(

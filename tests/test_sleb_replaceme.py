@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm_dist import compare, evaluation, pipeline
+from slm_dist import compare, evaluation, merging, pipeline
 from slm_dist.backends.local import LocalBackend
 from slm_dist.checkpoint.corrections import load_corrections
 from slm_dist.config import load_config
@@ -21,6 +21,7 @@ from slm_dist.core.correction_fit import CorrectionError
 from slm_dist.core.planner import PlanError
 from slm_dist.core.replaceme import NormalEquations, cosine_loss, cosine_map, least_squares_map
 from slm_dist.run_state import load_plan
+from slm_dist.workers.merge_worker import run_jobs_in_threads
 from slm_dist.workers.stage_worker import StageSpec, StageWorker, StatsSpec
 from tests.test_linear_correction import cached_stages
 
@@ -205,14 +206,23 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
         planned = pipeline.run(product, show_progress=False, stop_after="plan")["plan"]
         assert [list(w) for w in planned["windows"]] == [list(w) for w in rows["sleb"]["windows"]]
         ours = load_plan(tmp_path / f"product-{kind}")
-        theirs = compare.plan_from_json(json.loads((tmp_path / "run" / "compare" / f"sleb_{kind}-2" / "plan.json")
-                                                   .read_text()), 6)
+        folder = tmp_path / "run" / "compare" / f"sleb_{kind}-2"
+        theirs = compare.plan_from_json(json.loads((folder / "plan.json").read_text()))
+        assert load_plan(folder) == theirs and theirs.criterion == f"sleb_{kind}"
         assert (ours.corrections is None) == (theirs.corrections is None)
         if ours.corrections is not None:
             mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
             assert mine.keys() == other.keys()
             for w in mine:
                 torch.testing.assert_close(mine[w], other[w])
+        # `slm-dist merge` builds the compared method's checkpoint from its folder: the product's tensors.
+        built = {}
+        for run_dir in (tmp_path / f"product-{kind}", folder):
+            merge_config = product.model_copy(update={"run": product.run.model_copy(update={"dir": run_dir})})
+            merging.merge_from_plan(merge_config, tiny_model, run_jobs_in_threads, show_progress=False)
+            built[run_dir] = AutoModelForCausalLM.from_pretrained(merge_config.output_dir, trust_remote_code=False)
+        first, second = (m.state_dict() for m in built.values())
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 # ------------------------------------------------------------------------------ LinearPatch

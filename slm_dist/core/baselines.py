@@ -17,51 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from slm_dist.core.planner import MergePlan, PlanError
+from slm_dist.core.planner import LayerPlan, MergePlan, PlanError
 from slm_dist.core.types import Window
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """A baseline's plan: a ``planner.MergePlan`` (windows and rule, what the export stage writes)
-    named after the method that chose it.
-
-    ``planner.MergePlan.criterion`` only admits SLM's criteria, so the wrapped plan carries a
-    placeholder there; every reader goes through this wrapper, whose ``criterion`` and
-    ``to_json`` name the method. Other attributes (windows, rule, new_to_old, ...) are the plan's.
-    """
-
-    method: str                          # "shortgpt" | "angular" | "laco" | "last_layers" | "sleb" | "replaceme_*"
-    plan: MergePlan
-    details: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("plan", "method", "details"):  # not set yet (copy/unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.plan, name)
-
-    @property
-    def criterion(self) -> str:
-        return self.method
-
-    @property
-    def threshold(self) -> None:
-        return None  # no similarity threshold: baselines pick layers by rank or position
-
-    @property
-    def removed(self) -> tuple[int, ...]:
-        """Original layers that no longer have a layer of their own (the upper members of windows)."""
-        return tuple(i for lo, hi in self.plan.windows for i in range(lo + 1, hi + 1))
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.plan.to_json(), "criterion": self.method, "threshold": None, "method": self.method,
-                "removed": list(self.removed), "details": self.details}
 
 
 def layer_plan(method: str, num_layers: int, windows: Sequence[Window], rule: str, **details: Any) -> LayerPlan:

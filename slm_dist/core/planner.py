@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from slm_dist.core.types import Window
@@ -167,6 +167,62 @@ class MergePlan:
                 f"plan JSON index_map {list(d['index_map'])} does not match its windows "
                 f"{[list(w) for w in plan.windows]}, which give {plan.index_map}; regenerate it with `slm-dist plan`"
             )
+        return plan
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A baseline's plan (core/baselines.py, `slm-dist compare`): a ``MergePlan`` (windows and rule, what the
+    export stage writes) named after the method that chose it.
+
+    ``MergePlan.criterion`` only admits SLM's criteria, so the wrapped plan carries a
+    placeholder there; every reader goes through this wrapper, whose ``criterion`` and
+    ``to_json`` name the method. Other attributes (windows, rule, new_to_old, ...) are the plan's.
+    """
+
+    method: str                          # "shortgpt" | "angular" | "laco" | "last_layers" | "sleb" | "replaceme_*"
+    plan: MergePlan
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("plan", "method", "details"):  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.plan, name)
+
+    @property
+    def criterion(self) -> str:
+        return self.method
+
+    @property
+    def threshold(self) -> None:
+        return None  # no similarity threshold: baselines pick layers by rank or position
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        """Original layers that no longer have a layer of their own (the upper members of windows)."""
+        return tuple(i for lo, hi in self.plan.windows for i in range(lo + 1, hi + 1))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "criterion": self.method, "threshold": None, "method": self.method,
+                "removed": list(self.removed), "details": self.details}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LayerPlan:
+        """The plan ``to_json`` wrote (a `compare` method's plan.json), re-validated, so that `slm-dist merge`
+        can build any compared method's checkpoint from its folder."""
+        method = d.get("method")
+        if not isinstance(method, str) or not method or d.get("criterion") != method:
+            raise PlanError(f"a baseline's plan JSON names its method twice (\"method\" and \"criterion\"), got "
+                            f"method={method!r}, criterion={d.get('criterion')!r}; regenerate it with `slm-dist compare`")
+        details = d.get("details", {})
+        if not isinstance(details, dict):
+            raise PlanError(f"a baseline's plan JSON \"details\" must be an object, got {details!r}")
+        inner = {k: v for k, v in d.items() if k not in ("method", "removed", "criterion")}
+        plan = cls(method, MergePlan.from_json({**inner, "criterion": "cka"}), details)
+        if "removed" in d and list(d["removed"]) != list(plan.removed):
+            raise PlanError(f"a baseline's plan JSON says removed={list(d['removed'])} but its windows "
+                            f"{[list(w) for w in plan.windows]} remove {list(plan.removed)}; the file was edited "
+                            "by hand or is corrupt: regenerate it with `slm-dist compare`")
         return plan
 
 
