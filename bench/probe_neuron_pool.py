@@ -262,6 +262,20 @@ def pool_attention(probe: Probe, model, j: int, block: list[int], originals, rid
     assert attn.q_proj.weight.shape[0] == q_rows
 
 
+@torch.no_grad()
+def sweep_ridges(probe: Probe, model, host, rows, gram, cross, prior, evals) -> None:
+    """``--sweep``: the kept neurons' output projection at every ridge, each scored by the NLL of the held-out
+    calibration pieces and by the evaluation texts: does the calibration loss pick the ridge the texts would?"""
+    held = probe.calibration[-probe.held_out:]
+    scale, eye = gram.diagonal().mean(), torch.eye(len(gram), dtype=gram.dtype)
+    for ridge in RIDGES + (3.0, 10.0, 30.0):
+        x = torch.linalg.solve(gram + ridge * scale * eye, cross + ridge * scale * prior)
+        set_mlp(host, *rows, x.T.float().contiguous())
+        scores = {name: perplexity(model, w) for name, w in evals.items()}
+        log.info("sweep ridge %-6g calibration held-out ppl %.3f  %s", ridge, perplexity(model, held),
+                 "  ".join(f"{n} {v:.2f}" for n, v in scores.items()))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -277,6 +291,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=SEQ, help="tokens per calibration piece")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
+    parser.add_argument("--sweep", action="store_true",
+                        help="score the kept neurons' fit at every ridge by calibration NLL and by the texts")
     args = parser.parse_args()
     if args.attention and args.host == "above":
         parser.error("--attention pools into the layer below the block only")
@@ -309,10 +325,12 @@ def main() -> None:
                 alive = (obs_downdate(gram, cross, width, args.select_ridge, args.block) if args.block else
                          obs_keep(gram, cross, width, args.select_ridge, args.chunk))
                 log.info("kept per layer: %s", torch.bincount(alive // width).tolist())
+                gate, up = host.mlp.gate_proj.weight[alive].clone(), host.mlp.up_proj.weight[alive].clone()
+                if args.sweep:
+                    sweep_ridges(probe, model, host, (gate, up), gram[alive][:, alive], cross[alive],
+                                 prior[alive], evals)
                 x, ridge = ridge_fit(gram[alive][:, alive], cross[alive], held_u[:, alive], held_r, prior[alive])
-                mlp = host.mlp
-                set_mlp(host, mlp.gate_proj.weight[alive].clone(), mlp.up_proj.weight[alive].clone(),
-                        x.T.float().contiguous())
+                set_mlp(host, gate, up, x.T.float().contiguous())
             else:
                 host.mlp.down_proj.weight.data = x.T.float().contiguous()
         report(variant, model, start)

@@ -1,7 +1,8 @@
 """The depth-pruning methods SLM is compared with, as plans built from cached statistics.
 
-PURE: statistics in, plans out (no files, devices, Ray or logging). Every plan wraps a
-``planner.MergePlan`` (windows and a merge rule), so one merge path writes every method's checkpoint.
+PURE: statistics in, plans out (no files, devices, Ray or logging). Every plan is a ``planner.LayerPlan``
+wrapping a ``planner.MergePlan`` (windows and a merge rule), so one merge path writes every method's
+checkpoint (the wrapper lives beside MergePlan: `slm-dist merge` reads a method's plan.json without torch).
 
 Removing a set of layers is written as ``drop`` windows: a maximal run of removed layers
 ``a..b`` becomes the window ``(a-1, b)``, which keeps layer ``a-1`` (kept, since the run is
