@@ -79,17 +79,21 @@ class NormalEquations:
 
 
 @torch.no_grad()
-def statistics(probe: Probe, model, j: int):
-    """Normal equations of the training batches and the held-out rows, layer j's (widened) MLP."""
+def statistics(probe: Probe, model, j: int, independent: bool = False):
+    """Normal equations of the training batches and the held-out rows, layer j's (widened) MLP: on the
+    pruned model as corrected so far, or (``independent``) on the dense model's inputs, as the stages fit."""
     layer, seen = model.model.layers[j], {}
-    hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(mid=a[0]))
-    layers = model.model.layers
+    run = probe.dense if independent else model  # the host's attention is the dense layer's: the same mid
+    depth = probe.kept[j] if independent else j
+    hook = run.model.layers[depth].post_attention_layernorm.register_forward_hook(
+        lambda m, a, out: seen.update(mid=a[0]))
+    layers = run.model.layers
     equations = NormalEquations()
     split = len(probe.calibration) - probe.held_out
     try:
-        model.model.layers = layers[:j + 1]
+        run.model.layers = layers[:depth + 1]
         for b, k in enumerate(range(0, len(probe.calibration), BATCH)):
-            model.model(probe.calibration[k:k + BATCH])
+            run.model(probe.calibration[k:k + BATCH])
             mid = seen["mid"]
             x = layer.post_attention_layernorm(mid)
             u = F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
@@ -99,7 +103,7 @@ def statistics(probe: Probe, model, j: int):
             r = ((target - mid) * weight).reshape(-1, mid.shape[-1]).double()
             equations.add(u, r, k >= split)
     finally:
-        model.model.layers = layers
+        run.model.layers = layers
         hook.remove()
     return equations.result()
 
@@ -291,6 +295,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=SEQ, help="tokens per calibration piece")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
+    parser.add_argument("--independent", action="store_true",
+                        help="fit every block on the dense model's inputs (as the stages do), not the corrected model's")
     parser.add_argument("--sweep", action="store_true",
                         help="score the kept neurons' fit at every ridge by calibration NLL and by the texts")
     args = parser.parse_args()
@@ -317,7 +323,7 @@ def main() -> None:
                 pool_attention(probe, model, j, block, originals, args.select_ridge, args.attention == "whole")
             if variant != "refit":
                 widen(host, [originals[i] for i in block])
-            gram, cross, held_u, held_r = statistics(probe, model, j)
+            gram, cross, held_u, held_r = statistics(probe, model, j, args.independent)
             prior = torch.zeros_like(cross)
             prior[:width] = originals[probe.kept[j]].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
