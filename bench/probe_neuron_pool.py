@@ -19,7 +19,10 @@ Variants, each scored by perplexity (the first 8 windows of 512 tokens of WikiTe
 Options the thirteenth session tried (none helped; bench/RESULTS.md): ``--block N`` (exact OBS, N features a
 step, the inverse downdated by Woodbury's identity), ``--host above`` (the layer after the block takes the
 neurons), ``--attention attention|whole`` (the host's attention first keeps the best key-value groups of its
-own and the block's attentions, by group OBS).
+own and the block's attentions, by group OBS). The fourteenth session's (none helped either): ``--seq 512``
+(longer calibration pieces), ``--sweep`` (the output projection at every ridge, scored by calibration NLL
+and by the texts), ``--select-ridge``, ``--independent`` (each block fitted on the dense model's inputs, as the
+stages do, instead of the model corrected so far).
 """
 
 from __future__ import annotations
