@@ -125,6 +125,14 @@ def ridge_fit(gram, cross, held_u, held_r, prior):
     return best, best_ridge
 
 
+def screen(gram, cross, cap: int) -> torch.Tensor:
+    """``--cap``: the ``cap`` features (sorted indices) with the largest gain alone, ||u_i^T r||^2 / u_i^T u_i:
+    what a stage could compute streaming (the diagonal and the cross products, no pool x pool matrix), so that
+    OBS then runs on a cap x cap problem."""
+    gain = (cross ** 2).sum(dim=1) / gram.diagonal().clamp_min(1e-30)
+    return torch.sort(torch.argsort(gain, descending=True)[:cap]).values
+
+
 def obs_keep(gram, cross, keep: int, ridge: float, chunk: int) -> torch.Tensor:
     """Indices of ``keep`` features chosen by OBS backward elimination, ``chunk`` at a time."""
     alive = torch.arange(len(gram))
@@ -298,6 +306,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=SEQ, help="tokens per calibration piece")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
+    parser.add_argument("--cap", type=int, default=0,
+                        help="screen the pool down to this many features by their gain alone before OBS")
     parser.add_argument("--independent", action="store_true",
                         help="fit every block on the dense model's inputs (as the stages do), not the corrected model's")
     parser.add_argument("--sweep", action="store_true",
@@ -331,8 +341,10 @@ def main() -> None:
             prior[:width] = originals[probe.kept[j]].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
             if variant == "pool, OBS":
-                alive = (obs_downdate(gram, cross, width, args.select_ridge, args.block) if args.block else
-                         obs_keep(gram, cross, width, args.select_ridge, args.chunk))
+                screened = screen(gram, cross, args.cap) if args.cap else torch.arange(len(gram))
+                g, c = gram[screened][:, screened], cross[screened]
+                alive = screened[obs_downdate(g, c, width, args.select_ridge, args.block) if args.block else
+                                 obs_keep(g, c, width, args.select_ridge, args.chunk)]
                 log.info("kept per layer: %s", torch.bincount(alive // width).tolist())
                 gate, up = host.mlp.gate_proj.weight[alive].clone(), host.mlp.up_proj.weight[alive].clone()
                 if args.sweep:
