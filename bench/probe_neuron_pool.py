@@ -22,13 +22,15 @@ neurons), ``--attention attention|whole`` (the host's attention first keeps the 
 own and the block's attentions, by group OBS). The fourteenth session's (none helped either): ``--seq 512``
 (longer calibration pieces), ``--sweep`` (the output projection at every ridge, scored by calibration NLL
 and by the texts), ``--select-ridge``, ``--independent`` (each block fitted on the dense model's inputs, as the
-stages do, instead of the model corrected so far).
+stages do, instead of the model corrected so far); for scale, ``--cap N`` with ``--cap-keep-host`` or
+``--cap-by member`` (the pool screened to N neurons before OBS; OBS within each member kept most of the gain).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 
 import torch
@@ -125,12 +127,26 @@ def ridge_fit(gram, cross, held_u, held_r, prior):
     return best, best_ridge
 
 
-def screen(gram, cross, cap: int) -> torch.Tensor:
+def screen(gram, cross, cap: int, host: int = 0) -> torch.Tensor:
     """``--cap``: the ``cap`` features (sorted indices) with the largest gain alone, ||u_i^T r||^2 / u_i^T u_i:
     what a stage could compute streaming (the diagonal and the cross products, no pool x pool matrix), so that
-    OBS then runs on a cap x cap problem."""
+    OBS then runs on a cap x cap problem. ``host``: the first ``host`` features (the host's own) always stay."""
     gain = (cross ** 2).sum(dim=1) / gram.diagonal().clamp_min(1e-30)
+    gain[:host] = math.inf
     return torch.sort(torch.argsort(gain, descending=True)[:cap]).values
+
+
+def screen_by_member(gram, cross, cap: int, width: int, ridge: float, chunk: int) -> torch.Tensor:
+    """``--cap N --cap-by member``: the host's own features, then each member's best (cap - width) / members
+    by OBS on that member's features alone (a width x width problem each, as refit's): a screen whose memory
+    does not grow with the window."""
+    members = len(gram) // width - 1
+    each = (cap - width) // members
+    kept = [torch.arange(width)]
+    for k in range(1, members + 1):
+        idx = torch.arange(k * width, (k + 1) * width)
+        kept.append(idx[obs_keep(gram[idx][:, idx], cross[idx], each, ridge, chunk)])
+    return torch.cat(kept)
 
 
 def obs_keep(gram, cross, keep: int, ridge: float, chunk: int) -> torch.Tensor:
@@ -308,6 +324,9 @@ def main() -> None:
     parser.add_argument("--skip-all", action="store_true", help="do not score the whole pool")
     parser.add_argument("--cap", type=int, default=0,
                         help="screen the pool down to this many features by their gain alone before OBS")
+    parser.add_argument("--cap-keep-host", action="store_true", help="the screen keeps the host's own neurons")
+    parser.add_argument("--cap-by", choices=("gain", "member"), default="gain",
+                        help="screen by each feature's gain alone, or by OBS within each member layer")
     parser.add_argument("--independent", action="store_true",
                         help="fit every block on the dense model's inputs (as the stages do), not the corrected model's")
     parser.add_argument("--sweep", action="store_true",
@@ -341,7 +360,12 @@ def main() -> None:
             prior[:width] = originals[probe.kept[j]].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
             if variant == "pool, OBS":
-                screened = screen(gram, cross, args.cap) if args.cap else torch.arange(len(gram))
+                if not args.cap:
+                    screened = torch.arange(len(gram))
+                elif args.cap_by == "member":
+                    screened = screen_by_member(gram, cross, args.cap, width, args.select_ridge, args.chunk)
+                else:
+                    screened = screen(gram, cross, args.cap, width if args.cap_keep_host else 0)
                 g, c = gram[screened][:, screened], cross[screened]
                 alive = screened[obs_downdate(g, c, width, args.select_ridge, args.block) if args.block else
                                  obs_keep(g, c, width, args.select_ridge, args.chunk)]
