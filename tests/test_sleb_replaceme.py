@@ -221,6 +221,8 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
             merge_config = product.model_copy(update={"run": product.run.model_copy(update={"dir": run_dir})})
             merging.merge_from_plan(merge_config, tiny_model, run_jobs_in_threads, show_progress=False)
             built[run_dir] = AutoModelForCausalLM.from_pretrained(merge_config.output_dir, trust_remote_code=False)
+        card = (merge_config.output_dir / "README.md").read_text()
+        assert f"- layers chosen by: `sleb_{kind}`" in card and "similarity criterion" not in card
         first, second = (m.state_dict() for m in built.values())
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 

@@ -406,7 +406,9 @@ def card_text(data, plan: MergePlan, threshold: float | None, perplexity: Mappin
         f"- merge rule: `{plan.rule}`" + (f" (alpha per window: {list(plan.alphas)})" if plan.alphas else ""),
         f"- correction: `{kind}` (fitted on calibration data, folded into each merged window's MLP output "
         "projection)" if kind else "- correction: none",
-        f"- similarity criterion: `{plan.criterion}`",
+        # A `compare` method's plan (planner.LayerPlan) names the method that chose its layers.
+        f"- layers chosen by: `{plan.method}` (a `slm-dist compare` method)" if getattr(plan, "method", None)
+        else f"- similarity criterion: `{plan.criterion}`",
         f"- threshold: {threshold}", "",
         "The full plan and every file's sha256 are in `manifest.json` (`slm-dist verify` checks them).",
     ]
