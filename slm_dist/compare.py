@@ -184,9 +184,7 @@ def plan_from_json(data: dict):
     """The plan (or error text) stored by plan_to_json."""
     if "error" in data:
         return data["error"]
-    if "method" in data:  # a baseline's LayerPlan
-        return baselines.LayerPlan.from_json(data)
-    return planner.MergePlan.from_json({k: v for k, v in data.items() if k != "details"})
+    return planner.plan_from_json(data)
 
 
 # ---------------------------------------------------------------- published-code threshold search

@@ -393,9 +393,9 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
     scored = cal.num_samples if p.score_batches is None else min(p.score_batches * cal.batch_size, cal.num_samples)
     lm_head = 2.0 * int(hf_config["vocab_size"]) * hidden
     removed = expected_layers_removed(config, sizes)
-    # calibration.cache_stride: a rerun starts from the nearest kept input below, (stride - 1) / 2 layers lower.
-    rerun = n / 2 + (cal.cache_stride - 1) / 2
-    seconds = measured_plans(config, n, removed) * scored * cal.seq_len * (fpt * rerun + lm_head) / rate
+    # calibration.cache_stride: a read starts from the nearest kept input below, (stride - 1) / 2 layers lower.
+    recomputed = (cal.cache_stride - 1) / 2
+    seconds = measured_plans(config, n, removed) * scored * cal.seq_len * (fpt * (n / 2 + recomputed) + lm_head) / rate
     # Windows fitted: about one per scored global candidate; SLEB's trials are uncorrected and its plan
     # has at most one window per removed layer.
     candidates = {"global": p.candidates + p.local_search, "sleb": removed or 0}.get(p.search, 0)
@@ -405,7 +405,7 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         window = config.plan.max_window or 4
         fp64 = a.gpu_fp64_flops_per_s if resolve_device(config) == "cuda" else a.cpu_fp64_flops_per_s
         grid, folds = len(RIDGE_GRID), FOLDS
-        forwards = (2 * window + grid + 3 + (cal.cache_stride - 1) / 2) * fit_tokens * fpt / rate
+        forwards = (2 * window + grid + 3 + recomputed) * fit_tokens * fpt / rate
         normal = (2.5 * 2 * fit_tokens * width * (width + hidden) + grid * fit_tokens * 2 * width * hidden
                   + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
         pooled = 0.0

@@ -30,7 +30,7 @@ from slm_dist.checkpoint.index import CheckpointIndex
 from slm_dist.checkpoint.lock import LOCK_NAME, FolderLock
 from slm_dist.checkpoint.writer import MANIFEST_NAME, sha256_file, write_json
 from slm_dist.config import SlmConfig
-from slm_dist.core.planner import LayerPlan, MergePlan, PlanError
+from slm_dist.core.planner import LayerPlan, MergePlan, PlanError, plan_from_json
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,4 @@ def load_plan(run_dir: Path) -> MergePlan | LayerPlan:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise PlanError(f"{path} is not valid JSON ({e}); regenerate it") from None
-    if isinstance(data, dict) and "method" in data:
-        return LayerPlan.from_json(data)
-    return MergePlan.from_json(data)
+    return plan_from_json(data)

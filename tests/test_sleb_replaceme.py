@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from slm_dist import compare, evaluation, merging, pipeline
 from slm_dist.backends.local import LocalBackend
 from slm_dist.checkpoint.corrections import load_corrections
+from slm_dist.checkpoint.export import add_evaluation_to_card
 from slm_dist.config import load_config
 from slm_dist.core import baselines
 from slm_dist.core.correction_fit import CorrectionError
@@ -221,8 +222,11 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
             merge_config = product.model_copy(update={"run": product.run.model_copy(update={"dir": run_dir})})
             merging.merge_from_plan(merge_config, tiny_model, run_jobs_in_threads, show_progress=False)
             built[run_dir] = AutoModelForCausalLM.from_pretrained(merge_config.output_dir, trust_remote_code=False)
+        # The card (rewritten with measured perplexity, as `slm-dist run`'s eval does) names the method.
+        add_evaluation_to_card(merge_config.output_dir, {"before": 10.0, "after": 12.5})
         card = (merge_config.output_dir / "README.md").read_text()
         assert f"- layers chosen by: `sleb_{kind}`" in card and "similarity criterion" not in card
+        assert "12.500" in card
         first, second = (m.state_dict() for m in built.values())
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 

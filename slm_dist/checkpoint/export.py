@@ -49,7 +49,7 @@ from slm_dist.checkpoint.writer import (
     write_manifest,
 )
 from slm_dist.core.merge_jobs import MergeError, TensorJob, plan_tensor_jobs, pool_rows, refit_rows, single_source
-from slm_dist.core.planner import MergePlan
+from slm_dist.core.planner import MergePlan, plan_from_json
 
 if TYPE_CHECKING:
     import torch
@@ -436,7 +436,7 @@ def add_evaluation_to_card(out_dir: Path, perplexity: Mapping[str, Any]) -> File
     manifest = _read_manifest(out_dir)
     if manifest is None or "plan" not in manifest:
         raise ExportError(f"{out_dir} has no slm-dist manifest with a plan; it was not written by `slm-dist merge`")
-    plan = MergePlan.from_json(manifest["plan"])
+    plan = plan_from_json(manifest["plan"])
     data = ModelCard.load(out_dir / MODEL_CARD, ignore_metadata_errors=True).data
     record = _write_text(out_dir / MODEL_CARD, card_text(data, plan, plan.threshold, perplexity))
     manifest["files"][MODEL_CARD] = record.to_json()

@@ -226,6 +226,14 @@ class LayerPlan:
         return plan
 
 
+def plan_from_json(d: Any) -> MergePlan | LayerPlan:
+    """A stored plan (plan.json, a manifest's "plan"), re-validated: a `slm-dist compare` method's
+    ``LayerPlan`` where it names its method, else a ``MergePlan``."""
+    if isinstance(d, dict) and "method" in d:
+        return LayerPlan.from_json(d)
+    return MergePlan.from_json(d)
+
+
 def _corrections_from_json(value: Any) -> dict[str, str | None]:
     if value is None:
         return {}
