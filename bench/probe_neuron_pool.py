@@ -316,8 +316,10 @@ def main() -> None:
     parser.add_argument("--attention", choices=("attention", "whole"),
                         help="pool the attention too: the host keeps the best key-value groups of the block's, "
                              "fitted to the block's summed attention outputs or to its whole residual change")
-    parser.add_argument("--host", choices=("below", "above"), default="below",
-                        help="the layer whose MLP takes the block's neurons: the one below the block or above it")
+    parser.add_argument("--host", choices=("below", "above", "both"), default="below",
+                        help="the layer whose MLP takes the block's neurons: the one below the block, above it, or "
+                             "both (below first, then above on the corrected model, each fitted to the dense "
+                             "stream at its own depth)")
     parser.add_argument("--block", type=int, default=0, help="downdate the inverse, this many features a step")
     parser.add_argument("--seq", type=int, default=SEQ, help="tokens per calibration piece")
     parser.add_argument("--select-ridge", type=float, default=1e-3)
@@ -332,7 +334,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="score the kept neurons' fit at every ridge by calibration NLL and by the texts")
     args = parser.parse_args()
-    if args.attention and args.host == "above":
+    if args.attention and args.host != "below":
         parser.error("--attention pools into the layer below the block only")
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
@@ -346,8 +348,9 @@ def main() -> None:
     for variant in ("refit",) + (() if args.skip_all else ("pool, all",)) + ("pool, OBS",):
         start, model = time.time(), probe.pruned(0.0, blocks)
         originals = probe.load().model.layers
-        for block in blocks:  # one block at a time, on the model as corrected so far
-            below = args.host == "below" or block[-1] + 1 >= probe.num_layers
+        sides = ("below", "above") if args.host == "both" else (args.host,)
+        for block, side in ((b, s) for b in blocks for s in sides):  # in turn, on the model as corrected so far
+            below = side == "below" or block[-1] + 1 >= probe.num_layers
             j = probe.kept.index(block[0] - 1) if below else probe.kept.index(block[-1] + 1)
             host = model.model.layers[j]
             width = host.mlp.down_proj.weight.shape[1]

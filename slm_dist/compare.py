@@ -171,6 +171,8 @@ def method_settings(method: str, config: SlmConfig) -> dict:
     if method.endswith(("_refit", "_pool")):   # our correction on a chosen plan: how it is fitted
         settings.update(correction_batches=config.merge.correction_batches,
                         correction_weight=config.merge.correction_weight)
+    if method.endswith("_pool") and config.merge.pool_cap is not None:
+        settings["pool_cap"] = config.merge.pool_cap
     return settings
 
 

@@ -155,6 +155,13 @@ class MergeSection(_Section):
                             "neurons among all the window's layers (core/neuron_pool.py; its statistics are (window "
                             "layers x intermediate)^2: small models only). The global search holds one plan's corrections at a "
                             "time, on their stages and on the Ray driver")
+    pool_cap: int | None = Field(
+        None, ge=2, description="correction pool (and compare's *_pool methods): screen the pool to this many times "
+                                "the MLP width before the joint choice: the merged layer's own neurons, then each other "
+                                "layer's best share, chosen within that layer alone (width^2 statistics each). The "
+                                "choice then holds (pool_cap x intermediate)^2 instead of (window layers x "
+                                "intermediate)^2 (see `slm-dist plan --dry-run`). null: the whole pool. On SmolLM2 "
+                                "(6 of 30 layers) 3 kept most of the gain (bench/RESULTS.md)")
     correction_batches: int = Field(8, ge=2, description="correction linear|refit|pool: calibration batches each window's "
                                                          "correction is fitted and cross-validated on (up to 4 folds)")
     correction_weight: Literal["relative", "none"] = Field(

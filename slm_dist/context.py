@@ -88,7 +88,7 @@ def stage_specs(config: SlmConfig, index: CheckpointIndex, model_dir: Path | Non
     return [StageSpec(model_dir=str(model_dir or index.root), start=a, stop=b, num_layers=index.num_layers,
                       device=device, dtype=dtype, attn_implementation=config.model.attn_implementation,
                       allow_pickle=config.model.allow_pickle, correction_weight=config.merge.correction_weight,
-                      cache_stride=config.calibration.cache_stride)
+                      pool_cap=config.merge.pool_cap, cache_stride=config.calibration.cache_stride)
             for a, b in slices]
 
 

@@ -410,13 +410,24 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
                   + (grid * folds + 1) * (width ** 3 / 3 + 2 * width ** 2 * hidden))
         pooled = 0.0
         if config.merge.correction == "pool":
-            # The pool's equations in float32, then OBS: a Cholesky factor and an inverse ((4/3) n^3) per
-            # chunk, n falling linearly from the pool to the layer's width (the mean of n^3 over that range).
-            pool = fitted_window_layers(config, removed) * width
-            mean_cube = (pool ** 4 - width ** 4) / (4 * max(pool - width, 1))
-            pooled = 2 * fit_tokens * pool * (pool + hidden) / rate + CHUNKS * (4 / 3) * mean_cube / fp64
+            layers, cap = fitted_window_layers(config, removed), config.merge.pool_cap
+            pooled = _pool_seconds(layers * width, width, hidden, fit_tokens, fit_tokens * fpt / rate, rate, fp64)
+            if cap is not None and cap < layers:  # each other layer screened alone, then the capped choice
+                share = (cap - 1) * width // (layers - 1)
+                pooled = (_pool_seconds(cap * width, width, hidden, fit_tokens, fit_tokens * fpt / rate, rate, fp64)
+                          + (layers - 1) * _pool_seconds(width, share, hidden, fit_tokens, fit_tokens * fpt / rate,
+                                                         rate, fp64))
         seconds += candidates * (forwards + normal / fp64 + pooled)
     return seconds
+
+
+def _pool_seconds(pool: int, keep: int, hidden: int, tokens: int, layer_pass: float, rate: float, fp64: float
+                  ) -> float:
+    """One OBS choice of ``keep`` of ``pool`` neurons: a pass over the fitting batches (the merged layer,
+    the features, their equations in float32), then a Cholesky factor and an inverse ((4/3) n^3) per chunk,
+    n falling linearly from ``pool`` to ``keep`` (the mean of n^3 over that range)."""
+    mean_cube = (pool ** 4 - keep ** 4) / (4 * max(pool - keep, 1))
+    return layer_pass + 2 * tokens * pool * (pool + hidden) / rate + CHUNKS * (4 / 3) * mean_cube / fp64
 
 
 def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assumptions()) -> DryRun:
@@ -492,7 +503,7 @@ def dry_run(config: SlmConfig, model_dir: Path, assumptions: Assumptions = Assum
                      f"{where}")
     if config.merge.correction != "none":
         notes.append(correction_note(config.merge.correction, int(hf["hidden_size"]), hf.get("intermediate_size"),
-                                     fitted_window_layers(config, removed)))
+                                     fitted_window_layers(config, removed), config.merge.pool_cap))
     if config.eval.enabled and config.eval.max_windows is None:
         notes.append(f"eval.max_windows=null: eval time assumes {eval_tokens(config):,} tokens (the held-out "
                      "text at ~4 bytes per token when it is here, else 32 windows)")
@@ -697,17 +708,19 @@ def correction_stat_bytes(config: SlmConfig, hidden: int, intermediate: int | No
     if kind == "refit":
         return refit_stat_bytes(hidden, intermediate)
     if kind == "pool":
-        return pool_stat_bytes(hidden, intermediate, fitted_window_layers(config, layers_removed))
+        return pool_stat_bytes(hidden, intermediate, fitted_window_layers(config, layers_removed),
+                               config.merge.pool_cap)
     return 0
 
 
-def pool_stat_bytes(hidden: int, intermediate: int | None, window_layers: int) -> int:
+def pool_stat_bytes(hidden: int, intermediate: int | None, window_layers: int, cap: int | None = None) -> int:
     """merge.correction=pool: the larger of its neuron choice (POOL_GRAM_COPIES x pool^2 float64, pool =
-    window layers x intermediate, its cross terms, and one batch's u^T u in float32) and the refit that
-    follows it (core/neuron_pool.py)."""
+    window layers x intermediate, or merge.pool_cap x intermediate when that is fewer, its cross terms, and
+    one batch's u^T u in float32) and the refit that follows it (core/neuron_pool.py). The cap's screen
+    (one layer's neurons at a time) holds less than the capped choice."""
     if intermediate is None:
         return 0
-    pool = window_layers * int(intermediate)
+    pool = (window_layers if cap is None else min(window_layers, cap)) * int(intermediate)
     choose = (POOL_GRAM_COPIES * pool ** 2 + 2 * pool * hidden) * 8 + pool ** 2 * 4
     return max(choose, refit_stat_bytes(hidden, intermediate))
 
@@ -723,14 +736,19 @@ def refit_stat_bytes(hidden: int, intermediate: int | None) -> int:
     return (GRAM_COPIES * d_in ** 2 + CROSS_COPIES * d_in * hidden + ROW_CHUNK * (d_in + hidden)) * 8
 
 
-def correction_note(kind: str, hidden: int, intermediate: int | None, window_layers: int = 4) -> str:
+def correction_note(kind: str, hidden: int, intermediate: int | None, window_layers: int = 4,
+                    pool_cap: int | None = None) -> str:
     if kind == "pool" and intermediate is not None:
-        stats = pool_stat_bytes(hidden, intermediate, window_layers)
+        stats = pool_stat_bytes(hidden, intermediate, window_layers, pool_cap)
+        capped = pool_cap is not None and pool_cap < window_layers
+        size = f"(merge.pool_cap={pool_cap} x intermediate)^2" if capped else "(window layers x intermediate)^2"
+        advice = ("Use merge.correction=refit where that does not fit" if capped else
+                  "Set merge.pool_cap (3 kept most of the gain on SmolLM2) or use merge.correction=refit where "
+                  "that does not fit")
         return (f"merge.correction=pool: choosing a {window_layers}-layer window's neurons holds about "
-                f"{stats / GiB:.2f} GiB ({POOL_GRAM_COPIES} copies of (window layers x intermediate)^2 float64) on the "
+                f"{stats / GiB:.2f} GiB ({POOL_GRAM_COPIES} copies of {size} float64) on the "
                 f"window's stage device, on top of each stage's activations; each fitted correction is "
-                f"{3 * intermediate * hidden * 4 / GiB:.2f} GiB (float32). Use merge.correction=refit where that "
-                "does not fit")
+                f"{3 * intermediate * hidden * 4 / GiB:.2f} GiB (float32). {advice}")
     if kind == "linear":
         return (f"merge.correction=linear: each window's fitted map is {hidden ** 2 * 4 / GiB:.2f} GiB (float32), "
                 "held on the window's stage and on the Ray driver while its plan is scored (one plan's maps at a time)")

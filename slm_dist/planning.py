@@ -229,7 +229,8 @@ class PlanSearch:
             corrected = any(self.memo.corrections[correction_key(*r)].corrects for r in requests)
         # The memo (and compare's loss file) key: what the plan's weights depend on.
         m = self.config.merge
-        label = rule + (f"+{kind}(batches={m.correction_batches},weight={m.correction_weight})" if corrected else "")
+        cap = f",cap={m.pool_cap}" if kind == "pool" and m.pool_cap is not None else ""  # unset: the labels before it
+        label = rule + (f"+{kind}(batches={m.correction_batches},weight={m.correction_weight}{cap})" if corrected else "")
         key = (windows, label, score_label(p.refine_metric, p.score_batches))
         if key not in self.memo.losses:
             if corrected:

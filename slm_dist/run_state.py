@@ -127,6 +127,8 @@ def stage_keys(config: SlmConfig, inputs: RunInputs, index_fp: str) -> dict[str,
     })
     # plan.json names the rule, and the planner fits what the merge settings ask for (alphas, corrections)
     planned = {k: getattr(config.merge, k) for k in MERGE_SETTINGS_OF_THE_PLAN}
+    if config.merge.pool_cap is not None:  # only when set, so that runs made before it keep their plans
+        planned["pool_cap"] = config.merge.pool_cap
     plan = _digest({"calibrate": calibrate, "plan": _section(config, "plan"),
                     "criterion": config.similarity.criterion, **planned})
     merge = _digest({"plan": plan, "merge": _section(config, "merge", drop=("output_dir",)),

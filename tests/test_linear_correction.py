@@ -299,9 +299,9 @@ def test_cross_validation_recovers_a_planted_projection_against_its_prior():
 
 
 # ----------------------------------------------------------------------------------- stage glue
-def cached_stages(tiny_model, dtype="float32", correction_weight="relative"):
-    stages = [StageWorker(StageSpec(str(tiny_model), 0, 3, 6, dtype=dtype, correction_weight=correction_weight)),
-              StageWorker(StageSpec(str(tiny_model), 3, 6, 6, dtype=dtype, correction_weight=correction_weight))]
+def cached_stages(tiny_model, dtype="float32", correction_weight="relative", pool_cap=None):
+    stages = [StageWorker(StageSpec(str(tiny_model), a, b, 6, dtype=dtype, correction_weight=correction_weight,
+                                    pool_cap=pool_cap)) for a, b in ((0, 3), (3, 6))]
     batches = [torch.randint(3, 60, (4, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
     for batch_id, ids in enumerate(batches):
         x = ids

@@ -1,6 +1,7 @@
 """merge.correction=pool (core/neuron_pool.py): OBS's choice against brute force, the pool's features
 against each layer's own MLP, the stage's pooled layer against the export and transformers, the
-corrections file checks, and the dry run's count."""
+corrections file checks, merge.pool_cap's screen against the whole pool's equations, and the dry run's
+count."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from slm_dist.core.alpha_fit import squared_error
 from slm_dist.core.correction_fit import CorrectionError, correction_key
 from slm_dist.core.merge import apply_correction, merge_state_dict
 from slm_dist.core.merge_jobs import MergeError, plan_tensor_jobs, pool_rows
-from slm_dist.core.neuron_pool import check_no_bias, obs_select, pool_matrix, pool_weights
+from slm_dist.core.neuron_pool import check_no_bias, obs_select, pool_matrix, pool_weights, screen_share
 from slm_dist.workers.merge_worker import run_jobs_in_threads
 from tests.test_calibrated_merge import hf_hidden, state_dict
 from tests.test_linear_correction import cached_stages, corrected_plan
@@ -136,6 +137,69 @@ def test_stage_pool_fit_is_the_merge_with_the_chosen_mlp_and_beats_refit(tiny_mo
     assert errors["pool"] < errors["refit"] < errors["plain"], errors
 
 
+def test_screen_share_splits_the_cap_among_the_other_layers():
+    assert screen_share(3 * 64, 64, 2) == 32       # host + 2 others, 1 x 64 more kept: 32 each
+    assert screen_share(8 * 100, 100, 3) == 28     # 7 others share 200
+    for cap in (None, 3, 9):
+        assert screen_share(3 * 64, 64, cap) is None  # the whole pool is within the cap
+    assert screen_share(64, 64, 2) is None         # the host alone: nothing to screen
+    with pytest.raises(CorrectionError, match="at least 2"):
+        screen_share(4 * 64, 64, 1)
+    with pytest.raises(CorrectionError, match="not whole layers"):
+        screen_share(100, 64, 2)
+
+
+def test_capped_pool_screens_each_layer_alone_then_chooses_among_the_survivors(tiny_model, monkeypatch):
+    """merge.pool_cap=2 on window [2..4] (rule drop: the pool is layer 2's 64 neurons, then layers 3's
+    and 4's): OBS runs on each other layer's equations alone, which are exactly that layer's block of the
+    whole pool's, keeping 32 each; the final choice runs on the whole pool's equations restricted to the
+    host's and the survivors, and every chosen neuron is one of them. A cap the pool is within changes
+    nothing."""
+    import slm_dist.workers.window_fits as window_fits
+
+    calls = []
+
+    def recording(gram, cross, keep, *args, **kwargs):
+        alive = obs_select(gram, cross, keep, *args, **kwargs)
+        calls.append((gram.clone(), cross.clone(), keep, alive.clone()))
+        return alive
+
+    monkeypatch.setattr(window_fits, "obs_select", recording)
+    window, ids = (2, 4), [0, 1, 2, 3]
+    whole_stages, _ = cached_stages(tiny_model)
+    whole = whole_stages[0].fit_correction(window, "drop", None, ids, "pool")
+    ((gram, cross, keep, _),) = calls
+    assert gram.shape == (3 * 64, 3 * 64) and keep == 64
+
+    calls.clear()
+    capped_stages, _ = cached_stages(tiny_model, pool_cap=2)
+    capped = capped_stages[0].fit_correction(window, "drop", None, ids, "pool")
+    assert len(calls) == 3
+    survivors = [torch.arange(64)]
+    for k, (g, c, keep, alive) in enumerate(calls[:2], start=1):
+        block = torch.arange(64 * k, 64 * (k + 1))
+        assert keep == 32
+        torch.testing.assert_close(g, gram[block][:, block], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(c, cross[block], rtol=1e-6, atol=1e-9)
+        survivors.append(block[alive])
+    screened = torch.cat(survivors)
+    g, c, keep, alive = calls[2]
+    assert keep == 64 and len(screened) == 128
+    torch.testing.assert_close(g, gram[screened][:, screened], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(c, cross[screened], rtol=1e-6, atol=1e-9)
+
+    members = [{s: v.float() for s, v in layer.items()} for layer in capped_stages[0].window_members(window)[0]]
+    gates, _ = pool_weights(members[0], members, LLAMA)
+    chosen_gates = capped.matrix[64:128]  # X, then the gate rows (pool_matrix)
+    rows = {int((gates == row).all(dim=1).nonzero()[0]) for row in chosen_gates}
+    assert rows == set(screened[alive].tolist()) and rows <= set(screened.tolist())
+    assert not torch.equal(capped.matrix, whole.matrix) and 0.0 < capped.loss < 1.0
+
+    calls.clear()
+    loose = cached_stages(tiny_model, pool_cap=3)[0][0].fit_correction(window, "drop", None, ids, "pool")
+    assert len(calls) == 1 and torch.equal(loose.matrix, whole.matrix)
+
+
 def test_pool_rows_and_apply_pick_each_projection():
     x, gate, up = (torch.randn(6, 4) for _ in range(3))
     matrix = pool_matrix(x, gate, up)
@@ -185,3 +249,25 @@ def test_dry_run_counts_the_pool_and_names_it(tiny_model):
     overrides = [f"model.path={tiny_model}", "plan.target_layers_removed=2", "merge.correction=pool"]
     report = dry_run(load_config(None, overrides), tiny_model)
     assert any("merge.correction=pool" in note and "3-layer window" in note for note in report.notes)
+
+
+def test_dry_run_with_a_pool_cap_fits_llama2_7b_where_the_whole_pool_does_not():
+    """configs/best.yaml on Llama-2-7B's geometry (7 of 32 layers, an 8-layer window, 2 x 80 GiB GPUs):
+    the whole pool's choice, 3 x (8 x 11008)^2 float64, does not fit; merge.pool_cap=3 does, and the
+    note names the cap."""
+    from slm_dist.config import load_config
+    from slm_dist.dryrun import dry_run, pool_stat_bytes
+    from tests.test_dryrun import REPO
+
+    model = REPO / "configs" / "models" / "llama-2-7b"
+    base = [f"model.path={model}", "plan.target_layers_removed=7", "cluster.backend=ray", "cluster.num_stages=2",
+            "cluster.gpus_per_stage=1", "cluster.device=cuda", f"cluster.memory_per_stage_bytes={80 * 1024**3}"]
+    assert pool_stat_bytes(4096, 11008, 8, 3) == pool_stat_bytes(4096, 11008, 3)
+    assert pool_stat_bytes(4096, 11008, 8, 3) < pool_stat_bytes(4096, 11008, 8) / 5
+    assert pool_stat_bytes(4096, 11008, 2, 3) == pool_stat_bytes(4096, 11008, 2)  # within the cap
+    whole = dry_run(load_config(REPO / "configs" / "best.yaml", base), model)
+    capped = dry_run(load_config(REPO / "configs" / "best.yaml", [*base, "merge.pool_cap=3"]), model)
+    assert not whole.fits and capped.fits
+    assert any("merge.pool_cap" in note and "does not fit" in note for note in whole.notes)
+    assert any("(merge.pool_cap=3 x intermediate)^2" in note for note in capped.notes)
+    assert capped.seconds["plan"] < whole.seconds["plan"]

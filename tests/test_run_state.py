@@ -74,7 +74,7 @@ def test_stage_keys_change_only_where_the_config_matters(tmp_path, tiny_text_fil
     assert changed(keys("merge.rule=mean")) == ["plan", "merge", "eval", "report"]  # plan.json names the rule
     # the planner fits what these ask for (plan.json and the corrections file change)
     for setting in ("merge.correction=refit", "merge.correction_weight=none", "merge.correction_batches=4",
-                    "merge.alpha_batches=3"):
+                    "merge.alpha_batches=3", "merge.pool_cap=3"):
         assert changed(keys(setting)) == ["plan", "merge", "eval", "report"], setting
     assert changed(keys("merge.max_shard_bytes=2048")) == ["merge", "eval", "report"]
     assert changed(keys("eval.seq_len=16")) == ["eval", "report"]

@@ -321,3 +321,14 @@ def test_lambada_counts_texts_whose_last_word_is_the_greedy_continuation(tiny_mo
     acc = sum(expected) / 3
     assert result["lambada"] == {"acc": acc, "acc_stderr": pytest.approx(math.sqrt(acc * (1 - acc) / 2)), "n": 3}
     backend.close()
+
+
+def test_a_pool_cap_re_plans_the_pool_methods_only():
+    """compare stores each method's own settings beside its plan: merge.pool_cap is one of the pool
+    methods' (a cached sleb_pool plan fitted without the cap is not reused with it), and no other's."""
+    plain, capped = load_config(None, []), load_config(None, ["merge.pool_cap=3"])
+    for method in ("sleb_pool", "angular_pool"):
+        assert "pool_cap" not in compare.method_settings(method, plain)
+        assert compare.method_settings(method, capped) == {**compare.method_settings(method, plain), "pool_cap": 3}
+    for method in ("sleb_refit", "sleb", "slm_global_refit", "replaceme_lstsq"):
+        assert compare.method_settings(method, capped) == compare.method_settings(method, plain)

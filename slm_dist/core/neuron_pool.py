@@ -14,6 +14,14 @@ computed on the merged layer's input. The fit then
 3. refits the output projection on the chosen neurons exactly as ``refit`` does (cross-validated ridge
    towards the merged projection's own rows, zeros for the members' neurons).
 
+``merge.pool_cap`` c screens the pool first, so that step 2 solves a (c x intermediate)^2 problem
+instead of the whole window's: the merged layer's own neurons stay, and each other layer keeps its
+best (c - 1) x intermediate / (other layers) by the same OBS on that layer's neurons alone (its own
+intermediate^2 equations, one layer at a time). On SmolLM2 (block 13-18, 64 samples,
+bench/probe_neuron_pool.py) c = 3 gave WikiText-2 51.83 against the whole pool's 50.85 and refit's
+56.96; screening by each neuron's gain alone (no pool^2 statistics at all) kept little of the gain
+(53.35 at c = 3): correlated neurons each look useful alone.
+
 The result keeps the architecture (intermediate_size unchanged): the merged layer's gate, up and down
 projections are replaced. Stored as one matrix [3 * intermediate, hidden]: X (the down projection
 transposed), then the gate rows, then the up rows (``merge_jobs.pool_rows``).
@@ -26,7 +34,9 @@ neurons kept: ~610 of the host layer's, 89-287 of each member's (the top one the
 Memory: the pool's statistics are (window layers x intermediate)^2 float64, POOL_GRAM_COPIES at the
 selection's peak (the equations, the copy of the features left and its factor or inverse), on the
 window's stage: 0.9 GiB each for SmolLM2's 7-layer windows (3.1 GiB in all, dryrun.pool_stat_bytes), but
-~420 GiB each (~1.3 TB) for a 70B model's 8-layer window, which the dry run refuses. Use ``refit`` there.
+~420 GiB each (~1.3 TB) for a 70B model's 8-layer window, which the dry run refuses. With ``pool_cap`` 3
+the peak is 3 x (3 x intermediate)^2: ~51 GiB in all at intermediate 14336 (8B models), ~203 GiB at
+28672 (70B: use ``refit`` there).
 
 PURE: torch only.
 """
@@ -107,6 +117,20 @@ def obs_select(gram: Tensor, cross: Tensor, keep: int, ridge: float = SELECT_RID
         survivors = torch.argsort(cost, descending=True, stable=True)[:len(alive) - drop]
         alive = alive[torch.sort(survivors).values]
     return alive
+
+
+def screen_share(pool: int, width: int, cap: int | None) -> int | None:
+    """Neurons each non-host layer keeps in ``pool_cap``'s screen, for a pool of ``pool`` candidates in
+    blocks of ``width`` (the merged layer's own first); None when the whole pool is within the cap."""
+    if pool % width or pool < width:
+        raise CorrectionError(f"a pool of {pool} neurons is not whole layers of width {width}")
+    others = pool // width - 1
+    if cap is None or others == 0 or cap >= others + 1:
+        return None
+    if cap < 2:
+        raise CorrectionError(f"merge.pool_cap must be at least 2 (the merged layer's own neurons and others'), "
+                              f"got {cap}; use merge.correction=refit to keep its own neurons only")
+    return max(1, (cap - 1) * width // others)
 
 
 def pool_matrix(down_t: Tensor, gate: Tensor, up: Tensor) -> Tensor:

@@ -66,11 +66,14 @@ class StageSpec:
     # (checkpoint/corrections.py ``save_patches``); ``forward`` applies them, calibration and scoring do not.
     patch_file: str | None = None
     correction_weight: str = "relative"  # merge.correction_weight: how tokens count in a correction's fit
+    pool_cap: int | None = None  # merge.pool_cap: a pool screened to this many times the MLP width
     cache_stride: int = 1  # calibration.cache_stride: cached inputs of layers start, start + n, ... only
 
     def __post_init__(self) -> None:
         if self.cache_stride < 1:
             raise ValueError(f"StageSpec.cache_stride must be >= 1, got {self.cache_stride}")
+        if self.pool_cap is not None and self.pool_cap < 2:
+            raise ValueError(f"StageSpec.pool_cap must be >= 2 or None, got {self.pool_cap}")
 
     @property
     def is_first(self) -> bool:
@@ -419,7 +422,7 @@ class StageWorker:
             fit = fit_window_replaceme(self, window, batch_ids, kind.removeprefix("replaceme_"))
         else:
             fit = fit_window_correction(self, window, rule, alpha, batch_ids, self.stats_spec.skip_first_token,
-                                        kind, self.spec.correction_weight)
+                                        kind, self.spec.correction_weight, self.spec.pool_cap)
         self._corrections[fit.key] = fit.matrix  # host memory: moved to the device inside a merged layer only
         return fit
 

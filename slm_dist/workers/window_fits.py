@@ -9,6 +9,7 @@ and cross-validation); this module collects what they need through the stage's p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -32,10 +33,11 @@ from slm_dist.core.correction_fit import (
 )
 from slm_dist.core.linear_patch import PatchError, patch_matrix, rotation
 from slm_dist.core.merge import merge_window
-from slm_dist.core.neuron_pool import obs_select, pool_matrix, pool_weights
+from slm_dist.core.neuron_pool import obs_select, pool_matrix, pool_weights, screen_share
 from slm_dist.core.replaceme import MODES, NormalEquations, cosine_map, least_squares_map
 from slm_dist.core.types import Window
 
+log = logging.getLogger(__name__)
 LayerContext = Any  # what ``LayerHost.context`` returns and ``run_layer`` takes back (positions, rotary, masks)
 
 
@@ -120,7 +122,7 @@ def fit_window_alpha(stage: LayerHost, window: Window, batch_ids: Sequence[int],
 
 def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: float | None,
                           batch_ids: Sequence[int], skip_first: bool = True, kind: str = "linear",
-                          weight: str = "relative") -> CorrectionFit:
+                          weight: str = "relative", pool_cap: int | None = None) -> CorrectionFit:
     """Fit the ``kind`` correction of the window merged by ``rule`` (``alpha`` for scaled) on cached
     calibration inputs (``core/correction_fit.py`` says what is fitted and how it is regularised;
     ``core/neuron_pool.py`` how ``pool`` chooses its neurons first).
@@ -129,6 +131,7 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     ``skip_first`` position 0 is fitted but kept out of the score (``core/correction_fit.py``).
     ``weight`` relative divides each token's row (features and target) by the norm of the window's
     output at that token: weighted least squares on relative errors (merge.correction_weight).
+    ``pool_cap`` (merge.pool_cap) screens a pool's candidates first (core/neuron_pool.py).
     """
     check_kind(kind)
     check_weight(weight)
@@ -144,7 +147,8 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
     reference, chosen = None, None
     if kind == "pool":
         with torch.inference_mode():
-            tensors, reference = _choose_neurons(stage, window, source, tensors, inputs, targets, skip_first, weight)
+            tensors, reference = _choose_neurons(stage, window, source, tensors, inputs, targets, skip_first, weight,
+                                                  pool_cap)
         chosen = [tensors[suffix] for suffix in stage.arch.mlp_in_suffixes()]
     del source
     with torch.inference_mode(kind == "pool"):  # the pool's chosen tensors are inference tensors
@@ -196,53 +200,70 @@ def fit_window_correction(stage: LayerHost, window: Window, rule: str, alpha: fl
 
 def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Tensor]], tensors: dict[str, Tensor],
                     inputs: list[tuple[Tensor, LayerContext]], targets: list[Tensor], skip_first: bool,
-                    weight: str) -> tuple[dict[str, Tensor], float]:
+                    weight: str, cap: int | None = None) -> tuple[dict[str, Tensor], float]:
     """``pool``'s steps 1 and 2 (core/neuron_pool.py): the pool's normal equations over every batch, and
-    OBS down to the architecture's width. Returns the merged layer's tensors with the chosen gate / up
-    rows (float32) and the prior as its down projection (the merged one's rows, zeros for the members'
-    neurons), and the plain merge's (weighted) squared error on the ordinary rows."""
+    OBS down to the architecture's width; with ``cap`` (merge.pool_cap) each other layer's neurons are
+    screened first by OBS within that layer, one layer per pass over the batches. Returns the merged
+    layer's tensors with the chosen gate / up rows (float32) and the prior as its down projection (the
+    merged one's rows, zeros for the members' neurons), and the plain merge's (weighted) squared error on
+    the ordinary rows."""
     arch, lo = stage.arch, window[0]
     gate_s, up_s = arch.mlp_in_suffixes()
     down_s = f"{arch.mlp_out_module}.weight"
     gate, up = (w.to(stage.device) for w in pool_weights(tensors, source, arch))
     width = tensors[gate_s].shape[0]
+    share = screen_share(len(gate), width, cap)
     merged = stage.new_layer(lo, tensors)
     mlp = merged.get_submodule(arch.mlp_out_module.rpartition(".")[0])  # its input is the normed x
     act = getattr(mlp, "act_fn", None)
     if act is None:
         raise CorrectionError(f"merge.correction=pool needs a gated MLP with an act_fn; {type(mlp).__name__} has "
                               "none. Use merge.correction=refit")
+    def equations(rows: Tensor) -> tuple[Tensor, Tensor, float]:
+        """u^T u and u^T r (float64) of the pool's neurons ``rows`` over every batch (one pass), and the
+        plain merge's error."""
+        gram = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=stage.device)
+        cross = torch.zeros(len(rows), tensors[down_s].shape[0], dtype=torch.float64, device=stage.device)
+        g, v, error_sum = gate[rows], up[rows], 0.0
+        captured: list[tuple[Tensor, Tensor]] = []
+        hook = mlp.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
+        try:
+            for (h, ctx), target in zip(inputs, targets):
+                captured.clear()
+                out = stage.run_layer(merged, lo, h, ctx)
+                ((x, m),) = captured
+                captured.clear()
+                x = x.float()
+                u = act(x @ g.T) * (x @ v.T)
+                r, error = (target - out + m).float(), (out - target).float()
+                if weight == "relative":
+                    scale = relative_row_scale(target)
+                    u, r, error = u * scale, r * scale, error * scale
+                if skip_first and x.shape[1] > 1:  # position 0 is refitted later, never chosen for
+                    u, r, error = u[:, 1:], r[:, 1:], error[:, 1:]
+                u, r = u.reshape(-1, u.shape[-1]), r.reshape(-1, r.shape[-1])
+                gram += u.T @ u  # float32 per batch, summed in float64
+                cross += u.T @ r
+                error_sum += float((error * error).sum())
+        finally:
+            hook.remove()
+        return gram, cross, error_sum
 
-    gram = torch.zeros(len(gate), len(gate), dtype=torch.float64, device=stage.device)
-    cross = torch.zeros(len(gate), tensors[down_s].shape[0], dtype=torch.float64, device=stage.device)
-    plain = 0.0
-    captured: list[tuple[Tensor, Tensor]] = []
-    hook = mlp.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
-    try:
-        for (h, ctx), target in zip(inputs, targets):
-            captured.clear()
-            out = stage.run_layer(merged, lo, h, ctx)
-            ((x, m),) = captured
-            captured.clear()
-            x = x.float()
-            u = act(x @ gate.T) * (x @ up.T)
-            r, error = (target - out + m).float(), (out - target).float()
-            if weight == "relative":
-                scale = relative_row_scale(target)
-                u, r, error = u * scale, r * scale, error * scale
-            if skip_first and x.shape[1] > 1:  # position 0 is refitted later, never chosen for
-                u, r, error = u[:, 1:], r[:, 1:], error[:, 1:]
-            u, r = u.reshape(-1, u.shape[-1]), r.reshape(-1, r.shape[-1])
-            gram += u.T @ u  # float32 per batch, summed in float64
-            cross += u.T @ r
-            plain += float((error * error).sum())
-    finally:
-        hook.remove()
-    del merged
+    candidates = torch.arange(len(gate), device=stage.device)
+    if share is not None:
+        kept = [candidates[:width]]
+        for block in candidates[width:].split(width):
+            gram, cross, _ = equations(block)
+            kept.append(block[obs_select(gram, cross, share)])
+            del gram, cross
+        candidates = torch.cat(kept)
+        log.info("window %s: pool of %d neurons screened to %d (merge.pool_cap=%d: %d of each other layer's %d)",
+                 list(window), len(gate), len(candidates), cap, share, width)
+    gram, cross, plain = equations(candidates)
     if not plain > 0.0:
         raise CorrectionError(f"window {list(window)} adds nothing beyond its merged layer on these batches; "
                               "nothing to fit")
-    alive = obs_select(gram, cross, width)
+    alive = candidates[obs_select(gram, cross, width)]
     del gram, cross
     chosen = dict(tensors)
     chosen[gate_s], chosen[up_s] = gate[alive].cpu(), up[alive].cpu()
