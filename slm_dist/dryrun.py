@@ -715,13 +715,15 @@ def correction_stat_bytes(config: SlmConfig, hidden: int, intermediate: int | No
 
 def pool_stat_bytes(hidden: int, intermediate: int | None, window_layers: int, cap: int | None = None) -> int:
     """merge.correction=pool: the larger of its neuron choice (POOL_GRAM_COPIES x pool^2 float64, pool =
-    window layers x intermediate, or merge.pool_cap x intermediate when that is fewer, its cross terms, and
-    one batch's u^T u in float32) and the refit that follows it (core/neuron_pool.py). The cap's screen
-    (one layer's neurons at a time) holds less than the capped choice."""
+    window layers x intermediate, or merge.pool_cap x intermediate when that is fewer, its cross terms, one
+    batch's u^T u in float32, and every candidate's gate and up rows in float32) and the refit that follows
+    it (core/neuron_pool.py). The cap's screen (one layer's neurons at a time) holds less than the capped
+    choice."""
     if intermediate is None:
         return 0
+    candidates = window_layers * int(intermediate)
     pool = (window_layers if cap is None else min(window_layers, cap)) * int(intermediate)
-    choose = (POOL_GRAM_COPIES * pool ** 2 + 2 * pool * hidden) * 8 + pool ** 2 * 4
+    choose = (POOL_GRAM_COPIES * pool ** 2 + 2 * pool * hidden) * 8 + pool ** 2 * 4 + 2 * candidates * hidden * 4
     return max(choose, refit_stat_bytes(hidden, intermediate))
 
 

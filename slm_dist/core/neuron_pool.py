@@ -35,8 +35,8 @@ Memory: the pool's statistics are (window layers x intermediate)^2 float64, POOL
 selection's peak (the equations, the copy of the features left and its factor or inverse), on the
 window's stage: 0.9 GiB each for SmolLM2's 7-layer windows (3.1 GiB in all, dryrun.pool_stat_bytes), but
 ~420 GiB each (~1.3 TB) for a 70B model's 8-layer window, which the dry run refuses. With ``pool_cap`` 3
-the peak is 3 x (3 x intermediate)^2: ~51 GiB in all at intermediate 14336 (8B models), ~203 GiB at
-28672 (70B: use ``refit`` there).
+the peak is about 3 x (3 x intermediate)^2: ~54 GiB in all for an 8-layer window at intermediate 14336
+(8B), ~217 GiB at 28672 (70B: use ``refit`` there).
 
 PURE: torch only.
 """
