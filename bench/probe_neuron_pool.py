@@ -23,7 +23,8 @@ own and the block's attentions, by group OBS). The fourteenth session's (none he
 (longer calibration pieces), ``--sweep`` (the output projection at every ridge, scored by calibration NLL
 and by the texts), ``--select-ridge``, ``--independent`` (each block fitted on the dense model's inputs, as the
 stages do, instead of the model corrected so far); for scale, ``--cap N`` with ``--cap-keep-host`` or
-``--cap-by member`` (the pool screened to N neurons before OBS; OBS within each member kept most of the gain).
+``--cap-by member`` (the pool screened to N neurons before OBS; OBS within each member kept most of the gain,
+now ``merge.pool_cap``). The fifteenth session's: ``--host both`` (worse on both texts).
 """
 
 from __future__ import annotations

@@ -219,12 +219,14 @@ def _choose_neurons(stage: LayerHost, window: Window, source: list[dict[str, Ten
     if act is None:
         raise CorrectionError(f"merge.correction=pool needs a gated MLP with an act_fn; {type(mlp).__name__} has "
                               "none. Use merge.correction=refit")
+
     def equations(rows: Tensor) -> tuple[Tensor, Tensor, float]:
         """u^T u and u^T r (float64) of the pool's neurons ``rows`` over every batch (one pass), and the
         plain merge's error."""
         gram = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=stage.device)
         cross = torch.zeros(len(rows), tensors[down_s].shape[0], dtype=torch.float64, device=stage.device)
-        g, v, error_sum = gate[rows], up[rows], 0.0
+        g, v = (gate, up) if len(rows) == len(gate) else (gate[rows], up[rows])  # the whole pool: no copy
+        error_sum = 0.0
         captured: list[tuple[Tensor, Tensor]] = []
         hook = mlp.register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
         try:
