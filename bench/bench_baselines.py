@@ -17,7 +17,7 @@ import argparse
 import math
 import sys
 
-from compare_common import PLAN_SETTINGS, Summary, add_arguments, rivals, run
+from compare_common import PLAN_SETTINGS, Summary, add_arguments, calibration_text, rivals, run
 
 from slm_dist import compare
 
@@ -124,8 +124,8 @@ def section(result: dict, command: str) -> str:
         table(result), "",
         *verdict(result), "",
         f"- Items: {summary.items or 'none (perplexity only)'}; perplexity on {summary.windows}.",
-        f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo "
-        f"Wikipedia text (seed {cal['seed']}): SLEB's trials, ReplaceMe's fits and slm-dist's search all use it"
+        f"- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of "
+        f"{calibration_text(cal)} (seed {cal['seed']}): SLEB's trials, ReplaceMe's fits and slm-dist's search all use it"
         + (f" (SLEB's trials and the search's measured plans score on its first {cal['score_batches']} batches: "
            "`plan.score_batches`)." if cal.get("score_batches") else "."),
         "- slm-dist global-search rows (slm_global_*): `" + " ".join(PLAN_SETTINGS) + "`; angular_refit searches nothing.",

@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from compare_common import Summary, add_arguments, log, run
+from compare_common import Summary, add_arguments, calibration_text, log, run
 
 from slm_dist import compare
 
@@ -77,7 +77,7 @@ PIQA, WinoGrande, ARC-Easy; acc_norm for HellaSwag, ARC-Challenge, OpenBookQA); 
   perplexity on {windows} (windows evenly spaced over the whole test text; BOS: {settings['bos']}).
   With {settings['limit']} items an accuracy has a standard error of about
   {100 * (0.25 / settings['limit']) ** 0.5:.0f} points: read task columns as trends, perplexity as the sharper signal.
-- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of the demo Wikipedia text
+- One calibration pass for every method: {cal['num_samples']} x {cal['seq_len']} tokens of {calibration_text(cal)}
   (seed {cal['seed']}); CKA, Block Influence, and (one extra layer-by-layer pass) last-token angular distances.
 - Layer 0 is kept by every method (SLM protects it; a plan cannot drop it); SLM and LaCo also keep the last layer.
   ShortGPT / angular / drop-last may remove the last layer, as in their papers.

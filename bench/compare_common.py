@@ -178,3 +178,8 @@ def run(args, title: str, section: Section, methods: tuple[str, ...],
         write_section(title, body)
         log.info("wrote the %r section of %s", title, RESULTS)
     return 0
+
+
+def calibration_text(cal: dict) -> str:
+    """What compare.json's calibration section says was sampled: the demo text unless calibration.source was set."""
+    return "the demo Wikipedia text" if cal.get("source") is None else f"`{cal['source']}`"
