@@ -411,12 +411,13 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         pooled = 0.0
         if config.merge.correction == "pool":
             layers, cap = fitted_window_layers(config, removed), config.merge.pool_cap
-            pooled = _pool_seconds(layers * width, width, hidden, fit_tokens, fit_tokens * fpt / rate, rate, fp64)
+            layer_pass = fit_tokens * fpt / rate
             if cap is not None and cap < layers:  # each other layer screened alone, then the capped choice
                 share = (cap - 1) * width // (layers - 1)
-                pooled = (_pool_seconds(cap * width, width, hidden, fit_tokens, fit_tokens * fpt / rate, rate, fp64)
-                          + (layers - 1) * _pool_seconds(width, share, hidden, fit_tokens, fit_tokens * fpt / rate,
-                                                         rate, fp64))
+                pooled = (_pool_seconds(cap * width, width, hidden, fit_tokens, layer_pass, rate, fp64)
+                          + (layers - 1) * _pool_seconds(width, share, hidden, fit_tokens, layer_pass, rate, fp64))
+            else:
+                pooled = _pool_seconds(layers * width, width, hidden, fit_tokens, layer_pass, rate, fp64)
         seconds += candidates * (forwards + normal / fp64 + pooled)
     return seconds
 
