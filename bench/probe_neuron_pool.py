@@ -42,25 +42,72 @@ log = logging.getLogger("probe_neuron_pool")
 
 
 @torch.no_grad()
-def widen(host, members) -> None:
-    """The host layer's MLP takes every member layer's neurons after its own (gains folded in)."""
+def widen(host, members, transports=None) -> None:
+    """The host layer's MLP takes every member layer's neurons after its own (gains folded in; with
+    ``transports``, each member's rows also see the host's normalized input mapped to its own)."""
     g_host = host.post_attention_layernorm.weight
     gates, ups, downs = [host.mlp.gate_proj.weight], [host.mlp.up_proj.weight], [host.mlp.down_proj.weight]
-    for layer in members:
-        ratio = (layer.post_attention_layernorm.weight / g_host)[None, :]
-        gates.append(layer.mlp.gate_proj.weight * ratio)
-        ups.append(layer.mlp.up_proj.weight * ratio)
+    for m, layer in enumerate(members):
+        g = layer.post_attention_layernorm.weight
+        if transports is None:
+            fold = torch.diag(g / g_host)
+        else:  # rows act on g_host * n(mid_host); want g * T n(mid_host)
+            fold = (g[:, None] * transports[m].float()) / g_host[None, :]
+        gates.append(layer.mlp.gate_proj.weight @ fold)
+        ups.append(layer.mlp.up_proj.weight @ fold)
         downs.append(torch.zeros_like(layer.mlp.down_proj.weight))
     set_mlp(host, torch.cat(gates), torch.cat(ups), torch.cat(downs, dim=1))
 
 
-def set_mlp(host, gate, up, down) -> None:
+def set_mlp(host, gate, up, down, bias=None) -> None:
     width, hidden = gate.shape
     mlp = host.mlp
     mlp.gate_proj = torch.nn.Linear(hidden, width, bias=False)
     mlp.up_proj = torch.nn.Linear(hidden, width, bias=False)
-    mlp.down_proj = torch.nn.Linear(width, hidden, bias=False)
+    mlp.down_proj = torch.nn.Linear(width, hidden, bias=bias is not None)
     mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data = gate, up, down
+    if bias is not None:
+        mlp.down_proj.bias.data = bias
+
+
+@torch.no_grad()
+def transports(probe: Probe, host: int, block: list[int], ridge: float = 1e-3) -> list[torch.Tensor]:
+    """``--transport``: for each member layer i, the least-squares map T_i with n(mid_i) ~ T_i n(mid_host)
+    over the dense model's training rows (n: RMSNorm without its gain, mid: a layer's input to its MLP's
+    norm), ridge towards the identity: the member's neurons then see an estimate of their own input."""
+    dense, seen, hooks = probe.dense, {}, []
+    for i in [host] + block:
+        norm = dense.model.layers[i].post_attention_layernorm
+        hooks.append(norm.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, a[0] * torch.rsqrt(a[0].pow(2).mean(-1, keepdim=True)
+                                                                          + m.variance_epsilon))))
+    split = len(probe.calibration) - probe.held_out
+    xx = xy = None
+    try:
+        for k in range(0, split, BATCH):
+            dense(probe.calibration[k:k + BATCH])
+            x = seen[host].reshape(-1, seen[host].shape[-1]).double()
+            ys = torch.cat([seen[i].reshape(-1, x.shape[-1]).double() for i in block], dim=1)
+            xx = x.T @ x if xx is None else xx + x.T @ x
+            xy = x.T @ ys if xy is None else xy + x.T @ ys
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden = len(xx)
+    lam = ridge * xx.diagonal().mean()
+    eye = torch.eye(hidden, dtype=xx.dtype)
+    maps = torch.linalg.solve(xx + lam * eye, xy + lam * eye.repeat(1, len(block)))  # [hidden, members*hidden]
+    out = [maps[:, m * hidden:(m + 1) * hidden].T for m in range(len(block))]
+    for i, t in zip(block, out):
+        log.info("transport to layer %d: ||T - I||_F / sqrt(d) %.3f", i, float((t - eye).norm() / hidden ** 0.5))
+    return out
+
+
+def partial_out_last(gram, cross):
+    """The normal equations of every feature but the last (the intercept), with the last one refitted for
+    every choice of the others: the Schur complement, so OBS chooses neurons given the intercept."""
+    g_nb, g_bb = gram[:-1, -1:], gram[-1, -1]
+    return gram[:-1, :-1] - g_nb @ g_nb.T / g_bb, cross[:-1] - g_nb @ cross[-1:] / g_bb
 
 
 class NormalEquations:
@@ -85,7 +132,7 @@ class NormalEquations:
 
 
 @torch.no_grad()
-def statistics(probe: Probe, model, j: int, independent: bool = False):
+def statistics(probe: Probe, model, j: int, independent: bool = False, bias: bool = False):
     """Normal equations of the training batches and the held-out rows, layer j's (widened) MLP: on the
     pruned model as corrected so far, or (``independent``) on the dense model's inputs, as the stages fit."""
     layer, seen = model.model.layers[j], {}
@@ -105,6 +152,8 @@ def statistics(probe: Probe, model, j: int, independent: bool = False):
             u = F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
             target = probe.dense_states[b][probe.target_depth(j)]
             weight = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            if bias:  # a constant feature last: the down projection's intercept
+                u = torch.cat([u, torch.ones_like(u[..., :1])], dim=-1)
             u = (u * weight).reshape(-1, u.shape[-1]).double()
             r = ((target - mid) * weight).reshape(-1, mid.shape[-1]).double()
             equations.add(u, r, k >= split)
@@ -332,6 +381,14 @@ def main() -> None:
                         help="screen by each feature's gain alone, or by OBS within each member layer")
     parser.add_argument("--independent", action="store_true",
                         help="fit every block on the dense model's inputs (as the stages do), not the corrected model's")
+    parser.add_argument("--transport", type=float, default=None, metavar="RIDGE",
+                        help="each member's neurons see the host's normalized input mapped by least squares to the "
+                             "member's own (ridge towards the identity, times the mean diagonal)")
+    parser.add_argument("--round-bf16", action="store_true",
+                        help="also score each variant with its fitted MLPs rounded to bfloat16 (as a bf16 checkpoint "
+                             "stores them)")
+    parser.add_argument("--bias", action="store_true",
+                        help="the host's down projection gets an intercept (a Llama with mlp_bias), fitted with it")
     parser.add_argument("--sweep", action="store_true",
                         help="score the kept neurons' fit at every ridge by calibration NLL and by the texts")
     args = parser.parse_args()
@@ -358,12 +415,22 @@ def main() -> None:
             if variant != "refit" and args.attention:
                 pool_attention(probe, model, j, block, originals, args.select_ridge, args.attention == "whole")
             if variant != "refit":
-                widen(host, [originals[i] for i in block])
-            gram, cross, held_u, held_r = statistics(probe, model, j, args.independent)
+                maps = transports(probe, probe.kept[j], block, args.transport) if args.transport is not None else None
+                widen(host, [originals[i] for i in block], maps)
+            gram, cross, held_u, held_r = statistics(probe, model, j, args.independent, args.bias)
             prior = torch.zeros_like(cross)
             prior[:width] = originals[probe.kept[j]].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
+            if args.bias:
+                pool_width = len(gram) - 1
+                with_bias = lambda idx: torch.cat([idx, torch.tensor([pool_width])])  # noqa: E731
+                neurons_gram, neurons_cross = partial_out_last(gram, cross)
+            else:
+                with_bias = lambda idx: idx  # noqa: E731
+                neurons_gram, neurons_cross = gram, cross
             if variant == "pool, OBS":
+                gram_all, cross_all = gram, cross
+                gram, cross = neurons_gram, neurons_cross
                 if not args.cap:
                     screened = torch.arange(len(gram))
                 elif args.cap_by == "member":
@@ -378,11 +445,21 @@ def main() -> None:
                 if args.sweep:
                     sweep_ridges(probe, model, host, (gate, up), gram[alive][:, alive], cross[alive],
                                  prior[alive], evals)
-                x, ridge = ridge_fit(gram[alive][:, alive], cross[alive], held_u[:, alive], held_r, prior[alive])
-                set_mlp(host, gate, up, x.T.float().contiguous())
+                fit = with_bias(alive)
+                x, ridge = ridge_fit(gram_all[fit][:, fit], cross_all[fit], held_u[:, fit], held_r, prior[fit])
+                bias = x[-1].float().contiguous() if args.bias else None
+                set_mlp(host, gate, up, x[:width].T.float().contiguous(), bias)
+            elif args.bias:
+                set_mlp(host, host.mlp.gate_proj.weight.data, host.mlp.up_proj.weight.data,
+                        x[:-1].T.float().contiguous(), x[-1].float().contiguous())
             else:
                 host.mlp.down_proj.weight.data = x.T.float().contiguous()
         report(variant, model, start)
+        if args.round_bf16:
+            with torch.no_grad():
+                for p in model.model.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+            report(variant + " bf16", model, start)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from slm_dist.core.correction_sizes import (
     POOL_GRAM_COPIES,
     RIDGE_GRID,
     ROW_CHUNK,
+    screen_share,
 )
 from slm_dist.core.partition import PartitionError, partition_layers
 
@@ -412,8 +413,8 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
         if config.merge.correction == "pool":
             layers, cap = fitted_window_layers(config, removed), config.merge.pool_cap
             layer_pass = fit_tokens * fpt / rate
-            if cap is not None and cap < layers:  # each other layer screened alone, then the capped choice
-                share = (cap - 1) * width // (layers - 1)
+            share = screen_share(layers * width, width, cap)
+            if share is not None:  # each other layer screened alone, then the capped choice
                 pooled = (_pool_seconds(cap * width, width, hidden, fit_tokens, layer_pass, rate, fp64)
                           + (layers - 1) * _pool_seconds(width, share, hidden, fit_tokens, layer_pass, rate, fp64))
             else:
@@ -743,7 +744,7 @@ def correction_note(kind: str, hidden: int, intermediate: int | None, window_lay
                     pool_cap: int | None = None) -> str:
     if kind == "pool" and intermediate is not None:
         stats = pool_stat_bytes(hidden, intermediate, window_layers, pool_cap)
-        capped = pool_cap is not None and pool_cap < window_layers
+        capped = screen_share(window_layers * intermediate, intermediate, pool_cap) is not None
         size = f"(merge.pool_cap={pool_cap} x intermediate)^2" if capped else "(window layers x intermediate)^2"
         advice = ("Use merge.correction=refit where that does not fit" if capped else
                   "Set merge.pool_cap (3 kept most of the gain on SmolLM2) or use merge.correction=refit where "

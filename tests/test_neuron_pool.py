@@ -15,9 +15,10 @@ from slm_dist.checkpoint.export import ExportError, plan_export, write_export
 from slm_dist.checkpoint.index import open_index
 from slm_dist.core.alpha_fit import squared_error
 from slm_dist.core.correction_fit import CorrectionError, correction_key
+from slm_dist.core.correction_sizes import screen_share
 from slm_dist.core.merge import apply_correction, merge_state_dict
 from slm_dist.core.merge_jobs import MergeError, plan_tensor_jobs, pool_rows
-from slm_dist.core.neuron_pool import check_no_bias, obs_select, pool_matrix, pool_weights, screen_share
+from slm_dist.core.neuron_pool import check_no_bias, obs_select, pool_matrix, pool_weights
 from slm_dist.workers.merge_worker import run_jobs_in_threads
 from tests.test_calibrated_merge import hf_hidden, state_dict
 from tests.test_linear_correction import cached_stages, corrected_plan

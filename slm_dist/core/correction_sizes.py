@@ -38,3 +38,17 @@ def check_fit_kind(kind: str) -> None:
 def check_weight(weight: str) -> None:
     if weight not in WEIGHTS:
         raise CorrectionError(f"unknown correction weighting {weight!r}; known: {list(WEIGHTS)}")
+
+
+def screen_share(pool: int, width: int, cap: int | None) -> int | None:
+    """Neurons each non-host layer keeps in ``pool_cap``'s screen, for a pool of ``pool`` candidates in
+    blocks of ``width`` (the merged layer's own first); None when the whole pool is within the cap."""
+    if pool % width or pool < width:
+        raise CorrectionError(f"a pool of {pool} neurons is not whole layers of width {width}")
+    others = pool // width - 1
+    if cap is None or others == 0 or cap >= others + 1:
+        return None
+    if cap < 2:
+        raise CorrectionError(f"merge.pool_cap must be at least 2 (the merged layer's own neurons and others'), "
+                              f"got {cap}; use merge.correction=refit to keep its own neurons only")
+    return max(1, (cap - 1) * width // others)

@@ -31,9 +31,10 @@ from slm_dist.core.correction_fit import (
     relative_row_scale,
     with_intercept,
 )
+from slm_dist.core.correction_sizes import screen_share
 from slm_dist.core.linear_patch import PatchError, patch_matrix, rotation
 from slm_dist.core.merge import merge_window
-from slm_dist.core.neuron_pool import obs_select, pool_matrix, pool_weights, screen_share
+from slm_dist.core.neuron_pool import obs_select, pool_matrix, pool_weights
 from slm_dist.core.replaceme import MODES, NormalEquations, cosine_map, least_squares_map
 from slm_dist.core.types import Window
 
