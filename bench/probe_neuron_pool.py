@@ -24,7 +24,11 @@ own and the block's attentions, by group OBS). The fourteenth session's (none he
 and by the texts), ``--select-ridge``, ``--independent`` (each block fitted on the dense model's inputs, as the
 stages do, instead of the model corrected so far); for scale, ``--cap N`` with ``--cap-keep-host`` or
 ``--cap-by member`` (the pool screened to N neurons before OBS; OBS within each member kept most of the gain,
-now ``merge.pool_cap``). The fifteenth session's: ``--host both`` (worse on both texts).
+now ``merge.pool_cap``). The fifteenth session's: ``--host both`` (worse on both texts). The sixteenth
+session's (none helped): ``--round-bf16`` (the fitted MLPs rounded as a bf16 checkpoint stores them: no
+change), ``--bias`` (an intercept on the host's down projection), ``--transport RIDGE`` (each member's
+neurons see the host's input mapped to their own depth's by least squares), ``--radial BETA`` (each row's
+error along its own target direction weighted BETA: 0 and 2 both worse than the plain fit's 1).
 """
 
 from __future__ import annotations
@@ -113,15 +117,23 @@ def partial_out_last(gram, cross):
 class NormalEquations:
     """u^T u and u^T r of the training rows; the held-out rows kept apart for choosing a ridge."""
 
-    def __init__(self):
+    def __init__(self, keep_rows: bool = False):
         self.gram = self.cross = None
-        self.held_u, self.held_r = [], []
+        self.held_u, self.held_r, self.held_d = [], [], []
+        self.keep_rows = keep_rows
+        self.rows_u, self.rows_r, self.rows_d = [], [], []
 
-    def add(self, u, r, held: bool) -> None:
+    def add(self, u, r, held: bool, direction=None) -> None:
         if held:
             self.held_u.append(u)
             self.held_r.append(r)
-        elif self.gram is None:
+            self.held_d.append(direction)
+            return
+        if self.keep_rows:
+            self.rows_u.append(u)
+            self.rows_r.append(r)
+            self.rows_d.append(direction)
+        if self.gram is None:
             self.gram, self.cross = u.T @ u, u.T @ r
         else:
             self.gram.addmm_(u.T, u)
@@ -130,9 +142,14 @@ class NormalEquations:
     def result(self):
         return self.gram, self.cross, torch.cat(self.held_u), torch.cat(self.held_r)
 
+    def directions(self):
+        """Training rows (u, r, unit target direction) and the held-out directions: ``--radial``'s fit."""
+        return (torch.cat(self.rows_u), torch.cat(self.rows_r), torch.cat(self.rows_d), torch.cat(self.held_d))
+
 
 @torch.no_grad()
-def statistics(probe: Probe, model, j: int, independent: bool = False, bias: bool = False):
+def statistics(probe: Probe, model, j: int, independent: bool = False, bias: bool = False,
+               keep_rows: bool = False):
     """Normal equations of the training batches and the held-out rows, layer j's (widened) MLP: on the
     pruned model as corrected so far, or (``independent``) on the dense model's inputs, as the stages fit."""
     layer, seen = model.model.layers[j], {}
@@ -141,7 +158,7 @@ def statistics(probe: Probe, model, j: int, independent: bool = False, bias: boo
     hook = run.model.layers[depth].post_attention_layernorm.register_forward_hook(
         lambda m, a, out: seen.update(mid=a[0]))
     layers = run.model.layers
-    equations = NormalEquations()
+    equations = NormalEquations(keep_rows)
     split = len(probe.calibration) - probe.held_out
     try:
         run.model.layers = layers[:depth + 1]
@@ -156,11 +173,60 @@ def statistics(probe: Probe, model, j: int, independent: bool = False, bias: boo
                 u = torch.cat([u, torch.ones_like(u[..., :1])], dim=-1)
             u = (u * weight).reshape(-1, u.shape[-1]).double()
             r = ((target - mid) * weight).reshape(-1, mid.shape[-1]).double()
-            equations.add(u, r, k >= split)
+            direction = (target * weight).reshape(-1, mid.shape[-1]).double()
+            equations.add(u, r, k >= split, direction)
     finally:
         run.model.layers = layers
         hook.remove()
+    if keep_rows:
+        return equations.result(), equations.directions()
     return equations.result()
+
+
+def radial_cross(rows_u, rows_r, rows_d, x, beta: float, chunk: int = 4096):
+    """The shift of u^T r that makes a plain least-squares fit weigh each row's error along its own target
+    direction d beta times its error across d (the next RMSNorm removes a row's scale, so to first order only
+    the error across d matters). beta <= 1: the radial part is down-weighted, targets move by (1 - beta)(d.e) d;
+    beta > 1: the cross part is (by 1 / beta, the objective scaled by 1 / beta), targets move by
+    (1 - 1 / beta)(e - (d.e) d). Either step is a contraction, so the block coordinate descent converges."""
+    out = torch.zeros_like(x)
+    for k in range(0, len(rows_u), chunk):
+        u, r, d = rows_u[k:k + chunk], rows_r[k:k + chunk], rows_d[k:k + chunk]
+        e = u @ x - r
+        radial = (e * d).sum(dim=1, keepdim=True) * d
+        move = (1 - beta) * radial if beta <= 1 else (1 - 1 / beta) * (e - radial)
+        out += u.T @ move
+    return out
+
+
+def radial_error(u, r, d, x, beta: float) -> float:
+    """The held-out error with its radial part weighted beta (scaled by 1 / beta when beta > 1, as the fit)."""
+    e = u @ x - r
+    radial = float(((e * d).sum(dim=1) ** 2).sum())
+    total = float((e ** 2).sum())
+    return total - (1 - beta) * radial if beta <= 1 else total - (1 - 1 / beta) * (total - radial)
+
+
+def radial_fit(gram, cross, rows, held, prior, beta: float, iterations: int, ridges=None):
+    """``--radial``: the ridge fit of ``ridge_fit`` by block coordinate descent on the error with its radial part
+    weighted by beta (each step: targets moved along their directions, then the same normal equations solved
+    again), the ridge chosen by that held-out error."""
+    rows_u, rows_r, rows_d = rows
+    held_u, held_r, held_d = held
+    scale, eye = gram.diagonal().mean(), torch.eye(len(gram), dtype=gram.dtype)
+    best, best_error, best_ridge = prior, radial_error(held_u, held_r, held_d, prior, beta), None
+    plain = best_error
+    for ridge in ridges or RIDGES:
+        factor = torch.linalg.cholesky(gram + ridge * scale * eye)
+        x = torch.cholesky_solve(cross + ridge * scale * prior, factor)
+        for _ in range(iterations):
+            x = torch.cholesky_solve(cross + radial_cross(rows_u, rows_r, rows_d, x, beta) + ridge * scale * prior,
+                                     factor)
+        if (error := radial_error(held_u, held_r, held_d, x, beta)) < best_error:
+            best, best_error, best_ridge = x, error, ridge
+    log.info("radial (beta %g) held-out error %.4g -> %.4g (ridge %s, %d features)", beta, plain, best_error,
+             best_ridge, len(gram))
+    return best, best_ridge
 
 
 def ridge_fit(gram, cross, held_u, held_r, prior):
@@ -387,6 +453,10 @@ def main() -> None:
     parser.add_argument("--round-bf16", action="store_true",
                         help="also score each variant with its fitted MLPs rounded to bfloat16 (as a bf16 checkpoint "
                              "stores them)")
+    parser.add_argument("--radial", type=float, default=None, metavar="BETA",
+                        help="fit with each row's error along its target direction weighted by BETA (0: only the "
+                             "error across it counts, what the next RMSNorm sees to first order; 1: the plain fit)")
+    parser.add_argument("--radial-iterations", type=int, default=6)
     parser.add_argument("--bias", action="store_true",
                         help="the host's down projection gets an intercept (a Llama with mlp_bias), fitted with it")
     parser.add_argument("--sweep", action="store_true",
@@ -417,10 +487,23 @@ def main() -> None:
             if variant != "refit":
                 maps = transports(probe, probe.kept[j], block, args.transport) if args.transport is not None else None
                 widen(host, [originals[i] for i in block], maps)
-            gram, cross, held_u, held_r = statistics(probe, model, j, args.independent, args.bias)
+            stats = statistics(probe, model, j, args.independent, args.bias, keep_rows=args.radial is not None)
+            if args.radial is not None:
+                (gram, cross, held_u, held_r), (rows_u, rows_r, rows_d, held_d) = stats
+            else:
+                gram, cross, held_u, held_r = stats
+            cross_plain = cross
             prior = torch.zeros_like(cross)
             prior[:width] = originals[probe.kept[j]].mlp.down_proj.weight.detach().double().T
             x, ridge = ridge_fit(gram, cross, held_u, held_r, prior)
+            if args.radial is not None:
+                if variant == "pool, OBS":  # the selection sees the targets moved by the whole pool's radial fit
+                    x, _ = radial_fit(gram, cross, (rows_u, rows_r, rows_d), (held_u, held_r, held_d), prior,
+                                      args.radial, args.radial_iterations, ridges=(ridge,))
+                    cross = cross + radial_cross(rows_u, rows_r, rows_d, x, args.radial)
+                else:
+                    x, ridge = radial_fit(gram, cross, (rows_u, rows_r, rows_d), (held_u, held_r, held_d), prior,
+                                          args.radial, args.radial_iterations)
             if args.bias:
                 pool_width = len(gram) - 1
                 with_bias = lambda idx: torch.cat([idx, torch.tensor([pool_width])])  # noqa: E731
@@ -446,7 +529,12 @@ def main() -> None:
                     sweep_ridges(probe, model, host, (gate, up), gram[alive][:, alive], cross[alive],
                                  prior[alive], evals)
                 fit = with_bias(alive)
-                x, ridge = ridge_fit(gram_all[fit][:, fit], cross_all[fit], held_u[:, fit], held_r, prior[fit])
+                if args.radial is not None:
+                    x, ridge = radial_fit(gram_all[fit][:, fit], cross_plain[fit],
+                                          (rows_u[:, fit], rows_r, rows_d), (held_u[:, fit], held_r, held_d),
+                                          prior[fit], args.radial, args.radial_iterations)
+                else:
+                    x, ridge = ridge_fit(gram_all[fit][:, fit], cross_all[fit], held_u[:, fit], held_r, prior[fit])
                 bias = x[-1].float().contiguous() if args.bias else None
                 set_mlp(host, gate, up, x[:width].T.float().contiguous(), bias)
             elif args.bias:
