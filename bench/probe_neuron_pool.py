@@ -28,7 +28,9 @@ now ``merge.pool_cap``). The fifteenth session's: ``--host both`` (worse on both
 session's (none helped): ``--round-bf16`` (the fitted MLPs rounded as a bf16 checkpoint stores them: no
 change), ``--bias`` (an intercept on the host's down projection), ``--transport RIDGE`` (each member's
 neurons see the host's input mapped to their own depth's by least squares), ``--radial BETA`` (each row's
-error along its own target direction weighted BETA: 0 and 2 both worse than the plain fit's 1).
+error along its own target direction weighted BETA: 0 and 2 both worse than the plain fit's 1), ``--gains N``
+(the RMSNorm gains of the N layers after the host refitted in closed form to reproduce the dense layers'
+projections: a tie at N = 3); ``--lean`` keeps only the dense states the fits read, for 512 samples.
 """
 
 from __future__ import annotations
@@ -410,6 +412,54 @@ def pool_attention(probe: Probe, model, j: int, block: list[int], originals, rid
 
 
 @torch.no_grad()
+def normalized(x, norm):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
+@torch.no_grad()
+def refit_gain(probe: Probe, model, j: int, which: str, ridge: float) -> None:
+    """``--gains``: pruned layer j's RMSNorm gain (``which``: the attention's or the MLP's) refitted so that the
+    projections reading it (q, k, v or gate, up) reproduce the dense layer's on the dense model's rows:
+    with n the pruned model's normalized input (no gain), m the dense model's, M = W^T W over the projections,
+    minimize sum_t ||W (g' * n_t) - W (g * m_t)||^2: g' = (M o sum n n^T + lam I)^-1 ((M o sum n m^T) g + lam g)
+    (o: elementwise), a hidden-sized closed form, ridge towards the layer's own gain."""
+    depth = probe.kept[j]
+    layer, dense_layer = model.model.layers[j], probe.dense.model.layers[depth]
+    norm = layer.input_layernorm if which == "attention" else layer.post_attention_layernorm
+    dense_norm = dense_layer.input_layernorm if which == "attention" else dense_layer.post_attention_layernorm
+    projections = ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) if which == "attention"
+                   else (layer.mlp.gate_proj, layer.mlp.up_proj))
+    w = torch.cat([p.weight for p in projections]).double()
+    gram_w = w.T @ w
+    seen = {}
+    hooks = [norm.register_forward_hook(lambda m, a, out: seen.update(n=a[0])),
+             dense_norm.register_forward_hook(lambda m, a, out: seen.update(m=a[0]))]
+    split = len(probe.calibration) - probe.held_out
+    nn_ = nm = None
+    layers, dense_layers = model.model.layers, probe.dense.model.layers
+    try:
+        model.model.layers, probe.dense.model.layers = layers[:j + 1], dense_layers[:depth + 1]
+        for k in range(0, split, BATCH):
+            batch = probe.calibration[k:k + BATCH]
+            model.model(batch)
+            probe.dense.model(batch)
+            n = normalized(seen["n"], norm).reshape(-1, w.shape[1]).double()
+            m = normalized(seen["m"], dense_norm).reshape(-1, w.shape[1]).double()
+            nn_ = n.T @ n if nn_ is None else nn_ + n.T @ n
+            nm = n.T @ m if nm is None else nm + n.T @ m
+    finally:
+        model.model.layers, probe.dense.model.layers = layers, dense_layers
+        for h in hooks:
+            h.remove()
+    g = dense_norm.weight.double()
+    a = gram_w * nn_
+    lam = ridge * a.diagonal().mean()
+    new = torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), (gram_w * nm) @ g + lam * g)
+    log.info("layer %d (dense %d) %s gain refitted: relative change %.3f", j, depth, which,
+             float((new - g).norm() / g.norm()))
+    norm.weight.copy_(new.float())
+
+
 def sweep_ridges(probe: Probe, model, host, rows, gram, cross, prior, evals) -> None:
     """``--sweep``: the kept neurons' output projection at every ridge, each scored by the NLL of the held-out
     calibration pieces and by the evaluation texts: does the calibration loss pick the ridge the texts would?"""
@@ -450,9 +500,15 @@ def main() -> None:
     parser.add_argument("--transport", type=float, default=None, metavar="RIDGE",
                         help="each member's neurons see the host's normalized input mapped by least squares to the "
                              "member's own (ridge towards the identity, times the mean diagonal)")
+    parser.add_argument("--lean", action="store_true",
+                        help="keep the dense hidden states of the blocks' target depths only (memory for more samples)")
     parser.add_argument("--round-bf16", action="store_true",
                         help="also score each variant with its fitted MLPs rounded to bfloat16 (as a bf16 checkpoint "
                              "stores them)")
+    parser.add_argument("--gains", type=int, default=0, metavar="N",
+                        help="after each variant's fits, refit the RMSNorm gains of the N layers after each host "
+                             "(attention's, then MLP's) to reproduce the dense layers' projections")
+    parser.add_argument("--gain-ridge", type=float, default=1e-3)
     parser.add_argument("--radial", type=float, default=None, metavar="BETA",
                         help="fit with each row's error along its target direction weighted by BETA (0: only the "
                              "error across it counts, what the next RMSNorm sees to first order; 1: the plain fit)")
@@ -467,6 +523,10 @@ def main() -> None:
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
     probe, evals, dense = setup(args.samples, blocks, args.seq)
+    if args.lean:
+        needed = {probe.target_depth(probe.kept.index(b[0] - 1)) for b in blocks}
+        probe.dense_states = [[h if d in needed else None for d, h in enumerate(states)]
+                              for states in probe.dense_states]
 
     def report(label, model, start):
         scores = {name: perplexity(model, w) for name, w in evals.items()}
@@ -543,6 +603,13 @@ def main() -> None:
             else:
                 host.mlp.down_proj.weight.data = x.T.float().contiguous()
         report(variant, model, start)
+        if args.gains:
+            for block in blocks:
+                j = probe.kept.index(block[0] - 1)
+                for jj in range(j + 1, min(j + 1 + args.gains, len(probe.kept))):
+                    refit_gain(probe, model, jj, "attention", args.gain_ridge)
+                    refit_gain(probe, model, jj, "mlp", args.gain_ridge)
+            report(variant + f" +gains {args.gains}", model, start)
         if args.round_bf16:
             with torch.no_grad():
                 for p in model.model.parameters():
