@@ -520,6 +520,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.attention and args.host != "below":
         parser.error("--attention pools into the layer below the block only")
+    if args.lean and args.host != "below":
+        parser.error("--lean keeps the states the layer below each block fits to: use it with --host below")
+    if args.bias and args.radial is not None:
+        parser.error("--bias and --radial do not combine (the intercept is partialled out of the plain fit only)")
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
     probe, evals, dense = setup(args.samples, blocks, args.seq)
