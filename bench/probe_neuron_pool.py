@@ -76,6 +76,11 @@ def set_mlp(host, gate, up, down, bias=None) -> None:
         mlp.down_proj.bias.data = bias
 
 
+def normalized(x, norm):
+    """An RMSNorm's input normalized without its gain."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
 @torch.no_grad()
 def transports(probe: Probe, host: int, block: list[int], ridge: float = 1e-3) -> list[torch.Tensor]:
     """``--transport``: for each member layer i, the least-squares map T_i with n(mid_i) ~ T_i n(mid_host)
@@ -84,9 +89,7 @@ def transports(probe: Probe, host: int, block: list[int], ridge: float = 1e-3) -
     dense, seen, hooks = probe.dense, {}, []
     for i in [host] + block:
         norm = dense.model.layers[i].post_attention_layernorm
-        hooks.append(norm.register_forward_hook(
-            lambda m, a, out, i=i: seen.__setitem__(i, a[0] * torch.rsqrt(a[0].pow(2).mean(-1, keepdim=True)
-                                                                          + m.variance_epsilon))))
+        hooks.append(norm.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, normalized(a[0], m))))
     split = len(probe.calibration) - probe.held_out
     xx = xy = None
     try:
@@ -175,7 +178,7 @@ def statistics(probe: Probe, model, j: int, independent: bool = False, bias: boo
                 u = torch.cat([u, torch.ones_like(u[..., :1])], dim=-1)
             u = (u * weight).reshape(-1, u.shape[-1]).double()
             r = ((target - mid) * weight).reshape(-1, mid.shape[-1]).double()
-            direction = (target * weight).reshape(-1, mid.shape[-1]).double()
+            direction = (target * weight).reshape(-1, mid.shape[-1]).double() if keep_rows else None
             equations.add(u, r, k >= split, direction)
     finally:
         run.model.layers = layers
@@ -412,14 +415,10 @@ def pool_attention(probe: Probe, model, j: int, block: list[int], originals, rid
 
 
 @torch.no_grad()
-def normalized(x, norm):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-
-
-@torch.no_grad()
 def refit_gain(probe: Probe, model, j: int, which: str, ridge: float) -> None:
     """``--gains``: pruned layer j's RMSNorm gain (``which``: the attention's or the MLP's) refitted so that the
-    projections reading it (q, k, v or gate, up) reproduce the dense layer's on the dense model's rows:
+    projections reading it (q, k, v or gate, up), on the pruned model's rows, reproduce the dense layer's on
+    the dense model's rows:
     with n the pruned model's normalized input (no gain), m the dense model's, M = W^T W over the projections,
     minimize sum_t ||W (g' * n_t) - W (g * m_t)||^2: g' = (M o sum n n^T + lam I)^-1 ((M o sum n m^T) g + lam g)
     (o: elementwise), a hidden-sized closed form, ridge towards the layer's own gain."""
