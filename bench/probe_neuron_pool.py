@@ -30,7 +30,9 @@ change), ``--bias`` (an intercept on the host's down projection), ``--transport 
 neurons see the host's input mapped to their own depth's by least squares), ``--radial BETA`` (each row's
 error along its own target direction weighted BETA: 0 and 2 both worse than the plain fit's 1), ``--gains N``
 (the RMSNorm gains of the N layers after the host refitted in closed form to reproduce the dense layers'
-projections: a tie at N = 3); ``--lean`` keeps only the dense states the fits read, for 512 samples.
+projections: a tie at N = 3); ``--lean`` keeps only the dense states the fits read, for 512 samples. The
+seventeenth session's: ``--channel-metric fisher|direction`` (OBS weighs each residual channel's error by how
+much the dense NLL's gradient looks at it; the fit after the choice is unchanged): no gain.
 """
 
 from __future__ import annotations
@@ -268,6 +270,35 @@ def screen_by_member(gram, cross, cap: int, width: int, ridge: float, chunk: int
         idx = torch.arange(k * width, (k + 1) * width)
         kept.append(idx[obs_keep(gram[idx][:, idx], cross[idx], each, ridge, chunk)])
     return torch.cat(kept)
+
+
+def channel_metric(probe: Probe, depth: int, kind: str) -> torch.Tensor:
+    """``--channel-metric``: how much the dense model's calibration NLL looks at each residual channel at
+    ``depth``, from d NLL / d h over the training pieces. ``fisher``: mean of (||target|| g_c)^2 (the rows are
+    relative, so an error of e in them moves the NLL by ||target|| g . e to first order); ``direction``: mean of
+    g_c^2 / ||g||^2 (which channels, every token counted alike). Scaled to mean 1."""
+    split = len(probe.calibration) - probe.held_out
+    total = None
+    for k in range(0, split, BATCH):
+        x = probe.calibration[k:k + BATCH]
+        out = probe.dense(x, output_hidden_states=True)
+        h = out.hidden_states[depth]
+        h.retain_grad()
+        logits = out.logits[:, :-1].float()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
+        g = h.grad.detach().double().reshape(-1, h.shape[-1])
+        if kind == "fisher":
+            g = g * h.detach().double().reshape(-1, h.shape[-1]).norm(dim=-1, keepdim=True)
+        else:
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        total = (g ** 2).sum(0) if total is None else total + (g ** 2).sum(0)
+        probe.dense.zero_grad(set_to_none=True)
+    metric = total / total.mean()
+    top = torch.argsort(metric, descending=True)[:5].tolist()
+    log.info("channel metric (%s) at depth %d: largest %s, channels 507 / 247: %.3g / %.3g, min %.3g", kind, depth,
+             [(c, round(float(metric[c]), 2)) for c in top], float(metric[507]), float(metric[247]),
+             float(metric.min()))
+    return metric
 
 
 def obs_keep(gram, cross, keep: int, ridge: float, chunk: int) -> torch.Tensor:
@@ -514,6 +545,10 @@ def main() -> None:
     parser.add_argument("--radial-iterations", type=int, default=6)
     parser.add_argument("--bias", action="store_true",
                         help="the host's down projection gets an intercept (a Llama with mlp_bias), fitted with it")
+    parser.add_argument("--channel-metric", choices=("fisher", "direction"), default=None,
+                        help="OBS chooses the neurons with each residual channel's error weighted by how much the "
+                             "dense NLL looks at it (d NLL / d h at the target depth; the fit after it is unchanged)")
+    parser.add_argument("--metric-power", type=float, default=1.0, help="the channel metric raised to this power")
     parser.add_argument("--sweep", action="store_true",
                         help="score the kept neurons' fit at every ridge by calibration NLL and by the texts")
     args = parser.parse_args()
@@ -526,13 +561,17 @@ def main() -> None:
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
     probe, evals, dense = setup(args.samples, blocks, args.seq)
+    dense["calibration held-out"] = perplexity(probe.dense, probe.calibration[-probe.held_out:])
     if args.lean:
         needed = {probe.target_depth(probe.kept.index(b[0] - 1)) for b in blocks}
         probe.dense_states = [[h if d in needed else None for d, h in enumerate(states)]
                               for states in probe.dense_states]
 
     def report(label, model, start):
-        scores = {name: perplexity(model, w) for name, w in evals.items()}
+        # The held-out calibration pieces too (no fit saw them; they chose the ridges): what a plan search
+        # that scores corrected candidates on calibration text would rank by.
+        scores = {"calibration held-out": perplexity(model, probe.calibration[-probe.held_out:])}
+        scores.update((name, perplexity(model, w)) for name, w in evals.items())
         log.info("%-12s %s (%.0f s)", label, "  ".join(f"{n} {v:.2f} ({v / dense[n]:.2f}x dense)"
                                                       for n, v in scores.items()), time.time() - start)
 
@@ -584,6 +623,9 @@ def main() -> None:
                 else:
                     screened = screen(gram, cross, args.cap, width if args.cap_keep_host else 0)
                 g, c = gram[screened][:, screened], cross[screened]
+                if args.channel_metric:  # a channel metric M: ||E||_M^2 = ||E M^(1/2)||^2, so scale the columns
+                    metric = channel_metric(probe, probe.target_depth(j), args.channel_metric) ** args.metric_power
+                    c = c * metric.sqrt()
                 alive = screened[obs_downdate(g, c, width, args.select_ridge, args.block) if args.block else
                                  obs_keep(g, c, width, args.select_ridge, args.chunk)]
                 log.info("kept per layer: %s", torch.bincount(alive // width).tolist())
