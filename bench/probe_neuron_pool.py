@@ -296,10 +296,9 @@ def channel_metric(probe: Probe, depth: int, kind: str) -> torch.Tensor:
         total = (g ** 2).sum(0) if total is None else total + (g ** 2).sum(0)
         probe.dense.zero_grad(set_to_none=True)
     metric = total / total.mean()
-    top = torch.argsort(metric, descending=True)[:5].tolist()
-    log.info("channel metric (%s) at depth %d: largest %s, channels 507 / 247: %.3g / %.3g, min %.3g", kind, depth,
-             [(c, round(float(metric[c]), 2)) for c in top], float(metric[507]), float(metric[247]),
-             float(metric.min()))
+    order = torch.argsort(metric, descending=True).tolist()
+    log.info("channel metric (%s) at depth %d: largest %s, smallest %s", kind, depth,
+             [(c, round(float(metric[c]), 2)) for c in order[:5]], [(c, round(float(metric[c]), 3)) for c in order[-3:]])
     return metric
 
 
@@ -550,7 +549,6 @@ def main() -> None:
     parser.add_argument("--channel-metric", choices=("fisher", "direction"), default=None,
                         help="OBS chooses the neurons with each residual channel's error weighted by how much the "
                              "dense NLL looks at it (d NLL / d h at the target depth; the fit after it is unchanged)")
-    parser.add_argument("--metric-power", type=float, default=1.0, help="the channel metric raised to this power")
     parser.add_argument("--sweep", action="store_true",
                         help="score the kept neurons' fit at every ridge by calibration NLL and by the texts")
     args = parser.parse_args()
@@ -626,8 +624,7 @@ def main() -> None:
                     screened = screen(gram, cross, args.cap, width if args.cap_keep_host else 0)
                 g, c = gram[screened][:, screened], cross[screened]
                 if args.channel_metric:  # a channel metric M: ||E||_M^2 = ||E M^(1/2)||^2, so scale the columns
-                    metric = channel_metric(probe, probe.target_depth(j), args.channel_metric) ** args.metric_power
-                    c = c * metric.sqrt()
+                    c = c * channel_metric(probe, probe.target_depth(j), args.channel_metric).sqrt()
                 alive = screened[obs_downdate(g, c, width, args.select_ridge, args.block) if args.block else
                                  obs_keep(g, c, width, args.select_ridge, args.chunk)]
                 log.info("kept per layer: %s", torch.bincount(alive // width).tolist())

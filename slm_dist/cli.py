@@ -458,6 +458,10 @@ class _SigintSeen:
         raise KeyboardInterrupt
 
     def install(self):
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # Started immune to Ctrl-C (nohup, a script's background job, a scheduler): stay immune, as
+            # Python itself does; otherwise a Ctrl-C meant for the launching shell would stop a scheduled run.
+            return None
         try:
             return signal.signal(signal.SIGINT, self)
         except ValueError:  # not the main thread (a library caller): keep Python's own handling

@@ -203,6 +203,15 @@ def test_a_switched_off_bar_draws_nothing(capsys):
 
 
 # ------------------------------------------------------------------------------ interrupts
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled as in an interactive Python, whatever the suite was started with (a background job
+    of a script starts with SIGINT ignored, and its children inherit that); the old disposition after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_keyboard_interrupt_exits_130(monkeypatch, caplog):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -212,7 +221,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, caplog):
     assert "interrupted: rerun the same command to resume" in caplog.text
 
 
-def test_ctrl_c_that_surfaces_as_another_error_still_exits_130(monkeypatch, caplog):
+def test_ctrl_c_that_surfaces_as_another_error_still_exits_130(monkeypatch, caplog, python_sigint):
     """Ctrl-C hits the whole process group: Ray's workers can die of it first, and the driver then
     sees their error instead of a KeyboardInterrupt. It is still an interruption; without Ctrl-C the
     same error is a failure."""
@@ -236,8 +245,27 @@ def test_ctrl_c_that_surfaces_as_another_error_still_exits_130(monkeypatch, capl
     assert cli.main(["inspect", "anything"]) == cli.EXIT_FAILURE
 
 
+def test_a_run_started_immune_to_ctrl_c_stays_immune(monkeypatch, caplog):
+    """nohup, a script's background job or a scheduler starts the process with SIGINT ignored: a SIGINT
+    then neither interrupts the command nor turns its result into an interruption, and stays ignored."""
+    def finishes_despite_sigint(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)   # a handler, had one been installed, would raise here
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_inspect", finishes_despite_sigint)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(["inspect", "anything"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "interrupted" not in caplog.text
+
+
 @pytest.mark.slow
-def test_sigint_mid_calibration_exits_130_and_the_rerun_completes(tiny_model, tiny_text_file, tmp_path):
+def test_sigint_mid_calibration_exits_130_and_the_rerun_completes(tiny_model, tiny_text_file, tmp_path,
+                                                                  python_sigint):
     """A real `slm-dist run` on Ray (3 stages of 1 CPU on this 2-core machine: the private Ray it starts
     is sized to them), SIGINT once the first batch is counted; exit 130, then the rerun finishes."""
     run_dir = tmp_path / "run"
