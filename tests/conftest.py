@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 from pathlib import Path
 
 import pytest
 
 from slm_dist.testing import make_tiny_model, tiny_text
+
+
+@pytest.fixture(scope="session", autouse=True)
+def python_sigint():
+    """SIGINT handled as in an interactive Python, however the suite was launched: a script's background
+    job starts with SIGINT ignored, the CLI then stays immune (as it should), and the children of the
+    interrupt tests would inherit that. Children of a handled SIGINT start with the default."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

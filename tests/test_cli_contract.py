@@ -203,15 +203,6 @@ def test_a_switched_off_bar_draws_nothing(capsys):
 
 
 # ------------------------------------------------------------------------------ interrupts
-@pytest.fixture
-def python_sigint():
-    """SIGINT handled as in an interactive Python, whatever the suite was started with (a background job
-    of a script starts with SIGINT ignored, and its children inherit that); the old disposition after."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
-
-
 def test_keyboard_interrupt_exits_130(monkeypatch, caplog):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -221,7 +212,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, caplog):
     assert "interrupted: rerun the same command to resume" in caplog.text
 
 
-def test_ctrl_c_that_surfaces_as_another_error_still_exits_130(monkeypatch, caplog, python_sigint):
+def test_ctrl_c_that_surfaces_as_another_error_still_exits_130(monkeypatch, caplog):
     """Ctrl-C hits the whole process group: Ray's workers can die of it first, and the driver then
     sees their error instead of a KeyboardInterrupt. It is still an interruption; without Ctrl-C the
     same error is a failure."""
@@ -264,8 +255,7 @@ def test_a_run_started_immune_to_ctrl_c_stays_immune(monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_sigint_mid_calibration_exits_130_and_the_rerun_completes(tiny_model, tiny_text_file, tmp_path,
-                                                                  python_sigint):
+def test_sigint_mid_calibration_exits_130_and_the_rerun_completes(tiny_model, tiny_text_file, tmp_path):
     """A real `slm-dist run` on Ray (3 stages of 1 CPU on this 2-core machine: the private Ray it starts
     is sized to them), SIGINT once the first batch is counted; exit 130, then the rerun finishes."""
     run_dir = tmp_path / "run"
