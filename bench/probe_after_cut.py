@@ -73,10 +73,10 @@ class Probe:
         self.grad_norms = None  # per batch: [depth, batch, position] norms of d(NLL)/d(hidden state), on demand
         self.grad_weight = False
 
-    def loss_gradients(self) -> None:
-        """||d NLL / d h|| of every calibration token at every depth of the dense model (one backward)."""
-        self.grad_norms = []
-        for k in range(0, len(self.calibration), BATCH):
+    def dense_gradients(self, pieces: int | None = None):
+        """Per calibration batch (of the first ``pieces``, or all): the dense model's hidden state before every
+        layer, each with ``.grad`` = d NLL / d h (one backward per batch)."""
+        for k in range(0, len(self.calibration) if pieces is None else pieces, BATCH):
             x = self.calibration[k:k + BATCH]
             out = self.dense(x, output_hidden_states=True)
             states = out.hidden_states[:-1]
@@ -84,8 +84,13 @@ class Probe:
                 h.retain_grad()
             logits = out.logits[:, :-1].float()
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
-            self.grad_norms.append(torch.stack([h.grad.norm(dim=-1) for h in states]).detach())
+            yield states
             self.dense.zero_grad(set_to_none=True)
+
+    def loss_gradients(self) -> None:
+        """||d NLL / d h|| of every calibration token at every depth of the dense model."""
+        self.grad_norms = [torch.stack([h.grad.norm(dim=-1) for h in states]).detach()
+                           for states in self.dense_gradients()]
 
     def load(self):
         return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,

@@ -279,22 +279,15 @@ def channel_metric(probe: Probe, depth: int, kind: str) -> torch.Tensor:
     ``depth``, from d NLL / d h over the training pieces. ``fisher``: mean of (||target|| g_c)^2 (the rows are
     relative, so an error of e in them moves the NLL by ||target|| g . e to first order); ``direction``: mean of
     g_c^2 / ||g||^2 (which channels, every token counted alike). Scaled to mean 1."""
-    split = len(probe.calibration) - probe.held_out
     total = None
-    for k in range(0, split, BATCH):
-        x = probe.calibration[k:k + BATCH]
-        out = probe.dense(x, output_hidden_states=True)
-        h = out.hidden_states[depth]
-        h.retain_grad()
-        logits = out.logits[:, :-1].float()
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
+    for states in probe.dense_gradients(len(probe.calibration) - probe.held_out):
+        h = states[depth]
         g = h.grad.detach().double().reshape(-1, h.shape[-1])
         if kind == "fisher":
             g = g * h.detach().double().reshape(-1, h.shape[-1]).norm(dim=-1, keepdim=True)
         else:
             g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         total = (g ** 2).sum(0) if total is None else total + (g ** 2).sum(0)
-        probe.dense.zero_grad(set_to_none=True)
     metric = total / total.mean()
     order = torch.argsort(metric, descending=True).tolist()
     log.info("channel metric (%s) at depth %d: largest %s, smallest %s", kind, depth,
@@ -456,10 +449,12 @@ def refit_gain(probe: Probe, model, j: int, which: str, ridge: float) -> None:
     (o: elementwise), a hidden-sized closed form, ridge towards the layer's own gain."""
     depth = probe.kept[j]
     layer, dense_layer = model.model.layers[j], probe.dense.model.layers[depth]
-    norm = layer.input_layernorm if which == "attention" else layer.post_attention_layernorm
-    dense_norm = dense_layer.input_layernorm if which == "attention" else dense_layer.post_attention_layernorm
-    projections = ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) if which == "attention"
-                   else (layer.mlp.gate_proj, layer.mlp.up_proj))
+    if which == "attention":
+        norm, dense_norm = layer.input_layernorm, dense_layer.input_layernorm
+        projections = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+    else:
+        norm, dense_norm = layer.post_attention_layernorm, dense_layer.post_attention_layernorm
+        projections = (layer.mlp.gate_proj, layer.mlp.up_proj)
     w = torch.cat([p.weight for p in projections]).double()
     gram_w = w.T @ w
     seen = {}
@@ -561,7 +556,8 @@ def main() -> None:
     torch.set_num_threads(2)
     blocks = removed_layers(args.remove)
     probe, evals, dense = setup(args.samples, blocks, args.seq)
-    dense["calibration held-out"] = perplexity(probe.dense, probe.calibration[-probe.held_out:])
+    held_pieces = probe.calibration[-probe.held_out:]
+    dense["calibration held-out"] = perplexity(probe.dense, held_pieces)
     if args.lean:
         needed = {probe.target_depth(probe.kept.index(b[0] - 1)) for b in blocks}
         probe.dense_states = [[h if d in needed else None for d, h in enumerate(states)]
@@ -570,7 +566,7 @@ def main() -> None:
     def report(label, model, start):
         # The held-out calibration pieces too (no fit saw them; they chose the ridges): what a plan search
         # that scores corrected candidates on calibration text would rank by.
-        scores = {"calibration held-out": perplexity(model, probe.calibration[-probe.held_out:])}
+        scores = {"calibration held-out": perplexity(model, held_pieces)}
         scores.update((name, perplexity(model, w)) for name, w in evals.items())
         log.info("%-12s %s (%.0f s)", label, "  ".join(f"{n} {v:.2f} ({v / dense[n]:.2f}x dense)"
                                                       for n, v in scores.items()), time.time() - start)
