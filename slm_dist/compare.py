@@ -45,6 +45,8 @@ Methods (k = layers removed):
   builds the same plan (its ``protect_last`` aside: SLEB here may drop the top layer).
 - ``angular_pool`` / ``sleb_pool``: the same layers with ``merge.correction: pool`` instead: each window's
   kept layer takes the best MLP neurons of the whole window, then refit (``core/neuron_pool.py``).
+  With ``plan.rerank`` > 1, ``sleb_refit`` and ``sleb_pool`` rank SLEB's last-step finalists after
+  their corrections, on the calibration batches no fit saw (``PlanSearch.rerank``, as ``run`` does).
 
 SLEB's trials (and the global search's measured plans) score on ``plan.score_batches`` calibration
 batches when it is set (all when null): SLEB measures about k x N plans, each a forward pass from its
@@ -74,6 +76,7 @@ from slm_dist.config import COMPARE_METHODS as METHODS
 from slm_dist.config import GLOBAL_METHODS, GLOBAL_RULES, SLM_RULES, STAGED_BASELINES, ConfigError, SlmConfig
 from slm_dist.context import RunContext
 from slm_dist.core import baselines, planner
+from slm_dist.core.correction_fit import CorrectionFit, correction_key
 from slm_dist.merging import merge_stage
 from slm_dist.planning import PlanMemo, PlanSearch, score_label, write_corrections
 from slm_dist.workers.stage_worker import StageSpec, StageWorker
@@ -173,6 +176,8 @@ def method_settings(method: str, config: SlmConfig) -> dict:
                         correction_weight=config.merge.correction_weight)
     if method.endswith("_pool") and config.merge.pool_cap is not None:
         settings["pool_cap"] = config.merge.pool_cap
+    if method in SLEB_METHODS and method.endswith(("_refit", "_pool")) and config.plan.rerank > 1:
+        settings["rerank"] = config.plan.rerank  # unset: the plans cached before it
     return settings
 
 
@@ -383,9 +388,12 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
         out_dir = out_root / f"{method}-{k}"
         out_dir.mkdir(parents=True, exist_ok=True)
         protect_first = max(p.protect_first, 1)
+        fits = None
         if method in SLEB_METHODS:
             plan = baselines.sleb(n, k, lambda windows: plan_loss(backend, memo, windows, p.score_batches),
                                   protect_first)
+            if p.rerank > 1 and method.endswith(("_refit", "_pool")):
+                plan, search, fits = reranked_sleb(plan, method.rpartition("_")[2])
         elif method in ANGULAR_METHODS:
             plan = baselines.angular_block(stats.angular, k, protect_first=protect_first)
         else:
@@ -394,9 +402,25 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
             plan = linear_patch_plan(backend, plan, method, out_dir)
         elif method.endswith(("_refit", "_pool")):
             plan = refit_plan(backend, plan, method, out_dir, config.merge.correction_batches,
-                              method.rpartition("_")[2])
+                              method.rpartition("_")[2], fits)
+        if fits is not None:
+            search.release_corrections()  # the finalists' maps: the winner's are in its file now
         write_json(out_dir / "plan.json", plan.to_json())
         return plan
+
+    def reranked_sleb(base: baselines.LayerPlan, kind: str):
+        """plan.rerank: SLEB's finalists ranked after their ``kind`` corrections (PlanSearch.rerank, as
+        `run` does with plan.search=sleb); the plan, the search holding their maps, and the winner's fits."""
+        merge_cfg = config.merge.model_copy(update={"rule": "drop", "correction": kind})
+        method_ctx = RunContext(config.model_copy(update={"merge": merge_cfg}), ctx.model_dir,
+                                ctx.calibration_source, None, show_progress)
+        search = PlanSearch(method_ctx, reducer, backend, memo)
+        best, ranking = search.rerank(baselines.sleb_finalists(n, base.details, p.rerank))
+        order = base.details["order"][:-1]
+        removed = [i for lo, hi in best for i in range(lo + 1, hi + 1)]
+        order += [i for i in removed if i not in order]
+        plan = baselines.removal_plan("sleb", n, order, **{**base.details, "order": order, "rerank": ranking})
+        return plan, search, [memo.corrections[correction_key(w, "drop", None, kind)] for w in best]
 
     with ctx.timed("plan"):
         plans = {k: make_plans(stats, k, config, ms, search, global_plan, staged_plan)
@@ -434,13 +458,16 @@ def replaceme_plan(backend: Backend, stats: Statistics, k: int, method: str, pro
 
 
 def refit_plan(backend: Backend, base: baselines.LayerPlan, method: str, out_dir: Path,
-               num_batches: int, kind: str = "refit") -> baselines.LayerPlan:
+               num_batches: int, kind: str = "refit", fits: Sequence[CorrectionFit] | None = None
+               ) -> baselines.LayerPlan:
     """``base``'s removal with slm-dist's ``kind`` correction (refit or pool) of each window's kept layer,
     each fitted on the original model's inputs to its window (as the global search fits them); a window
-    whose fit does not beat its plain removal on held-out batches keeps the plain removal."""
+    whose fit does not beat its plain removal on held-out batches keeps the plain removal. ``fits``:
+    the windows' fits made already (plan.rerank's), in window order."""
     windows = list(base.windows)
-    fits = backend.fit_corrections([(w, "drop", None, kind) for w in windows], num_batches)
-    backend.clear_candidates(corrections=True)
+    if fits is None:
+        fits = backend.fit_corrections([(w, "drop", None, kind) for w in windows], num_batches)
+        backend.clear_candidates(corrections=True)
     kept = {w: fit.matrix for w, fit in zip(windows, fits) if fit.corrects}
     file, sha = write_corrections(out_dir, kept, kind)
     log.info("%s: windows %s, held-out error %s of the plain removal's (%d of %d corrected)", method,
@@ -530,7 +557,8 @@ def compare(config: SlmConfig, layers_removed: Sequence[int], spec: evaluation.E
     if not layers_removed:
         raise ConfigError("give at least one layer count to remove (--removed N, or plan.target_layers_removed)")
     ctx = context.resolve_inputs(config, cache_dir, show_progress)
-    preflight.require(preflight.run_problems(config, ctx.model_dir, ctx.calibration_source, None, stop_after="plan")
+    preflight.require(preflight.run_problems(config, ctx.model_dir, ctx.calibration_source, None, stop_after="plan",
+                                             compare=True)
                       + preflight.eval_input_problems(spec.ppl_files, spec.tasks, spec.ppl_join, spec.limit))
     out_root = ctx.run_dir / "compare"
     out_root.mkdir(parents=True, exist_ok=True)

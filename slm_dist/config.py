@@ -116,6 +116,12 @@ class PlanSection(_Section):
                                                               "(the global search's candidates and local search, "
                                                               "search=sleb's trials); null = all. Fewer is "
                                                               "faster and noisier; fits keep their own batch counts")
+    rerank: int = Field(1, ge=1, description="search=sleb with a merge.correction (and compare's sleb_refit, sleb_pool): SLEB's last step keeps this many of "
+                                             "its best trial removals (by the plain removal's loss), fits the "
+                                             "correction to each, and takes the one whose corrected model has the "
+                                             "lowest NLL on the calibration batches the fits did not see (those "
+                                             "after merge.correction_batches); 1 = SLEB's own choice. Each finalist "
+                                             "costs its windows' fits; their maps are held together")
     refine_metric: Literal["nll", "cosine"] = Field(
         "nll", description="how the refinement ranks plans: calibration next-token NLL, or the published "
                            "final-hidden cosine to the original model")
@@ -297,10 +303,26 @@ class SlmConfig(_Section):
             raise ValueError(f"plan.score_batches={self.plan.score_batches} but calibration has only {batches} "
                              f"batches (num_samples={self.calibration.num_samples}, batch_size="
                              f"{self.calibration.batch_size}): lower it, or null to score on all")
+        if self.plan.rerank > 1:
+            self._check_rerank(batches)
         if self.similarity.unit == "sample" and self.calibration.batch_size < 4:
             raise ValueError(f"similarity.unit=sample needs calibration.batch_size >= 4 (unbiased HSIC), "
                              f"got {self.calibration.batch_size}")
         return self
+
+    def _check_rerank(self, batches: int) -> None:
+        """What plan.rerank needs whoever reads it (`run` with search=sleb, or `compare`'s sleb_refit and
+        sleb_pool); that `run` has a SLEB search with a correction to re-rank is preflight.plan_problems'."""
+        p, m = self.plan, self.merge
+        if p.refine_metric != "nll":
+            raise ValueError(f"plan.rerank={p.rerank} ranks by held-out calibration NLL; set plan.refine_metric=nll")
+        if batches <= m.correction_batches:
+            raise ValueError(
+                f"plan.rerank={p.rerank} scores SLEB's finalists on calibration batches their fits did not see, "
+                f"but merge.correction_batches={m.correction_batches} takes all {batches} (num_samples="
+                f"{self.calibration.num_samples}, batch_size={self.calibration.batch_size}): raise "
+                f"calibration.num_samples to at least {(m.correction_batches + 1) * self.calibration.batch_size} "
+                "(more held-out batches rank more surely) or lower merge.correction_batches")
 
     @property
     def output_dir(self) -> Path:

@@ -368,10 +368,12 @@ def _seconds(hf_config: dict, config: SlmConfig, sizes: sizing.ModelSizes, stage
 def measured_plans(config: SlmConfig, num_layers: int, layers_removed: int | None) -> int:
     """Plans the search scores with forward passes. Global: the dense model and each removable layer
     alone (plan.cost=measured), then the ranked candidates and the local search's moves. SLEB: every
-    layer left at each of its ``layers_removed`` steps (``expected_layers_removed``)."""
+    layer left at each of its ``layers_removed`` steps (``expected_layers_removed``), and with
+    plan.rerank > 1 each finalist once more, corrected."""
     p = config.plan
     if p.search == "sleb":
-        return planner.sleb_trials(num_layers, layers_removed or 0, max(p.protect_first, 1), p.protect_last)
+        trials = planner.sleb_trials(num_layers, layers_removed or 0, max(p.protect_first, 1), p.protect_last)
+        return trials + (p.rerank if p.rerank > 1 else 0)
     if p.search != "global":
         return 0
     count = 1 + max(num_layers - p.protect_first - p.protect_last, 0) if p.cost == "measured" else 0
@@ -398,8 +400,10 @@ def _global_search_seconds(hf_config: dict, config: SlmConfig, sizes: sizing.Mod
     recomputed = (cal.cache_stride - 1) / 2
     seconds = measured_plans(config, n, removed) * scored * cal.seq_len * (fpt * (n / 2 + recomputed) + lm_head) / rate
     # Windows fitted: about one per scored global candidate; SLEB's trials are uncorrected and its plan
-    # has at most one window per removed layer.
-    candidates = {"global": p.candidates + p.local_search, "sleb": removed or 0}.get(p.search, 0)
+    # has at most one window per removed layer; each other finalist of plan.rerank differs from it in at
+    # most two windows (its last layer joins or splits them).
+    sleb = (removed or 0) + 2 * (p.rerank - 1)
+    candidates = {"global": p.candidates + p.local_search, "sleb": sleb}.get(p.search, 0)
     if config.merge.correction != "none" and candidates:
         width = int(hf_config.get("intermediate_size") or hidden) if config.merge.correction != "linear" else hidden
         fit_tokens = min(config.merge.correction_batches * cal.batch_size, cal.num_samples) * cal.seq_len

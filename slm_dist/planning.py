@@ -50,8 +50,10 @@ class PlanMemo:
     losses: MutableMapping[LossKey, float] = field(default_factory=dict)      # calibration loss per plan
 
 
-def score_label(metric: str, num_batches: int | None) -> str:
-    """The metric part of a loss key: a plan scored on fewer batches is another measurement."""
+def score_label(metric: str, num_batches: int | None, skip_batches: int = 0) -> str:
+    """The metric part of a loss key: a plan scored on other batches is another measurement."""
+    if skip_batches:
+        return f"{metric}(batches={skip_batches}:{'' if num_batches is None else skip_batches + num_batches})"
     return metric if num_batches is None else f"{metric}(batches={num_batches})"
 
 
@@ -208,12 +210,38 @@ class PlanSearch:
 
             chosen = baselines.sleb(n, k, loss, first, p.protect_last)
         log.info("sleb: removed %s in that order (%d trials)", list(chosen.details["order"]), trials)
-        return chosen.windows, {"order": list(chosen.details["order"]), "steps": chosen.details["steps"],
-                                "metric": p.refine_metric}
+        details = {"order": list(chosen.details["order"]), "steps": chosen.details["steps"],
+                   "last_step": chosen.details["last_step"], "metric": p.refine_metric}
+        if p.rerank == 1:
+            return chosen.windows, details
+        best, details["rerank"] = self.rerank(baselines.sleb_finalists(n, chosen.details, p.rerank))
+        return best, details
 
-    def measure(self, windows: Windows, rule: str, correctable: bool = True) -> float:
+    def rerank(self, plans: Sequence[Windows]) -> tuple[Windows, list[dict]]:
+        """``plans`` (SLEB's finalists, best plain removal first) ranked by the calibration NLL of each
+        with its merge.correction fitted, on the batches after merge.correction_batches: no fit saw them,
+        so a fit that only memorised its batches gains nothing there. The plain removal's loss ranks
+        what the removal breaks; this ranks what is left after the repair, which is what gets written.
+
+        Every finalist's maps are fitted before any is scored and kept until the plan is written (the
+        finalists share most windows: each is fitted once; the winner's are not fitted again)."""
+        m, rule = self.config.merge, "drop"
+        requests = [(w, rule, None, m.correction) for plan in plans for w in plan]
+        self.fit_corrections(requests, refit_released=True)
+        scored = [(plan, self.measure(plan, rule, held_out=True, release=False)) for plan in plans]
+        best = min(range(len(plans)), key=lambda i: (scored[i][1], i))  # ties: the better plain removal
+        log.info("sleb rerank: %d finalists scored with their %s corrections on the calibration batches after the "
+                 "first %d: %s; chosen %s", len(plans), m.correction, m.correction_batches,
+                 [round(v, 4) for _, v in scored], [list(w) for w in plans[best]])
+        return plans[best], [{"windows": [list(w) for w in plan], "held_out_nll": v, "chosen": i == best}
+                             for i, (plan, v) in enumerate(scored)]
+
+    def measure(self, windows: Windows, rule: str, correctable: bool = True, held_out: bool = False,
+                release: bool = True) -> float:
         """Calibration loss of a plan, lower is better (each plan measured once per memo). Rule scaled
-        fits each window's alpha, and merge.correction each window's correction, before it is measured."""
+        fits each window's alpha, and merge.correction each window's correction, before it is measured.
+        ``held_out``: on the calibration batches after merge.correction_batches instead of the first
+        plan.score_batches; ``release``: drop the plan's fitted maps once it is scored."""
         p, kind = self.config.plan, self.config.merge.correction
         correct = kind != "none" and correctable and bool(windows)
         alphas = None
@@ -231,16 +259,17 @@ class PlanSearch:
         m = self.config.merge
         cap = f",cap={m.pool_cap}" if kind == "pool" and m.pool_cap is not None else ""  # unset: the labels before it
         label = rule + (f"+{kind}(batches={m.correction_batches},weight={m.correction_weight}{cap})" if corrected else "")
-        key = (windows, label, score_label(p.refine_metric, p.score_batches))
+        num, skip = (None, m.correction_batches) if held_out else (p.score_batches, 0)
+        key = (windows, label, score_label(p.refine_metric, num, skip))
         if key not in self.memo.losses:
             if corrected:
                 self.fit_corrections(requests, refit_released=True)
             score = self.backend.score_plan(windows, rule, alphas, p.refine_metric,
-                                            correction=kind if corrected else None, num_batches=p.score_batches)
+                                            correction=kind if corrected else None, num_batches=num, skip_batches=skip)
             self.memo.losses[key] = score if p.refine_metric == "nll" else 1.0 - score
             log.info("plan %s (%s): calibration %s %.4f", [list(w) for w in windows], label, p.refine_metric,
                      self.memo.losses[key])
-        if correct:
+        if correct and release:
             self.release_corrections()  # scored or remembered, its maps are done with
         return self.memo.losses[key]
 

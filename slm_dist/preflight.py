@@ -333,16 +333,30 @@ def config_only_problems(model_dir: Path) -> list[str]:
     return problems
 
 
+def plan_problems(config: SlmConfig) -> list[str]:
+    """Plan settings that `run` and `plan` would silently not use. `compare` plans every method its own
+    way and reads plan.rerank for its sleb_refit and sleb_pool whatever plan.search says."""
+    p, kind = config.plan, config.merge.correction
+    if p.rerank > 1 and (p.search != "sleb" or kind == "none"):
+        fix = "set plan.search=sleb" if p.search != "sleb" else "set merge.correction (refit or pool)"
+        return [f"plan.rerank={p.rerank} ranks SLEB's last-step finalists by their corrected held-out loss, but "
+                f"plan.search={p.search} with merge.correction={kind} has none to rank: {fix}, or plan.rerank=1"]
+    return []
+
+
 def run_problems(config: SlmConfig, model_dir: Path, calibration_source: Path | None, heldout: Path | None,
                  stop_after: str | None = None,
-                 layers_removed: Callable[[CheckpointIndex], int] | None = None, dry_run: bool = False) -> list[str]:
+                 layers_removed: Callable[[CheckpointIndex], int] | None = None, dry_run: bool = False,
+                 compare: bool = False) -> list[str]:
     """`run` / `plan` / `plan --dry-run` / `compare`: all of the above for this config. Inputs given as
     None (the demo's, fetched at run time) are not checked. ``dry_run``: a folder with config.json but
     no weights yet (downloaded first to size a cluster) is checked by its config alone."""
+    problems = [] if compare else plan_problems(config)
     if dry_run and not weights_present(model_dir):
-        index, problems = None, config_only_problems(model_dir)
+        index, found = None, config_only_problems(model_dir)
     else:
-        index, problems = model_problems(model_dir, config.model.allow_pickle)
+        index, found = model_problems(model_dir, config.model.allow_pickle)
+    problems += found
     if index is not None and not dry_run:  # a dry run sizes from shapes: no tokenizer, no transformers
         problems += tokenizer_problems(model_dir)
     if dry_run:

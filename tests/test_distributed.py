@@ -364,6 +364,9 @@ def test_ray_output_criterion_matches_brute_force_and_survives_a_stage_restart(c
         assert backend.score_plan(plan, "sum", None, "nll", num_batches=1) == pytest.approx(
             local.score_plan(plan, "sum", None, "nll", num_batches=1), abs=1e-6)
         assert local.score_plan(plan, "sum", None, "nll", num_batches=1) != local.score_plan(plan, "sum", None, "nll")
+        # plan.rerank: the batches after the first one (those a fit on one batch did not see), on both.
+        assert backend.score_plan(plan, "sum", None, "nll", skip_batches=1) == pytest.approx(
+            local.score_plan(plan, "sum", None, "nll", skip_batches=1), abs=1e-6)
         fits, local_fits = backend.fit_alphas(plan, 1), local.fit_alphas(plan, 1)
         assert [f.window for f in fits] == [f.window for f in local_fits] == plan
         assert [f.alpha for f in fits] == pytest.approx([f.alpha for f in local_fits], abs=1e-6)

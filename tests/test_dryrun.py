@@ -365,6 +365,12 @@ def test_slebs_trials_and_score_batches_set_the_plan_time():
     assert half == pytest.approx(full * (batches // 2) / batches, rel=0.01)
     refit = dryrun.dry_run(config_70b(*sleb, "merge.correction=refit"), LLAMA3_70B).seconds["plan"]
     assert refit > full  # the chosen windows' fits
+    # plan.rerank: each finalist scored once more and its other windows fitted.
+    rerank = (*sleb, "merge.correction=refit", "merge.correction_batches=2", "plan.rerank=3")
+    assert dryrun.measured_plans(config_70b(*rerank), 80, 16) == sum(78 - i for i in range(16)) + 3
+    fewer_fits = dryrun.dry_run(config_70b(*sleb, "merge.correction=refit", "merge.correction_batches=2"),
+                                LLAMA3_70B).seconds["plan"]
+    assert dryrun.dry_run(config_70b(*rerank), LLAMA3_70B).seconds["plan"] > fewer_fits
 
 
 def test_measured_throughputs_replace_the_assumed_ones_and_the_output_says_which():

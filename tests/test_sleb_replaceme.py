@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from slm_dist import compare, evaluation, merging, pipeline
 from slm_dist.backends.local import LocalBackend
@@ -332,3 +332,143 @@ def test_a_pool_cap_re_plans_the_pool_methods_only():
         assert compare.method_settings(method, capped) == {**compare.method_settings(method, plain), "pool_cap": 3}
     for method in ("sleb_refit", "sleb", "slm_global_refit", "replaceme_lstsq"):
         assert compare.method_settings(method, capped) == compare.method_settings(method, plain)
+
+
+# ----------------------------------------------------------------------------- plan.rerank
+def test_sleb_records_its_last_step_and_its_finalists_are_the_best_of_it():
+    cost = {1: 0.5, 2: 0.3, 3: 0.1, 4: 0.05, 5: 0.4}
+
+    def loss(windows):
+        return sum(cost[i] for lo, hi in windows for i in range(lo + 1, hi + 1))
+
+    plan = baselines.sleb(6, 2, loss, protect_first=1)
+    assert plan.details["order"] == [4, 3]
+    assert [i for i, _ in plan.details["last_step"]] == [3, 2, 5, 1]
+    assert [v for _, v in plan.details["last_step"]] == pytest.approx([0.15, 0.35, 0.45, 0.55])
+    finalists = baselines.sleb_finalists(6, plan.details, 3)
+    assert finalists == [((2, 4),), ((1, 2), (3, 4)), ((3, 5),)]
+    assert finalists[0] == plan.windows  # the first finalist is SLEB's own plan
+    assert len(baselines.sleb_finalists(6, plan.details, 10)) == 4
+    with pytest.raises(PlanError, match="m must be >= 1"):
+        baselines.sleb_finalists(6, plan.details, 0)
+
+
+def test_a_plan_scored_after_skipped_batches_equals_the_model_on_those_batches(tiny_model):
+    specs = [StageSpec(str(tiny_model), 0, 3, 6), StageSpec(str(tiny_model), 3, 6, 6)]
+    batches = [(b, torch.randint(3, 60, (4, 32), generator=torch.Generator().manual_seed(b))) for b in range(3)]
+    windows = baselines.removal_windows(6, [2, 4])
+    local = LocalBackend()
+    local.calibrate(specs, StatsSpec(unit="sample"), batches, keep_for_output_criterion=True)
+    last = hf_nll_without(tiny_model, {2, 4}, [ids for _, ids in batches[1:]])
+    middle = hf_nll_without(tiny_model, {2, 4}, [ids for _, ids in batches[1:2]])
+    assert local.score_plan(windows, "drop", None, "nll", skip_batches=1) == pytest.approx(last, rel=1e-4)
+    assert local.score_plan(windows, "drop", None, "nll", num_batches=1, skip_batches=1) == pytest.approx(middle, rel=1e-4)
+    with pytest.raises(ValueError, match="no calibration batch left to score after skipping 3"):
+        local.score_plan(windows, "drop", None, "nll", skip_batches=3)
+    local.close()
+
+
+def rerank_overrides(tiny_model, tiny_text_file, run_dir, *extra):
+    from tests.test_pipeline import tiny_overrides
+
+    # 4 calibration batches of 4: the fits take the first 2, the finalists are ranked on the last 2.
+    return tiny_overrides(tiny_model, tiny_text_file, run_dir, "plan.target_layers_removed=2", "plan.search=sleb",
+                          "merge.rule=drop", "merge.correction_batches=2", "plan.rerank=3", "eval.enabled=false",
+                          *extra)
+
+
+def test_rerank_ranks_slebs_finalists_by_the_corrected_models_nll_on_batches_no_fit_saw(
+        tiny_model, tiny_text_file, tmp_path):
+    """Brute force: each finalist's correction fitted directly on the first two calibration batches, folded
+    into its checkpoint (merge_state_dict), and that transformers model's NLL on the last two batches;
+    the plan is the finalist with the lowest, and its corrections file holds those maps."""
+    from slm_dist import context
+    from slm_dist.core.merge import merge_state_dict
+    from tests.test_calibrated_merge import state_dict
+    from tests.test_linear_correction import LLAMA
+
+    config = load_config(None, rerank_overrides(tiny_model, tiny_text_file, tmp_path, "merge.correction=refit",
+                                                "cluster.backend=local"))
+    pipeline.run(config, show_progress=False, stop_after="plan")
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    sleb = raw["details"]["sleb"]
+    finalists = baselines.sleb_finalists(6, sleb, 3)
+    assert [[tuple(w) for w in f["windows"]] for f in sleb["rerank"]] == [list(f) for f in finalists]
+
+    ids = pipeline.calibration_ids(context.resolve_inputs(config, None, False))
+    batches = [b for _, b in context.batches(ids, 4)]
+    assert len(batches) == 4
+    stages = [StageWorker(StageSpec(str(tiny_model), a, b, 6)) for a, b in ((0, 3), (3, 6))]
+    for batch_id, x in enumerate(batches):
+        for stage in stages:
+            x, _ = stage.calibrate(batch_id, x, cache_inputs=True)
+    sd = state_dict(tiny_model)
+    direct, maps = [], []
+    for plan in finalists:
+        fits = {w: next(s for s in stages if s.spec.start <= w[0] < s.spec.stop).fit_correction(
+            w, "drop", None, [0, 1], "refit") for w in plan}
+        matrices = {w: f.matrix for w, f in fits.items() if f.matrix is not None}
+        weights = merge_state_dict(sd, plan, 6, LLAMA, "drop", None, corrections=matrices, correction_kind="refit")
+        hf_config = AutoConfig.from_pretrained(tiny_model)
+        hf_config.num_hidden_layers = 4
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
+        model.load_state_dict(weights)
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in batches[2:]:
+                logp = torch.log_softmax(model.eval()(batch, use_cache=False).logits[:, :-1].double(), -1)
+                total -= float(logp.gather(-1, batch[:, 1:, None]).sum())
+                count += batch[:, 1:].numel()
+        direct.append(total / count)
+        maps.append(matrices)
+    assert [f["held_out_nll"] for f in sleb["rerank"]] == pytest.approx(direct, rel=1e-4)
+    best = min(range(3), key=lambda i: (direct[i], i))
+    assert [f["chosen"] for f in sleb["rerank"]] == [i == best for i in range(3)]
+    assert [tuple(w) for w in raw["windows"]] == list(finalists[best])
+    written = load_plan(tmp_path)
+    stored = load_corrections(written, 32) if written.corrections else {}
+    assert stored.keys() == maps[best].keys()
+    for w in stored:
+        torch.testing.assert_close(stored[w], maps[best][w])
+
+
+def test_compare_reranks_its_sleb_pool_as_the_product_does(tiny_model, tiny_text_file, tmp_path):
+    config = load_config(None, rerank_overrides(tiny_model, tiny_text_file, tmp_path / "run", "plan.protect_last=0",
+                                                "merge.correction=none", "plan.search=sliding"))
+    spec = evaluation.EvalSpec.from_config(config.eval, [tiny_text_file], {})
+    result = compare.compare(config, [2], spec, methods=("sleb", "sleb_pool"), show_progress=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    folder = tmp_path / "run" / "compare" / "sleb_pool-2"
+    details = json.loads((folder / "plan.json").read_text())["details"]
+    assert [f["chosen"] for f in details["rerank"]].count(True) == 1
+    chosen = next(f["windows"] for f in details["rerank"] if f["chosen"])
+    assert rows["sleb_pool"]["windows"] == chosen
+    assert compare.method_settings("sleb_pool", config)["rerank"] == 3
+    product = config.model_copy(update={
+        "plan": config.plan.model_copy(update={"search": "sleb"}),
+        "merge": config.merge.model_copy(update={"correction": "pool"}),
+        "run": config.run.model_copy(update={"dir": tmp_path / "product"})})
+    planned = pipeline.run(product, show_progress=False, stop_after="plan")
+    assert planned["plan"]["windows"] == chosen
+    ours, theirs = load_plan(tmp_path / "product"), load_plan(folder)
+    assert (ours.corrections is None) == (theirs.corrections is None)
+    if ours.corrections is not None:
+        mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
+        assert mine.keys() == other.keys()
+        for w in mine:
+            torch.testing.assert_close(mine[w], other[w])
+
+
+def test_rerank_refuses_what_it_cannot_rank(tiny_model, tiny_text_file, tmp_path):
+    from slm_dist.config import ConfigError
+    from slm_dist.preflight import PreflightError
+
+    with pytest.raises(ConfigError, match="raise calibration.num_samples to at least 20"):
+        load_config(None, rerank_overrides(tiny_model, tiny_text_file, tmp_path, "merge.correction=refit",
+                                           "merge.correction_batches=4"))
+    for extra, fix in ((("merge.correction=refit", "plan.search=global"), "set plan.search=sleb"),
+                       (("merge.correction=none",), "set merge.correction")):
+        config = load_config(None, rerank_overrides(tiny_model, tiny_text_file, tmp_path, *extra))
+        with pytest.raises(PreflightError, match=fix):
+            pipeline.run(config, show_progress=False, stop_after="plan")
+        assert not (tmp_path / "calibration.parquet").exists()

@@ -42,9 +42,10 @@ class Backend(Protocol):
         """The published code's loop (``criterion: output``) on the cached calibration batches."""
 
     def score_plan(self, windows: Sequence[Window], rule: str, alphas: dict[Window, float] | None = None,
-                   metric: str = "nll", correction: str | None = None, num_batches: int | None = None) -> float:
-        """A whole plan's calibration loss (``nll``, lower is better) or cosine (higher is better), on the
-        first ``num_batches`` calibration batches (None: all)."""
+                   metric: str = "nll", correction: str | None = None, num_batches: int | None = None,
+                   skip_batches: int = 0) -> float:
+        """A whole plan's calibration loss (``nll``, lower is better) or cosine (higher is better), on
+        ``num_batches`` calibration batches (None: all) after the first ``skip_batches``."""
 
     def fit_alphas(self, windows: Sequence[Window], num_batches: int) -> list[AlphaFit]:
         """Rule ``scaled``: each window's alpha on the stage holding its lo."""
@@ -96,7 +97,7 @@ class StagedScoring:
 
     def _score(self, windows: Sequence[Window], from_layer: int, rule: str, alphas: dict | None = None,
                with_ids: bool = False, correction: str | None = None,
-               num_batches: int | None = None) -> tuple[float, int]:
+               batches: slice = slice(None)) -> tuple[float, int]:
         raise NotImplementedError
 
     def _stage_specs(self) -> Sequence[StageSpec]:
@@ -133,21 +134,26 @@ class StagedScoring:
         return windows, trace
 
     def score_plan(self, windows: Sequence[Window], rule: str, alphas: dict[Window, float] | None = None,
-                   metric: str = "nll", correction: str | None = None, num_batches: int | None = None) -> float:
+                   metric: str = "nll", correction: str | None = None, num_batches: int | None = None,
+                   skip_batches: int = 0) -> float:
         """A whole plan scored on the calibration samples, run from its lowest window upward on cached inputs.
 
         ``nll``: mean next-token NLL of the candidate model (lower is better); ``cosine``: the published
         criterion, mean cosine of the final-norm hidden to the original model's (higher is better).
         ``correction``: with the corrections of that kind fitted for these windows (``fit_corrections``).
-        ``num_batches``: only the first that many calibration batches (SLEB's many trials); None: all.
+        ``num_batches``: only that many calibration batches (SLEB's many trials); None: all.
+        ``skip_batches``: start after that many (batches a fit did not see: ``plan.rerank``).
         """
         self._require_cache("score_plan")
         check_metric(metric)
         windows = sorted(windows)
         lo = windows[0][0] if windows else self._stage_specs()[-1].start  # below lo: the original model
+        stop = None if num_batches is None else skip_batches + num_batches
         total, count = self._score(windows, lo, rule, alphas, with_ids=metric == "nll", correction=correction,
-                                    num_batches=num_batches)
+                                    batches=slice(skip_batches, stop))
         self.clear_candidates()  # one plan's merged layers at a time: memory stays bounded
+        if count == 0:
+            raise ValueError(f"score_plan: no calibration batch left to score after skipping {skip_batches}")
         return -total / count if metric == "nll" else total / count
 
     def nll(self, specs: Sequence[StageSpec], batches: Batches, show_progress: bool = False) -> tuple[float, int]:

@@ -62,11 +62,11 @@ class LocalBackend(StagedScoring):
 
     def _score(self, windows: Sequence[Window], from_layer: int, rule: str, alphas: dict | None = None,
                with_ids: bool = False, correction: str | None = None,
-               num_batches: int | None = None) -> tuple[float, int]:
+               batches: slice = slice(None)) -> tuple[float, int]:
         self._require_cache("candidate scoring")
         first = stage_holding(self._stage_specs(), from_layer)
         total, count = 0.0, 0
-        for batch_id in self._batch_ids[:num_batches]:
+        for batch_id in self._batch_ids[batches]:
             x = None
             for stage in self.stages[first:]:
                 x = stage.run_candidate(batch_id, x, windows, rule, from_layer=from_layer, alphas=alphas,

@@ -527,13 +527,13 @@ class RayBackend(StagedScoring):
 
     def _score(self, windows: Sequence[tuple[int, int]], from_layer: int, rule: str,
                alphas: dict | None = None, with_ids: bool = False, correction: str | None = None,
-               num_batches: int | None = None) -> tuple[float, int]:
+               batches: slice = slice(None)) -> tuple[float, int]:
         """Sum and count of the last stage's per-sample (or per-token) values for a candidate model,
-        run from ``from_layer`` upward on the first ``num_batches`` calibration batches (None: every one);
-        batch order, as the local backend."""
+        run from ``from_layer`` upward on the calibration batches ``batches`` selects (in batch order, as
+        the local backend)."""
         self._require_cache("candidate scoring")
         stages = self._stages[stage_holding(self._specs, from_layer):]
-        inputs = dict(self._calibration[:num_batches])
+        inputs = dict(self._calibration[batches])
         windows = list(windows)
 
         def submit(batch_id: int) -> list:

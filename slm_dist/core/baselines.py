@@ -160,17 +160,33 @@ def sleb(num_layers: int, n: int, loss: PlanLoss, protect_first: int = 1, protec
     calibration batches, ``Backend.score_plan``), which ranks the same. Deviation: layer 0 is kept
     (``protect_first`` >= 1; a plan cannot drop it, see the module docstring); the paper may remove
     any block, which on trained models it does not pick.
+
+    ``details["last_step"]``: every trial of the final step as [layer, loss], best first
+    (``sleb_finalists`` turns the best of them into plans).
     """
     candidates = list(range(protect_first, num_layers - protect_last))
     _check_count(num_layers, n, len(candidates), "sleb")
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
+    ranked: list[int] = []
     for _ in range(n):
         left = [i for i in candidates if i not in removed]
         scores = {i: float(loss(removal_windows(num_layers, [*removed, i]))) for i in left}
         if any(math.isnan(v) for v in scores.values()):
             raise PlanError(f"sleb: a trial removal scored NaN ({scores}); check the compute dtype")
-        best = min(left, key=lambda i: (scores[i], i))
-        removed.append(best)
-        steps.append({"removed": best, "loss": scores[best]})
-    return removal_plan("sleb", num_layers, removed, order=removed, steps=steps)
+        ranked = sorted(left, key=lambda i: (scores[i], i))
+        removed.append(ranked[0])
+        steps.append({"removed": ranked[0], "loss": scores[ranked[0]]})
+    last = [[i, scores[i]] for i in ranked]
+    return removal_plan("sleb", num_layers, removed, order=removed, steps=steps, last_step=last)
+
+
+def sleb_finalists(num_layers: int, details: dict[str, Any], m: int) -> list[tuple[Window, ...]]:
+    """The ``m`` best plans of SLEB's final step (``sleb``'s details), best first: the layers of its
+    first n - 1 steps and each of the ``m`` trial removals of its last step that scored lowest. The
+    first is SLEB's own plan. A later fit can change their order (``plan.rerank``): the plain removal
+    that costs least is not always the one a correction repairs best."""
+    if m < 1:
+        raise PlanError(f"sleb_finalists: m must be >= 1, got {m}")
+    kept = details["order"][:-1]
+    return [removal_windows(num_layers, [*kept, layer]) for layer, _ in details["last_step"][:m]]
