@@ -225,10 +225,14 @@ class PlanSearch:
 
         Every finalist's maps are fitted before any is scored and kept until the plan is written (the
         finalists share most windows: each is fitted once; the winner's are not fitted again)."""
-        m, rule = self.config.merge, "drop"
-        requests = [(w, rule, None, m.correction) for plan in plans for w in plan]
-        self.fit_corrections(requests, refit_released=True)
-        scored = [(plan, self.measure(plan, rule, held_out=True, release=False)) for plan in plans]
+        m = self.config.merge
+        windows = list(dict.fromkeys(w for plan in plans for w in plan))
+        alphas: dict[Window, float] = {}
+        if m.rule == "scaled":
+            self.fit_alphas(windows)
+            alphas = {w: self.memo.fits[w].alpha for w in windows}
+        self.fit_corrections([(w, m.rule, alphas.get(w), m.correction) for w in windows], refit_released=True)
+        scored = [(plan, self.measure(plan, m.rule, held_out=True, release=False)) for plan in plans]
         best = min(range(len(plans)), key=lambda i: (scored[i][1], i))  # ties: the better plain removal
         log.info("sleb rerank: %d finalists scored with their %s corrections on the calibration batches after the "
                  "first %d: %s; chosen %s", len(plans), m.correction, m.correction_batches,

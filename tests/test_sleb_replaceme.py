@@ -18,7 +18,7 @@ from slm_dist.checkpoint.corrections import load_corrections
 from slm_dist.checkpoint.export import add_evaluation_to_card
 from slm_dist.config import load_config
 from slm_dist.core import baselines
-from slm_dist.core.correction_fit import CorrectionError
+from slm_dist.core.correction_fit import CorrectionError, correction_key
 from slm_dist.core.planner import PlanError
 from slm_dist.core.replaceme import NormalEquations, cosine_loss, cosine_map, least_squares_map
 from slm_dist.run_state import load_plan
@@ -472,3 +472,28 @@ def test_rerank_refuses_what_it_cannot_rank(tiny_model, tiny_text_file, tmp_path
         with pytest.raises(PreflightError, match=fix):
             pipeline.run(config, show_progress=False, stop_after="plan")
         assert not (tmp_path / "calibration.parquet").exists()
+
+
+def test_rerank_fits_and_scores_the_finalists_with_the_configured_rule(tiny_model, tiny_text_file, tmp_path,
+                                                                     monkeypatch):
+    """merge.rule=scaled: each finalist scored as it would be written (its alphas fitted, its corrections
+    fitted on the scaled merge), and the chosen plan written with those maps, none fitted twice."""
+    fitted = []
+    fit = LocalBackend.fit_corrections
+
+    def recording(self, requests, num_batches):
+        fitted.extend(requests)
+        return fit(self, requests, num_batches)
+
+    monkeypatch.setattr(LocalBackend, "fit_corrections", recording)
+    config = load_config(None, rerank_overrides(tiny_model, tiny_text_file, tmp_path, "merge.rule=scaled",
+                                                "merge.correction=refit", "cluster.backend=local"))
+    pipeline.run(config, show_progress=False, stop_after="plan")
+    keys = [correction_key(*r) for r in fitted]
+    assert keys and len(keys) == len(set(keys))
+    assert all(rule == "scaled" or (rule, alpha) == ("drop", None) for _, rule, alpha, _ in keys)
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    ranked = raw["details"]["sleb"]["rerank"]
+    assert len(ranked) == 3 and all(math.isfinite(f["held_out_nll"]) for f in ranked)
+    assert next(f["windows"] for f in ranked if f["chosen"]) == raw["windows"]
+    assert raw["rule"] == "scaled" and len(raw["alphas"]) == len(raw["windows"])
