@@ -116,11 +116,12 @@ class PlanSection(_Section):
                                                               "(the global search's candidates and local search, "
                                                               "search=sleb's trials); null = all. Fewer is "
                                                               "faster and noisier; fits keep their own batch counts")
-    rerank: int = Field(1, ge=1, description="search=sleb with a merge.correction (and compare's sleb_refit, sleb_pool): SLEB's last step keeps this many of "
-                                             "its best trial removals (by the plain removal's loss), fits the "
-                                             "correction to each, and takes the one whose corrected model has the "
-                                             "lowest NLL on the calibration batches the fits did not see (those "
-                                             "after merge.correction_batches); 1 = SLEB's own choice. Each finalist "
+    rerank: int = Field(1, ge=1, description="search=sleb with a merge.correction (and compare's sleb_refit and "
+                                             "sleb_pool): SLEB's last step keeps this many of its best trial "
+                                             "removals (by the plain removal's loss), fits the correction to each, "
+                                             "and takes the one whose corrected model has the lowest NLL on the "
+                                             "calibration batches the fits did not see (those after "
+                                             "merge.correction_batches); 1 = SLEB's own choice. Each finalist "
                                              "costs its windows' fits; their maps are held together")
     refine_metric: Literal["nll", "cosine"] = Field(
         "nll", description="how the refinement ranks plans: calibration next-token NLL, or the published "
