@@ -605,10 +605,11 @@ def test_the_search_holds_one_plans_corrections_at_a_time(tiny_model, tiny_text_
             first_fit.setdefault(fit.key, fit.matrix)
         return fits
 
-    def recording_score(self, windows, rule, alphas=None, metric="nll", correction=None, num_batches=None):
+    def recording_score(self, windows, rule, alphas=None, metric="nll", correction=None, num_batches=None,
+                        skip_batches=0):
         maps = sum(m is not None for stage in self.stages for m in stage._corrections.values())
         held.append((maps, len(windows), correction))
-        return score_plan(self, windows, rule, alphas, metric, correction, num_batches)
+        return score_plan(self, windows, rule, alphas, metric, correction, num_batches, skip_batches)
 
     monkeypatch.setattr(LocalBackend, "fit_corrections", recording_fit)
     monkeypatch.setattr(LocalBackend, "score_plan", recording_score)
