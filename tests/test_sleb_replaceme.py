@@ -161,6 +161,16 @@ def test_a_plan_scored_on_its_first_batches_equals_the_model_on_those_batches_on
     local.close()
 
 
+def assert_same_corrections(ours, theirs) -> None:
+    """Two plans carry the same fitted maps (or neither carries any)."""
+    assert (ours.corrections is None) == (theirs.corrections is None)
+    if ours.corrections is not None:
+        mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
+        assert mine.keys() == other.keys()
+        for w in mine:
+            torch.testing.assert_close(mine[w], other[w])
+
+
 def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, tiny_text_file):
     config = load_config(None, [f"model.path={tiny_model}", f"calibration.source={tiny_text_file}",
                                 f"run.dir={tmp_path / 'run'}", "calibration.num_samples=8", "calibration.seq_len=32",
@@ -210,12 +220,7 @@ def test_compare_plans_and_evaluates_sleb_and_replaceme(tmp_path, tiny_model, ti
         folder = tmp_path / "run" / "compare" / f"sleb_{kind}-2"
         theirs = compare.plan_from_json(json.loads((folder / "plan.json").read_text()))
         assert load_plan(folder) == theirs and theirs.criterion == f"sleb_{kind}"
-        assert (ours.corrections is None) == (theirs.corrections is None)
-        if ours.corrections is not None:
-            mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
-            assert mine.keys() == other.keys()
-            for w in mine:
-                torch.testing.assert_close(mine[w], other[w])
+        assert_same_corrections(ours, theirs)
         # `slm-dist merge` builds the compared method's checkpoint from its folder: the product's tensors.
         built = {}
         for run_dir in (tmp_path / f"product-{kind}", folder):
@@ -450,13 +455,7 @@ def test_compare_reranks_its_sleb_pool_as_the_product_does(tiny_model, tiny_text
         "run": config.run.model_copy(update={"dir": tmp_path / "product"})})
     planned = pipeline.run(product, show_progress=False, stop_after="plan")
     assert planned["plan"]["windows"] == chosen
-    ours, theirs = load_plan(tmp_path / "product"), load_plan(folder)
-    assert (ours.corrections is None) == (theirs.corrections is None)
-    if ours.corrections is not None:
-        mine, other = load_corrections(ours, 32), load_corrections(theirs, 32)
-        assert mine.keys() == other.keys()
-        for w in mine:
-            torch.testing.assert_close(mine[w], other[w])
+    assert_same_corrections(load_plan(tmp_path / "product"), load_plan(folder))
 
 
 def test_rerank_refuses_what_it_cannot_rank(tiny_model, tiny_text_file, tmp_path):
