@@ -416,9 +416,8 @@ def _plan_all(ctx: RunContext, config: SlmConfig, index: CheckpointIndex, backen
                                 ctx.calibration_source, None, show_progress)
         search = PlanSearch(method_ctx, reducer, backend, memo)
         best, ranking = search.rerank(baselines.sleb_finalists(n, base.details, p.rerank))
-        order = base.details["order"][:-1]
-        removed = [i for lo, hi in best for i in range(lo + 1, hi + 1)]
-        order += [i for i in removed if i not in order]
+        last = next(layer for (layer, _), f in zip(base.details["last_step"], ranking) if f["chosen"])
+        order = [*base.details["order"][:-1], last]
         plan = baselines.removal_plan("sleb", n, order, **{**base.details, "order": order, "rerank": ranking})
         return plan, search, [memo.corrections[correction_key(w, "drop", None, kind)] for w in best]
 
